@@ -1,0 +1,72 @@
+"""Tiny model for CPU tests: every part of the real model, at toy width.
+
+Variants (``--config configs/tiny.py:ARG``): ``mlp`` uses the PoseLLM projector,
+``lora`` turns on LoRA (rank 4) and trains lora+projector.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vit=common.vit_config(image_size=32, patch_size=8, hidden_size=32, num_layers=2,
+                            num_heads=2, intermediate_size=64),
+      projector=dict(kind="mlp2x_gelu" if args.get("mlp") else "linear"),
+      # vocab_size of the bundled tiny tokenizer (kptjax/data/assets/tiny_tokenizer.json).
+      llm=common.llm_config(vocab_size=512, hidden_size=32, intermediate_size=64,
+                            num_layers=2, num_heads=4, num_kv_heads=2,
+                            max_position_embeddings=1024),
+      lora=common.lora_config(rank=4 if args.get("lora") else 0, alpha=8.0, dropout=0.0),
+      image_token_id=4,          # '<image>' of the tiny tokenizer; Llama dirs use 0 ('<unk>')
+      dtype="float32",
+      param_dtype="float32",
+      scan_layers=True,
+      remat_policy="nothing_saveable",   # name in jax.checkpoint_policies, or 'none'
+  ))
+
+  c.checkpoints = ml_collections.ConfigDict(dict(
+      llm_dir="", vit_dir="", tokenizer_dir="",   # '' = random init / bundled tokenizer
+      init_from="",                                # stage-1 kptjax checkpoint dir
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      train=dict(source="synthetic", preset="easy", path="", split="train",
+                 det_file="", det_score_threshold=0.0),
+      eval=dict(source="synthetic", preset="easy", path="", split="val",
+                det_file="", det_score_threshold=0.0),
+      spec="coco17",
+      normalization="clip",              # 'clip' | 'imagenet'
+      padding=1.25,                      # box -> crop padding factor
+      augment=dict(scale_sigma=0.3, scale_min=0.7, scale_max=1.3,
+                   rotation=40.0, rotation_prob=0.5, flip_prob=0.5),
+      template="locllm",                 # 'locllm' | 'capellm' | 'chat' | 'compact'
+      coord_format="decimal2d",          # 'decimal2d' | 'decimal3d' | 'loc_tokens'
+      use_descriptions=True,
+      rounds=5,
+      max_len=512,
+      num_workers=0,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, warmup_ratio=0.03, schedule="cosine", end_lr_ratio=0.0,
+      weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, grad_accum_steps=1,
+      trainable="lora+projector" if args.get("lora") else "all",
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=4, num_steps=10, log_every=5, checkpoint_every=10, keep_checkpoints=2,
+      eval_every=0, stage=2,
+  ))
+
+  c.mesh = common.mesh_config()
+
+  c.decode = ml_collections.ConfigDict(dict(
+      max_new_tokens=16, constrained=False, share_prefix=True, batch_persons=8,
+  ))
+  return c.lock()

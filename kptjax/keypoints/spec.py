@@ -1,0 +1,43 @@
+"""KeypointSpec: what a body model's keypoints are called, look like and pair with."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class KeypointSpec:
+  """A body model: K keypoints with names, text descriptions and geometry facts.
+
+  Attributes:
+    name: spec name ('coco17', 'mpii16', ...).
+    names: K keypoint names ('left shoulder', ...), as asked in the question text.
+    descriptions: K text descriptions (LocLLM Appendix A style).
+    flip_pairs: pairs (i, j) of keypoints swapped by a horizontal flip.
+    sigmas: optional float[K] OKS sigmas (COCO-style AP).
+    skeleton: pairs (i, j) of keypoints joined by a limb, for drawing.
+  """
+
+  name: str
+  names: tuple[str, ...]
+  descriptions: tuple[str, ...]
+  flip_pairs: tuple[tuple[int, int], ...] = ()
+  sigmas: Optional[tuple[float, ...]] = None
+  skeleton: tuple[tuple[int, int], ...] = ()
+
+  @property
+  def num_keypoints(self) -> int:
+    return len(self.names)
+
+  def flip_permutation(self) -> np.ndarray:
+    """int[K]: index map that a horizontal flip applies to the keypoint axis."""
+    perm = np.arange(self.num_keypoints)
+    for i, j in self.flip_pairs:
+      perm[i], perm[j] = j, i
+    return perm
+
+  def index(self, name: str) -> int:
+    return self.names.index(name)

@@ -1,0 +1,27 @@
+"""Shared fixtures. 8 simulated CPU devices for the sharding tests (set before jax loads)."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> pathlib.Path:
+  """The real dataset samples: $KPTJAX_TEST_DATA, else ../shared/data beside the repo."""
+  env = os.environ.get("KPTJAX_TEST_DATA")
+  return pathlib.Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  path = shared_data_dir()
+  if not (path / "coco" / "test_coco.json").exists():
+    raise FileNotFoundError(
+        f"dataset samples not found at {path}; set KPTJAX_TEST_DATA to shared/data")
+  return path
