@@ -1,0 +1,172 @@
+"""Building blocks shared by both towers: dtype policy, logical axes, RMSNorm, RoPE,
+attention, remat and scan helpers.
+
+Axis letters used in einsum equations across kptjax.models:
+  B batch, T query length, S key length (cache length), D model width,
+  N query heads, K key/value heads, G query heads per kv head (N = K * G),
+  H head dim, F mlp width, V vocab, R LoRA rank.
+
+Logical axis names (mapped to mesh axes by configs/common.py LOGICAL_AXIS_RULES):
+  batch, embed, vit_embed, mlp, heads, kv_heads, head_dim, vocab, layers, lora_rank,
+  patch, length, cache_length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kptjax.errors import ConfigError
+
+Array = jax.Array
+DType = Any
+Initializer = Callable[..., Array]
+
+# Default weight init of the HF Llama / DINOv2 configs (initializer_range = 0.02).
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+# --------------------------------------------------------------------------- dtypes
+def to_dtype(name: str | DType | None, default: DType = jnp.float32) -> jnp.dtype:
+  """'bfloat16' / 'float32' / a dtype / None (-> default) as a jnp dtype."""
+  if name is None or name == "":
+    return jnp.dtype(default)
+  try:
+    return jnp.dtype(name)
+  except TypeError as e:
+    raise ConfigError(f"unknown dtype {name!r} (expected e.g. 'float32', 'bfloat16')") from e
+
+
+# ---------------------------------------------------------------------- logical axes
+def logical_init(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Wraps an initializer so its param carries logical axis names (one per dim)."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+# --------------------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Module):
+  """Llama RMSNorm, computed in float32: y = x / sqrt(mean(x^2) + eps) * scale.
+
+  Input [..., D] any float dtype; output float32 [..., D]. Param ``scale [D]`` (ones).
+  """
+  eps: float = 1e-6
+  param_dtype: DType = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", logical_init(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * scale.astype(jnp.float32)
+
+
+# -------------------------------------------------------------------- rotary (RoPE)
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> np.ndarray:
+  """Inverse frequencies f32[head_dim // 2] as transformers computes them.
+
+  rope_scaling: None or {'rope_type': 'default' | 'llama3', 'factor', 'low_freq_factor',
+  'high_freq_factor', 'original_max_position_embeddings'} (Llama-3.1's config.json names).
+  """
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+  inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+  rope_type = (rope_scaling or {}).get("rope_type", "default")
+  if rope_type == "default":
+    return inv_freq
+  if rope_type != "llama3":
+    raise ConfigError(f"rope_scaling.rope_type={rope_type!r} (expected 'default' or 'llama3')")
+  factor = float(rope_scaling["factor"])
+  low = float(rope_scaling["low_freq_factor"])
+  high = float(rope_scaling["high_freq_factor"])
+  old_len = float(rope_scaling["original_max_position_embeddings"])
+  low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array | np.ndarray) -> Array:
+  """Rotates x [B,T,N,H] at integer positions [B,T] (HF 'rotate_half' layout).
+
+  Angles are computed in float32; the result has x's dtype.
+  """
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]   # [B,T,1,H]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+# ------------------------------------------------------------------------- attention
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
+              return_probs: bool = False) -> tuple[Array, Array | None]:
+  """Scaled dot-product attention with grouped-query heads.
+
+  Args:
+    q: [B,T,N,H] queries; k, v: [B,S,K,H] keys/values with N % K == 0.
+    mask: bool, broadcastable to [B,T,S] (True = may attend), or None (attend to all).
+    return_probs: also return the probabilities f32[B,N,T,S].
+
+  Returns:
+    (out [B,T,N,H] in v's dtype, probs or None). Logits and softmax are float32.
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v).reshape(b, t, n, h)
+  return out, (probs.reshape(b, n, t, -1) if return_probs else None)
+
+
+# ---------------------------------------------------------------------- remat / scan
+def remat_policy(name: str | None) -> Callable[..., bool] | None:
+  """A ``jax.checkpoint_policies`` policy by name; None for 'none' / '' (no remat).
+
+  'full' is an alias of 'nothing_saveable' (recompute everything).
+  """
+  if name in (None, "", "none"):
+    return None
+  if name == "full":
+    name = "nothing_saveable"
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ConfigError(f"model.remat_policy={name!r}: not a jax.checkpoint_policies name")
+  return policy
+
+
+def maybe_remat(block_cls: type[nn.Module], policy_name: str | None, *,
+                static_argnums: tuple[int, ...] = (), prevent_cse: bool = True):
+  """``nn.remat(block_cls)`` with the named policy, or block_cls when policy is 'none'.
+
+  static_argnums count ``self`` as 0 (flax convention).
+  """
+  if policy_name in (None, "", "none"):
+    return block_cls
+  return nn.remat(block_cls, policy=remat_policy(policy_name),
+                  static_argnums=static_argnums, prevent_cse=prevent_cse)
+
+
+def scan_blocks(block_cls: type[nn.Module], num_layers: int, in_axes: Any):
+  """``nn.scan`` over ``num_layers`` copies of block_cls, params stacked on axis 0
+  (logical name 'layers'). The block must return ``(carry, per_layer_output)``."""
+  return nn.scan(block_cls,
+                 variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=in_axes,
+                 length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
