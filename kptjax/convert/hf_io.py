@@ -56,20 +56,45 @@ def _torch_to_numpy(t) -> np.ndarray:
   return t.numpy()
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+  """Reads a .safetensors file directly (8-byte header length, JSON header, raw data).
+
+  safetensors' own numpy backend cannot represent bf16, so the header is parsed here and
+  each tensor is copied out of a memory map in its stored dtype, one at a time.
+  """
+  try:
+    with open(path, "rb") as fh:
+      header_len = int(np.frombuffer(fh.read(8), dtype="<u8")[0])
+      header = json.loads(fh.read(header_len))
+  except (OSError, ValueError, IndexError) as e:
+    raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
+  header.pop("__metadata__", None)
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  for name, info in header.items():
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or end > data.size:
+      raise CheckpointError(f"{path}: tensor {name!r} data size does not match shape {shape}")
+    yield name, np.array(data[begin:end].view(dtype).reshape(shape))
+  del data
+
+
 def iter_tensors(ckpt_dir: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (name, numpy array) for every tensor of the checkpoint, in stored dtype."""
   ckpt_dir = pathlib.Path(ckpt_dir)
   for f in _weight_files(ckpt_dir):
     if f.suffix == ".safetensors":
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      try:
-        with safe_open(str(f), framework="np") as sf:
-          for name in sf.keys():
-            yield name, sf.get_tensor(name)
-      except Exception as e:  # safetensors raises its own error types
-        if isinstance(e, CheckpointError):
-          raise
-        raise CheckpointError(f"{f}: cannot read safetensors file: {e}") from e
+      yield from _iter_safetensors(f)
     else:
       try:
         import torch  # pylint: disable=g-import-not-at-top
