@@ -6,6 +6,7 @@ A LoRA layer computes ``y = x W (+ b) + dropout(x) A B * alpha / rank`` with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax
@@ -24,6 +25,39 @@ TRAINABLE_MODES = ("all", "projector", "lora+projector")
 
 # PEFT's lora_A init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
 lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """LoRA settings of one tower (hashable, so it can be a Linen attribute).
+
+  rank 0 turns LoRA off; ``targets`` are the projection names that get adapters
+  (e.g. ('q_proj', 'v_proj') in the LLM, ('query', 'value') in the ViT).
+  """
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ()
+
+  @classmethod
+  def from_config(cls, lora: Any, tower: str) -> "LoraSpec":
+    """From config.model.lora (ConfigDict/dict/None); tower is 'vit' or 'llm'."""
+    if lora is None:
+      return cls()
+    if isinstance(lora, LoraSpec):
+      return lora
+    targets = lora[f"{tower}_targets"] if f"{tower}_targets" in lora else ()
+    return cls(rank=int(lora["rank"]), alpha=float(lora["alpha"]),
+               dropout=float(lora["dropout"]), targets=tuple(targets))
+
+  def rank_for(self, name: str) -> int:
+    """The LoRA rank of the projection called ``name`` (0 when not a target)."""
+    return self.rank if name in self.targets else 0
+
+  @property
+  def scale(self) -> float:
+    """alpha / rank (0 when LoRA is off): the factor merge_lora needs."""
+    return self.alpha / self.rank if self.rank else 0.0
 
 
 class LoraDense(nn.Module):
