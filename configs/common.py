@@ -51,6 +51,9 @@ def vit_config(*, image_size, patch_size, hidden_size, num_layers, num_heads,
       hidden_act="gelu",
       feature_layer=-1,                 # which block's output feeds the projector
       pos_embed="learned",              # 'learned' (DINOv2) | 'sincos2d' (fixed)
+      # Resize the learned embeddings with torch's antialiased bicubic
+      # (Dinov2WithRegistersModel) instead of plain bicubic (Dinov2Model).
+      interpolate_antialias=False,
   ))
 
 
