@@ -19,6 +19,10 @@ class KeypointSpec:
     flip_pairs: pairs (i, j) of keypoints swapped by a horizontal flip.
     sigmas: optional float[K] OKS sigmas (COCO-style AP).
     skeleton: pairs (i, j) of keypoints joined by a limb, for drawing.
+    subject: the word questions use for the instance ('person', 'animal', an MP-100
+      category such as 'chair').
+    root_index: index of the root joint (3D data: depths are written relative to it).
+    description: one line about the body model.
   """
 
   name: str
@@ -27,6 +31,9 @@ class KeypointSpec:
   flip_pairs: tuple[tuple[int, int], ...] = ()
   sigmas: Optional[tuple[float, ...]] = None
   skeleton: tuple[tuple[int, int], ...] = ()
+  subject: str = "person"
+  root_index: Optional[int] = None
+  description: str = ""
 
   @property
   def num_keypoints(self) -> int:
@@ -41,3 +48,10 @@ class KeypointSpec:
 
   def index(self, name: str) -> int:
     return self.names.index(name)
+
+  def description_of(self, name: str) -> str:
+    return self.descriptions[self.index(name)]
+
+  def flip_partner(self, name: str) -> str:
+    """The name a horizontal flip swaps ``name`` with (itself when unpaired)."""
+    return self.names[int(self.flip_permutation()[self.index(name)])]
