@@ -1,0 +1,303 @@
+"""Keypoint metrics: COCO OKS AP/AR (pycocotools), PCKh (MPII), PCK (box-normalized),
+MPJPE / PA-MPJPE (Human3.6M), and per-keypoint tables.
+
+Units: 2D coordinates in original-image pixels; 3D coordinates in millimetres.
+Every function takes numpy arrays and returns plain Python floats / dicts so the
+results go straight into ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+COCO_AP_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
+PCK_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
+PCKH_SC_BIAS = 0.6
+
+
+# ---------------------------------------------------------------------------
+# COCO keypoint AP.
+
+
+def load_coco_gt(gt: Any):
+  """A pycocotools ``COCO`` from a path, a dict in COCO format, or a COCO object.
+
+  Annotations without ``area`` (CrowdPose, AIC) get the box area ``w * h``, as
+  crowdposetools and mmpose do with ``use_area=False``.
+  """
+  from pycocotools.coco import COCO
+  if isinstance(gt, COCO):
+    return gt
+  if isinstance(gt, (str, os.PathLike)):
+    with open(gt) as f:
+      gt = json.load(f)
+  gt = copy.deepcopy(dict(gt))
+  gt.setdefault("info", {})
+  gt.setdefault("licenses", [])
+  for ann in gt.get("annotations", []):
+    if "area" not in ann and "bbox" in ann:
+      ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+  coco = COCO()
+  coco.dataset = gt
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco.createIndex()
+  return coco
+
+
+def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
+                     sigmas: Optional[Sequence[float]] = None,
+                     image_ids: Optional[Sequence[int]] = None) -> dict[str, float]:
+  """COCO keypoint AP/AR of ``results`` against ``gt`` through pycocotools' COCOeval.
+
+  Args:
+    gt: COCO-format ground truth (path, dict or ``COCO``); annotations need
+      ``keypoints``, ``num_keypoints``, ``area``, ``bbox``, ``iscrowd``.
+    results: COCO results format: dicts with ``image_id``, ``category_id``,
+      ``keypoints`` (3K floats: x, y, score), ``score``.
+    sigmas: float[K] per-keypoint OKS sigmas (the keypoint spec's); None = COCO-17.
+    image_ids: evaluate only these images (default: all images of ``gt``).
+  Returns:
+    {'AP', 'AP50', 'AP75', 'APM', 'APL', 'AR', 'AR50', 'AR75', 'ARM', 'ARL'} in [0, 1];
+    all 0 when there are no results.
+  """
+  from pycocotools.cocoeval import COCOeval
+  coco_gt = load_coco_gt(gt)
+  if not results:
+    return {k: 0.0 for k in COCO_AP_NAMES}
+  results = [dict(r) for r in results]
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_dt = coco_gt.loadRes(results)
+    ev = COCOeval(coco_gt, coco_dt, "keypoints")
+    if sigmas is not None:
+      ev.params.kpt_oks_sigmas = np.asarray(sigmas, np.float64)
+    if image_ids is not None:
+      ev.params.imgIds = sorted(int(i) for i in image_ids)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+  return {k: float(v) for k, v in zip(COCO_AP_NAMES, ev.stats)}
+
+
+def coco_result(image_id: int, keypoints: np.ndarray, score: float,
+                category_id: int = 1) -> dict[str, Any]:
+  """One COCO results entry. keypoints: float[K, 3] (x px, y px, keypoint score)."""
+  kp = np.asarray(keypoints, np.float64).reshape(-1, 3)
+  return {"image_id": int(image_id), "category_id": int(category_id),
+          "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
+          "score": float(score)}
+
+
+# ---------------------------------------------------------------------------
+# PCK family.
+
+
+def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm: np.ndarray,
+        thresholds: Sequence[float] = PCK_THRESHOLDS) -> dict[str, Any]:
+  """PCK@t: fraction of visible keypoints within ``t * norm`` pixels of the truth.
+
+  Args:
+    pred: float[N, K, 2] predicted pixels.
+    gt: float[N, K, 2] ground-truth pixels.
+    visible: bool[N, K] keypoints that count (labelled).
+    norm: float[N] per-person normalizer in pixels (max(box w, h) for box PCK,
+      ``SC_BIAS * head diagonal`` for PCKh).
+    thresholds: the t values.
+  Returns:
+    {'PCK@t': mean over all counted keypoints, 'per_keypoint': {t: float[K] list
+    (NaN where a keypoint never counts)}, 'count': keypoints counted}.
+  """
+  pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+  visible = np.asarray(visible, bool)
+  norm = np.asarray(norm, np.float64)
+  err = np.linalg.norm(pred - gt, axis=-1) / np.maximum(norm, 1e-12)[:, None]
+  out: dict[str, Any] = {"count": int(visible.sum()), "per_keypoint": {}}
+  counts = visible.sum(0)
+  for t in thresholds:
+    hit = (err <= t) & visible
+    key = f"PCK@{t:g}"
+    out[key] = float(hit.sum() / max(visible.sum(), 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+      per = np.where(counts > 0, hit.sum(0) / np.maximum(counts, 1), np.nan)
+    out["per_keypoint"][key] = [float(v) for v in per]
+  return out
+
+
+def box_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: np.ndarray,
+            thresholds: Sequence[float] = PCK_THRESHOLDS) -> dict[str, Any]:
+  """PCK normalized by the person box, max(w, h) (MP-100 / CapeLLM, AP-10K style).
+
+  boxes: float[N, 4] x, y, w, h in pixels. Other arguments as :func:`pck`.
+  """
+  boxes = np.asarray(boxes, np.float64)
+  return pck(pred, gt, visible, np.maximum(boxes[:, 2], boxes[:, 3]), thresholds)
+
+
+# MPII joint order (the common JSON conversion and mpii_gt_val.mat):
+# 0 r ankle, 1 r knee, 2 r hip, 3 l hip, 4 l knee, 5 l ankle, 6 pelvis, 7 thorax,
+# 8 upper neck, 9 head top, 10 r wrist, 11 r elbow, 12 r shoulder, 13 l shoulder,
+# 14 l elbow, 15 l wrist.
+MPII_GROUPS = {
+    "Head": (9,), "Shoulder": (12, 13), "Elbow": (11, 14), "Wrist": (10, 15),
+    "Hip": (2, 3), "Knee": (1, 4), "Ankle": (0, 5), "Pelvis": (6,), "Thorax": (7,),
+    "Neck": (8,),
+}
+# Joints left out of the mean: 'standard' (HRNet / mmpose) drops pelvis and thorax;
+# 'locllm' (LocLLM's valid2dmpii.py) also drops upper neck and head top, so the mean is
+# over the 12 limb joints a COCO-trained model knows.
+PCKH_MEAN_EXCLUDE = {"standard": (6, 7), "locllm": (6, 7, 8, 9)}
+
+
+def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_boxes: np.ndarray,
+         variant: str = "standard", thresholds: Sequence[float] = (0.5, 0.1)) -> dict[str, Any]:
+  """MPII PCKh: a joint is correct within ``t * SC_BIAS * ||head box diagonal||``.
+
+  The mean weights each joint's PCKh by its visible count, as the MPII toolkit does,
+  over the joints not excluded by ``variant`` ('standard' or 'locllm', see
+  ``PCKH_MEAN_EXCLUDE``). PCKh@0.1 is computed at exactly 0.1; with ``variant='locllm'``
+  the result also carries 'PCKh@0.1(locllm)', the number LocLLM's script prints as
+  Mean@0.1, which (copied from HRNet) reads row 11 of the grid 0:0.01:0.5, i.e. t = 0.11.
+
+  Args:
+    pred, gt: float[N, 16, 2] pixels, MPII joint order.
+    visible: bool[N, 16] joints present in the ground truth.
+    head_boxes: float[N, 4] head boxes x1, y1, x2, y2 in pixels.
+  Returns:
+    {'PCKh@t': mean in percent, 'PCKh@t/<group>': percent per MPII group,
+     'per_keypoint': {'PCKh@t': float[16] percent}}.
+  """
+  if variant not in PCKH_MEAN_EXCLUDE:
+    raise ValueError(f"PCKh variant must be one of {sorted(PCKH_MEAN_EXCLUDE)}, got {variant}")
+  hb = np.asarray(head_boxes, np.float64)
+  norm = PCKH_SC_BIAS * np.linalg.norm(hb[:, 2:4] - hb[:, 0:2], axis=-1)
+  quirk = variant == "locllm" and 0.1 in thresholds
+  res = pck(pred, gt, visible, norm, tuple(thresholds) + ((0.11,) if quirk else ()))
+  visible = np.asarray(visible, bool)
+  counts = visible.sum(0).astype(np.float64)
+  keep = np.ones(counts.shape[0], bool)
+  keep[list(PCKH_MEAN_EXCLUDE[variant])] = False
+  weights = np.where(keep, counts, 0.0)
+  weights = weights / max(weights.sum(), 1e-12)
+  out: dict[str, Any] = {"variant": variant, "per_keypoint": {}}
+  for t in thresholds:
+    key = f"PCKh@{t:g}"
+    per = 100.0 * np.nan_to_num(np.asarray(res["per_keypoint"][f"PCK@{t:g}"]))
+    out[key] = float(np.sum(per * weights))
+    for group, idx in MPII_GROUPS.items():
+      out[f"{key}/{group}"] = float(np.mean(per[list(idx)]))
+    out["per_keypoint"][key] = [float(v) for v in per]
+  if quirk:
+    per = 100.0 * np.nan_to_num(np.asarray(res["per_keypoint"]["PCK@0.11"]))
+    out["PCKh@0.1(locllm)"] = float(np.sum(per * weights))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# 3D: MPJPE and PA-MPJPE.
+
+
+def procrustes_align(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+  """Similarity transform (scale, rotation, translation) of ``pred`` onto ``gt``.
+
+  Args:
+    pred, gt: float[K, 3].
+  Returns:
+    float[K, 3] aligned prediction (least-squares optimal, reflections excluded).
+  """
+  mu_p, mu_g = pred.mean(0), gt.mean(0)
+  p, g = pred - mu_p, gt - mu_g
+  u, s, vt = np.linalg.svd(p.T @ g)
+  d = np.sign(np.linalg.det(u @ vt))
+  fix = np.diag([1.0, 1.0, d])
+  rot = u @ fix @ vt
+  scale = np.sum(s * np.diag(fix)) / max(np.sum(p ** 2), 1e-12)
+  return scale * p @ rot + mu_g
+
+
+def mpjpe(pred: np.ndarray, gt: np.ndarray, actions: Optional[Sequence[str]] = None,
+          root: int = 0, visible: Optional[np.ndarray] = None) -> dict[str, Any]:
+  """MPJPE and PA-MPJPE in millimetres, overall and per action (Human3.6M protocol).
+
+  MPJPE: mean joint distance after subtracting each pose's root joint.
+  PA-MPJPE: after a per-pose Procrustes alignment (scale, rotation, translation).
+  The overall numbers are the mean over poses; per action the mean over its poses.
+
+  Args:
+    pred, gt: float[N, K, 3] millimetres.
+    actions: N action names ('Directions', ...); None = a single group.
+    root: root joint index (H36M: pelvis, 0).
+    visible: optional bool[N, K]; joints outside are ignored.
+  """
+  pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+  n, k = gt.shape[:2]
+  vis = np.ones((n, k), bool) if visible is None else np.asarray(visible, bool)
+  pred_r = pred - pred[:, root:root + 1]
+  gt_r = gt - gt[:, root:root + 1]
+  per_pose = np.zeros(n)
+  per_pose_pa = np.zeros(n)
+  for i in range(n):
+    m = vis[i]
+    per_pose[i] = np.linalg.norm(pred_r[i, m] - gt_r[i, m], axis=-1).mean()
+    aligned = procrustes_align(pred[i, m], gt[i, m])
+    per_pose_pa[i] = np.linalg.norm(aligned - gt[i, m], axis=-1).mean()
+  out: dict[str, Any] = {"MPJPE": float(per_pose.mean()), "PA-MPJPE": float(per_pose_pa.mean()),
+                         "per_action": {}}
+  if actions is not None:
+    actions = np.asarray(list(actions))
+    for a in sorted(set(actions.tolist())):
+      sel = actions == a
+      out["per_action"][a] = {"MPJPE": float(per_pose[sel].mean()),
+                              "PA-MPJPE": float(per_pose_pa[sel].mean()),
+                              "count": int(sel.sum())}
+  err = np.where(vis, np.linalg.norm(pred_r - gt_r, axis=-1), np.nan)
+  out["per_keypoint_MPJPE"] = [float(v) for v in np.nanmean(err, axis=0)]
+  return out
+
+
+_H36M_ACTION_RE = re.compile(r"S\d+_([A-Za-z]+)")
+
+
+def h36m_action(image_path: str) -> str:
+  """Action name from an H36M frame name: 'S1_Directions_1.54138969_000001.jpg' -> 'Directions'."""
+  m = _H36M_ACTION_RE.search(os.path.basename(image_path))
+  return m.group(1) if m else "unknown"
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+
+
+def per_keypoint_table(names: Sequence[str], columns: Mapping[str, Sequence[float]]) -> list[dict]:
+  """Rows {'keypoint': name, col: value, ...} from per-keypoint lists of equal length K."""
+  rows = []
+  for k, name in enumerate(names):
+    row: dict[str, Any] = {"keypoint": name}
+    for col, values in columns.items():
+      v = float(values[k])
+      row[col] = None if np.isnan(v) else v
+    rows.append(row)
+  return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
+                   digits: int = 3) -> str:
+  """A Markdown table of ``rows`` (dicts); floats rounded to ``digits``."""
+  if not rows:
+    return ""
+  columns = list(columns or rows[0].keys())
+
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.{digits}f}"
+    return "" if v is None else str(v)
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
