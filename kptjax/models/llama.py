@@ -1,0 +1,319 @@
+"""Llama decoder (Llama-2 / Vicuna / Llama-3.x): RMSNorm, RoPE (default or llama3 scaling),
+grouped-query attention, SwiGLU MLP, tied or untied embeddings, LoRA on named projections.
+
+Param names follow Hugging Face's LlamaForCausalLM (``embed_tokens``, ``layers``,
+``self_attn/{q,k,v,o}_proj``, ``mlp/{gate,up,down}_proj``, ``input_layernorm``,
+``post_attention_layernorm``, ``norm``, ``lm_head``) so conversion is a rename plus a
+transpose. With ``scan_layers`` the block params are stacked on a leading 'layers' axis
+under ``layers``; otherwise they live under ``layers_0 .. layers_{L-1}``.
+
+Two entry points share the blocks:
+  ``__call__``: teacher-forced logits over a whole (right-padded) sequence.
+  ``extend``: writes T new tokens into an explicit KV cache at per-row offsets and returns
+  their logits (prefill = extend on an empty cache, decode = extend with T = 1).
+Einsum letters: see kptjax/models/layers.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kptjax.errors import ConfigError
+from kptjax.models import layers
+from kptjax.models.layers import DType, RMSNorm, logical_init
+from kptjax.models.lora import LoraDense, LoraSpec
+
+Array = jax.Array
+Cache = dict[str, Array]   # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H], 'end': i32[B]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The architecture numbers (names follow configs/common.py llm_config)."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] = ()   # sorted items of the rope_scaling dict
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+
+  @classmethod
+  def from_config(cls, c: Any) -> "LlamaConfig":
+    """From config.model.llm (ConfigDict or dict) or a LlamaConfig."""
+    if isinstance(c, LlamaConfig):
+      return c
+    c = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    if c["num_heads"] % c["num_kv_heads"]:
+      raise ConfigError(f"model.llm: num_heads={c['num_heads']} is not a multiple of "
+                        f"num_kv_heads={c['num_kv_heads']}")
+    scaling = dict(c.get("rope_scaling") or {})
+    return cls(vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
+               intermediate_size=int(c["intermediate_size"]),
+               num_layers=int(c["num_layers"]), num_heads=int(c["num_heads"]),
+               num_kv_heads=int(c["num_kv_heads"]),
+               head_dim=int(c.get("head_dim") or c["hidden_size"] // c["num_heads"]),
+               rope_theta=float(c.get("rope_theta", 10000.0)),
+               rope_scaling=tuple(sorted(scaling.items())),
+               rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+               tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+               max_position_embeddings=int(c.get("max_position_embeddings", 2048)))
+
+  @property
+  def rope_scaling_dict(self) -> dict:
+    return dict(self.rope_scaling)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)). x [B,T,D] -> [B,T,D]."""
+  config: LlamaConfig
+  lora: LoraSpec = LoraSpec()
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    def dense(name, features, axes):
+      return LoraDense(features, rank=self.lora.rank_for(name), alpha=self.lora.alpha,
+                       dropout=self.lora.dropout, kernel_axes=axes, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=name)
+    f, d = self.config.intermediate_size, self.config.hidden_size
+    gate = dense("gate_proj", f, ("embed", "mlp"))(x, deterministic)
+    up = dense("up_proj", f, ("embed", "mlp"))(x, deterministic)
+    return dense("down_proj", d, ("mlp", "embed"))(nn.silu(gate) * up, deterministic)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE, over the new tokens or a KV cache."""
+  config: LlamaConfig
+  lora: LoraSpec = LoraSpec()
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               kv_cache: tuple[Array, Array] | None = None, deterministic: bool = True,
+               return_attention: bool = False):
+    """x [B,T,D]; positions i32[B,T]; mask bool[B,T,S] (S = T without cache, else the
+    cache length); kv_cache ([B,S,K,H], [B,S,K,H]) written at rows' positions[:, 0].
+
+    Returns (out [B,T,D], new kv_cache or None, probs f32[B,N,T,S] or None).
+    """
+    c = self.config
+    n, kv, h = c.num_heads, c.num_kv_heads, c.head_dim
+
+    def dense(name, features, axes):
+      return LoraDense(features, rank=self.lora.rank_for(name), alpha=self.lora.alpha,
+                       dropout=self.lora.dropout, kernel_axes=axes, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=name)
+    b, t, _ = x.shape
+    q = dense("q_proj", n * h, ("embed", "heads"))(x, deterministic).reshape(b, t, n, h)
+    k = dense("k_proj", kv * h, ("embed", "kv_heads"))(x, deterministic).reshape(b, t, kv, h)
+    v = dense("v_proj", kv * h, ("embed", "kv_heads"))(x, deterministic).reshape(b, t, kv, h)
+    inv_freq = layers.rope_inv_freq(h, c.rope_theta, c.rope_scaling_dict)
+    q = layers.apply_rope(q, positions, inv_freq)
+    k = layers.apply_rope(k, positions, inv_freq)
+    if kv_cache is not None:
+      write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(
+          buf, new.astype(buf.dtype), (start, 0, 0)))
+      k = write(kv_cache[0], k, positions[:, 0])
+      v = write(kv_cache[1], v, positions[:, 0])
+      kv_cache = (k, v)
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+    out, probs = layers.attention(q, k, v, mask, return_probs=return_attention)
+    out = dense("o_proj", c.hidden_size, ("heads", "embed"))(
+        out.reshape(b, t, n * h), deterministic)
+    return out, kv_cache, probs
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-shaped: returns
+  (x, (kv_cache, attention probs))."""
+  config: LlamaConfig
+  lora: LoraSpec = LoraSpec()
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, kv_cache, deterministic, return_attention):
+    c = self.config
+    h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
+    h, kv_cache, probs = Attention(c, self.lora, self.dtype, self.param_dtype, name="self_attn")(
+        h.astype(self.dtype), positions, mask, kv_cache, deterministic, return_attention)
+    x = x + h
+    h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
+    x = x + MLP(c, self.lora, self.dtype, self.param_dtype, name="mlp")(
+        h.astype(self.dtype), deterministic)
+    return x, (kv_cache, probs)
+
+
+class Embedder(nn.Module):
+  """Token embedding table ``embedding [V,D]``; ``decode`` is the tied output layer."""
+  vocab_size: int
+  features: int
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (self.vocab_size, self.features), self.param_dtype)
+
+  def encode(self, tokens: Array) -> Array:
+    """tokens i32[B,T] -> [B,T,D] (param dtype)."""
+    return jnp.take(self.embedding, tokens, axis=0)
+
+  def decode(self, x: Array) -> Array:
+    """x [B,T,D] -> logits f32[B,T,V]."""
+    return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def causal_mask(input_mask: Array) -> Array:
+  """bool[B,T] (True = real token) -> bool[B,T,T]: query t sees keys s <= t that are real."""
+  t = input_mask.shape[1]
+  return jnp.tril(jnp.ones((t, t), bool))[None] & input_mask[:, None, :]
+
+
+def cache_mask(end: Array, t: int, s: int) -> Array:
+  """Mask bool[B,T,S] for T new tokens written at end[b] + arange(T) into a cache of
+  length S: query t sees every slot up to and including its own position."""
+  query_pos = end[:, None] + jnp.arange(t)[None]
+  return jnp.arange(s)[None, None, :] <= query_pos[:, :, None]
+
+
+class Llama(nn.Module):
+  """Llama causal LM. See the module docstring for param names and entry points.
+
+  Attributes:
+    config: LlamaConfig (or config.model.llm, converted).
+    lora: LoraSpec for this tower (targets like 'q_proj', 'v_proj').
+    dtype: compute dtype; param_dtype: storage dtype.
+    scan_layers: stack the blocks under nn.scan; remat_policy: jax.checkpoint_policies name.
+  """
+  config: LlamaConfig
+  lora: LoraSpec = LoraSpec()
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = Embedder(c.vocab_size, c.hidden_size, self.param_dtype)
+    # deterministic (5) and return_attention (6) are Python bools: static under remat.
+    block = layers.maybe_remat(DecoderBlock, self.remat_policy, static_argnums=(5, 6),
+                               prevent_cse=not self.scan_layers)
+    args = (c, self.lora, self.dtype, self.param_dtype)
+    if self.scan_layers:
+      scanned = layers.scan_blocks(
+          block, c.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast))
+      self.layers = scanned(*args)
+    else:
+      self.layers = [block(*args) for _ in range(c.num_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+    if not c.tie_word_embeddings:
+      self.lm_head = LoraDense(c.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
+                               param_dtype=self.param_dtype)
+
+  def embed(self, tokens: Array) -> Array:
+    """tokens i32[B,T] -> embeddings [B,T,D] in the compute dtype."""
+    return self.embed_tokens.encode(tokens).astype(self.dtype)
+
+  def _blocks(self, x, positions, mask, kv_cache, deterministic, return_attention):
+    """Runs all blocks. kv_cache: ([L,B,S,K,H], [L,B,S,K,H]) or None.
+    Returns (x, new kv_cache or None, probs f32[L,B,N,T,S] or None)."""
+    if self.scan_layers:
+      x, (kv_cache, probs) = self.layers(x, positions, mask, kv_cache, deterministic,
+                                         return_attention)
+      return x, kv_cache, probs
+    new_k, new_v, all_probs = [], [], []
+    for i, block in enumerate(self.layers):
+      layer_cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
+      x, (layer_cache, probs) = block(x, positions, mask, layer_cache, deterministic,
+                                      return_attention)
+      if layer_cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+      all_probs.append(probs)
+    kv_cache = None if kv_cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+    return x, kv_cache, (jnp.stack(all_probs) if return_attention else None)
+
+  def logits(self, x: Array) -> Array:
+    """Final norm and output layer: x [B,T,D] -> f32[B,T,V]."""
+    x = self.norm(x).astype(self.dtype)
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.decode(x)
+    return self.lm_head(x).astype(jnp.float32)
+
+  def __call__(self, tokens: Array | None = None, input_mask: Array | None = None, *,
+               embeds: Array | None = None, deterministic: bool = True,
+               return_attention: bool = False):
+    """Teacher-forced logits.
+
+    Args:
+      tokens: i32[B,T] (or None when ``embeds`` [B,T,D] is given).
+      input_mask: bool[B,T], True on real tokens (right padding); None = all real.
+      return_attention: also return the attention probabilities f32[L,B,N,T,T].
+
+    Returns:
+      logits f32[B,T,V], or (logits, probs) when return_attention.
+    """
+    x = self.embed(tokens) if embeds is None else embeds.astype(self.dtype)
+    b, t = x.shape[:2]
+    if input_mask is None:
+      input_mask = jnp.ones((b, t), bool)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, _, probs = self._blocks(x, positions, causal_mask(input_mask), None, deterministic,
+                               return_attention)
+    logits = self.logits(x)
+    return (logits, probs) if return_attention else logits
+
+  def extend(self, tokens: Array | None, input_mask: Array, cache: Cache, *,
+             embeds: Array | None = None) -> tuple[Array, Cache]:
+    """Appends T tokens per row to the cache and returns their logits.
+
+    Args:
+      tokens: i32[B,T] (or None when ``embeds`` [B,T,D] is given).
+      input_mask: bool[B,T]; rows are right-padded (True then False).
+      cache: {'k','v': [L,B,S,K,H], 'end': i32[B]}; needs S >= end + T.
+
+    Returns:
+      (logits f32[B,T,V], cache with the new keys/values and end += sum(input_mask)).
+      Padding slots are written beyond the new end and overwritten by the next call.
+    """
+    x = self.embed(tokens) if embeds is None else embeds.astype(self.dtype)
+    b, t = x.shape[:2]
+    end = cache["end"].astype(jnp.int32)
+    positions = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    mask = cache_mask(end, t, cache["k"].shape[2])
+    x, (k, v), _ = self._blocks(x, positions, mask, (cache["k"], cache["v"]), True, False)
+    new_end = end + jnp.sum(input_mask, axis=1, dtype=jnp.int32)
+    return self.logits(x), {"k": k, "v": v, "end": new_end}
+
+
+def init_cache(llm_config: Any, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
+  """Empty KV cache {'k','v': zeros [L,B,S,K,H], 'end': zeros i32[B]} (S = max_len)."""
+  c = LlamaConfig.from_config(llm_config)
+  shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+  return {"k": jnp.zeros(shape, layers.to_dtype(dtype)),
+          "v": jnp.zeros(shape, layers.to_dtype(dtype)),
+          "end": jnp.zeros((batch,), jnp.int32)}
+
+
+# Logical axes of the cache leaves, for sharding.
+CACHE_AXES: Mapping[str, tuple[str, ...]] = {
+    "k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "end": ("batch",),
+}
