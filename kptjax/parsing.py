@@ -276,3 +276,64 @@ def build_grammar(token_strs: Sequence[Optional[str]], shape: str, eos_id: int) 
       raise errors.ConfigError(
           f"no token can write character {p} ('{shape[p]}') of answer shape '{shape}'")
   return CoordinateGrammar(trans, start, length, shape)
+
+
+# ---------------------------------------------------------------------------
+# Batches.
+
+
+@dataclasses.dataclass
+class Localization:
+  """Parsed answers of P persons x Q queries.
+
+  Attributes:
+    values: f32[P, Q, D] normalized crop values (D = 2 or 3).
+    keypoints: f32[P, Q, 2] original-image pixels (the crop center when unparseable).
+    depth: f32[P, Q] root-relative depth in mm (3D answers), else None.
+    scores: f32[P, Q] keypoint confidences (0 when unparseable).
+    ok: bool[P, Q] parsed.
+    texts: P lists of Q answer texts.
+  """
+  values: np.ndarray
+  keypoints: np.ndarray
+  depth: Optional[np.ndarray]
+  scores: np.ndarray
+  ok: np.ndarray
+  texts: list[list[str]]
+
+  @property
+  def person_scores(self) -> np.ndarray:
+    """f32[P]: mean keypoint score (LocLLM)."""
+    return self.scores.mean(axis=1)
+
+  @property
+  def num_failures(self) -> int:
+    return int((~self.ok).sum())
+
+
+def localize(tokens: np.ndarray, probs: np.ndarray, token_strs: Sequence[Optional[str]],
+             eos_id: int, count: int, affine_inv: np.ndarray, crop_size: float) -> Localization:
+  """Parses decoder outputs and maps them back to the original images.
+
+  Args:
+    tokens: int32[P, Q, M]; probs: f32[P, Q, M] (``kptjax.decode.Decoder``).
+    count: values per answer (2 or 3).
+    affine_inv: f32[P, 2, 3] crop pixels -> original pixels, per person.
+    crop_size: crop side in pixels.
+  """
+  p, q = tokens.shape[:2]
+  values = np.zeros((p, q, count), np.float32)
+  scores = np.zeros((p, q), np.float32)
+  ok = np.zeros((p, q), bool)
+  texts = []
+  for i in range(p):
+    row_texts = []
+    for j in range(q):
+      ans = score_answer(tokens[i, j], probs[i, j], token_strs, eos_id, count)
+      values[i, j] = ans.values if ans.ok else 0.5      # unparseable: the crop center
+      scores[i, j], ok[i, j] = ans.score, ans.ok
+      row_texts.append(ans.text)
+    texts.append(row_texts)
+  keypoints = np.stack([to_image_coords(values[i], affine_inv[i], crop_size) for i in range(p)])
+  depth = depth_from_value(values[..., 2]) if count == 3 else None
+  return Localization(values, keypoints.reshape(p, q, 2), depth, scores, ok, texts)

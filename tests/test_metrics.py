@@ -170,3 +170,20 @@ def test_h36m_action_from_name():
 def test_markdown_table():
   table = metrics.markdown_table([{"a": 1.23456, "b": "x"}, {"a": None, "b": "y"}])
   assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | x |", "|  | y |"]
+
+
+# AIC: mmpose configs/_base_/datasets/aic.py.
+AIC_SIGMAS = [0.01388152, 0.01515228, 0.01057665, 0.01417709, 0.01497891, 0.01402144,
+              0.03909642, 0.03686941, 0.01981803, 0.03843971, 0.03412318, 0.02415081,
+              0.01291456, 0.01236173]
+
+
+@pytest.mark.parametrize("spec_name,expected", [
+    ("coco17", COCO_SIGMAS),          # COCO, Human-Art (its 17 COCO keypoints), OCHuman
+    ("ap10k17", AP10K_SIGMAS),
+    ("crowdpose14", CROWDPOSE_SIGMAS),
+    ("aic14", AIC_SIGMAS),
+])
+def test_spec_oks_sigmas_match_their_definitions(spec_name, expected):
+  from kptjax.keypoints import get_spec
+  np.testing.assert_allclose(get_spec(spec_name).sigmas, expected, rtol=0, atol=1e-9)
