@@ -1,0 +1,182 @@
+"""Orbax checkpoints of the train state and the Grain iterator; stage-1 init; adapter export.
+
+Layout of ``WORKDIR/checkpoints/<step>/``:
+  params/     the full param tree (sharded arrays, OCDBT)
+  opt_state/  optimizer state of the trainable leaves
+  data/       ``process_<i>-of-<n>.json``: each process's Grain iterator state
+
+Restoring all three gives a run that continues exactly where the saved one stopped:
+same params, same optimizer moments, same next batch, same dropout keys (they derive
+from the step).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from kptjax.errors import CheckpointError
+from kptjax.train_step import TrainState
+
+Params = dict[str, Any]
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying shardings: the restore target (nothing is allocated)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """Saves every ``every`` steps, keeps the last ``keep``, restores the latest.
+
+  Args:
+    directory: the checkpoint root, e.g. ``WORKDIR/checkpoints``.
+    every: save interval in steps (``save`` with ``force=True`` saves off-interval).
+    keep: number of checkpoints kept (older ones are deleted).
+    async_save: write arrays in a background thread (the data-iterator state is
+      captured before ``save`` returns either way).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
+               async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(every), 1), max_to_keep=keep,
+            enable_async_checkpointing=async_save),
+        item_names=("params", "opt_state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_iter: Any | None = None, *,
+           force: bool = False) -> bool:
+    """Saves ``state`` (and the iterator that produced its last batch) as ``step``.
+
+    Returns:
+      Whether a checkpoint was written (False off the save interval unless ``force``).
+    """
+    items = dict(params=ocp.args.StandardSave(state.params),
+                 opt_state=ocp.args.StandardSave(state.opt_state))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state: TrainState, data_iter: Any | None = None,
+              step: int | None = None) -> TrainState:
+    """Restores ``step`` (default: the latest) into the shapes and shardings of the target.
+
+    Args:
+      abstract_state: a TrainState of ShapeDtypeStructs with shardings (``abstract``).
+      data_iter: a fresh iterator of the same dataset; its state is set in place.
+      step: which checkpoint.
+
+    Returns:
+      The restored TrainState; its ``step`` is the checkpoint's step.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+    items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+                 opt_state=ocp.args.StandardRestore(abstract_state.opt_state))
+    if data_iter is not None:
+      if not (self.directory / str(step) / "data").exists():
+        raise CheckpointError(f"{self.directory}/{step}: no data-iterator state saved")
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state: {e}") from e
+    step_arr = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32),
+                              abstract_state.step.sharding)
+    return TrainState(step=step_arr, params=out["params"], opt_state=out["opt_state"])
+
+  def wait(self) -> None:
+    """Blocks until the background writes have finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _manager_root(path: str | os.PathLike) -> epath.Path:
+  """A stage-1 workdir or its ``checkpoints`` dir -> the CheckpointManager root."""
+  path = epath.Path(path)
+  if (path / CHECKPOINT_SUBDIR).is_dir():
+    return path / CHECKPOINT_SUBDIR
+  if path.is_dir():
+    return path
+  raise CheckpointError(f"{path}: not a checkpoint directory or a workdir holding "
+                        f"'{CHECKPOINT_SUBDIR}/'")
+
+
+def load_params(path: str | os.PathLike, params: Params, shardings: Params,
+                step: int | None = None) -> tuple[Params, list[str]]:
+  """Overwrites ``params`` with the leaves saved in a checkpoint (stage 2 from stage 1).
+
+  Every leaf in the checkpoint must exist in ``params`` with the same shape (it is cast
+  to the dtype of ``params``); leaves missing from the checkpoint (e.g. LoRA factors a
+  stage-1 run did not have) keep their values.
+
+  Args:
+    path: a workdir, or its ``checkpoints`` dir; the latest step unless ``step``.
+    params: the current (initialized) params.
+    shardings: NamedShardings shaped like ``params``.
+    step: which checkpoint.
+
+  Returns:
+    (params, names of the leaves that were NOT in the checkpoint, '/'-joined).
+  """
+  root = _manager_root(path)
+  with ocp.CheckpointManager(root, item_names=("params", "opt_state", "data"),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{root}: no checkpoint found")
+    saved = traverse_util.flatten_dict(mngr.item_metadata(step)["params"])
+    flat = traverse_util.flatten_dict(params)
+    flat_sh = traverse_util.flatten_dict(shardings)
+    target = {}
+    for key, meta in saved.items():
+      name = "/".join(key)
+      if key not in flat:
+        raise CheckpointError(f"{root}/{step}: param '{name}' is not in the model "
+                              f"(is the model config the one stage 1 used?)")
+      if tuple(meta.shape) != flat[key].shape:
+        raise CheckpointError(f"{root}/{step}: param '{name}' has shape {tuple(meta.shape)}, "
+                              f"the model expects {flat[key].shape}")
+      target[key] = jax.ShapeDtypeStruct(flat[key].shape, flat[key].dtype, sharding=flat_sh[key])
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
+        traverse_util.unflatten_dict(target))))["params"]
+  flat.update(traverse_util.flatten_dict(restored))
+  missing = sorted("/".join(k) for k in flat if k not in saved)
+  logging.info("Loaded %d params from %s/%d; %d kept their init: %s", len(saved), root, step,
+               len(missing), missing[:8])
+  return traverse_util.unflatten_dict(flat), missing
+
+
+def export_adapter(params: Params, mask: Params, path: str | os.PathLike) -> None:
+  """Writes the trainable leaves (LoRA factors + projector) with ``kptjax.convert.export_adapter``.
+
+  All processes take part in gathering; only process 0 writes.
+  """
+  from kptjax import convert, optim  # pylint: disable=g-import-not-at-top
+  trainable, _ = optim.split(params, mask)
+  host = multihost_utils.process_allgather(trainable, tiled=True)
+  if jax.process_index() == 0:
+    convert.export_adapter(host, os.fspath(path))

@@ -1,0 +1,377 @@
+r"""Trains the VLM: ``python -m kptjax.train --config configs/X.py[:arg] --workdir DIR``.
+
+Overrides: ``--config.optim.lr=1e-4``. Multi-host: ``--multihost`` calls
+``jax.distributed.initialize()`` first; every process then reads its own slice of the
+data and only process 0 writes logs, metrics and the adapter export.
+
+Restarting with the same workdir resumes from the latest checkpoint in
+``WORKDIR/checkpoints`` (params, optimizer state and data-iterator state), so a
+preempted run ends with the same params as an uninterrupted one.
+
+Periodic evaluation: set ``config.train.evaluator = 'package.module:factory'`` and
+``config.train.eval_every``. The factory is called once as
+``factory(config, model, mesh) -> eval_fn`` and ``eval_fn(state, step)`` (state: a
+``TrainState``; step: the number of updates done) returns a mapping of scalar metrics,
+written under ``eval/``. ``run(..., eval_fn=...)`` takes the callable directly.
+
+Outputs in WORKDIR: TensorBoard events, ``metrics.jsonl`` (one JSON object per logged
+step, appended across restarts), ``checkpoints/``, and ``adapter/`` (the trainable
+LoRA + projector weights, when not every param is trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from kptjax import checkpoint, optim, sharding, train_step
+from kptjax.errors import ConfigError
+from kptjax.train_step import TrainState
+
+EvalFn = Callable[[TrainState, int], Mapping[str, float] | None]
+BATCH_KEYS = ("image", "tokens", "targets", "loss_mask", "input_mask")
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The compiled pieces of a run; ``build`` makes one, ``init_state`` fills it with params.
+
+  Attributes:
+    model: the VLM Linen module.
+    mesh: the device mesh (entered with ``jax.set_mesh`` while the step runs).
+    rules: logical-axis rules.
+    mask: bool tree over params, True on trainable leaves.
+    tx: the optimizer over the trainable subtree.
+    lr_schedule: step -> learning rate.
+    abstract_params: ShapeDtypeStructs of the params (unboxed).
+    state_shardings: TrainState of NamedShardings.
+    step: the jitted update ``(state, batch) -> (state, metrics)``; donates ``state``.
+    init_params: the jitted random init ``rng -> params`` (sharded by out_shardings).
+  """
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  mask: Any
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_params: Any
+  state_shardings: TrainState
+  step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+  init_params: Callable[[jax.Array], Any]
+
+
+def init_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
+  """A batch of the train-batch contract's shapes (zeros) for ``model.init`` and AOT lowering."""
+  side = config.model.vit.image_size
+  t = config.data.max_len
+  return dict(image=np.zeros((batch_size, side, side, 3), np.float32),
+              tokens=np.zeros((batch_size, t), np.int32),
+              targets=np.zeros((batch_size, t), np.int32),
+              loss_mask=np.zeros((batch_size, t), np.float32),
+              input_mask=np.ones((batch_size, t), bool))
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+  from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
+  return vlm.VLM(config.model)
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+          model: nn.Module | None = None) -> Trainer:
+  """Model, optimizer, shardings and the jitted step; allocates nothing big.
+
+  Args:
+    config: a full config (model, optim, train, mesh sections are read).
+    mesh: defaults to ``sharding.make_mesh(config.mesh)`` over all devices.
+    model: defaults to ``VLM(config.model)``.
+  """
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  model = model or make_model(config)
+  tc = config.train
+  dp = sharding.data_parallel_size(mesh)
+  k = config.optim.grad_accum_steps
+  if tc.batch_size % (dp * k) or tc.batch_size % jax.process_count():
+    raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the data-parallel "
+                      f"size {dp} x optim.grad_accum_steps={k} and by the "
+                      f"{jax.process_count()} processes")
+
+  batch = init_batch(config)
+
+  def init_boxed(rng):
+    with nn.logical_axis_rules(rules):
+      return model.init({"params": rng, "dropout": rng}, batch["image"], batch["tokens"],
+                        batch["input_mask"], deterministic=True)["params"]
+
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  param_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_params = nn.unbox(boxed)
+  mask = optim.trainable_mask(abstract_params, config.optim.trainable)
+  lr_schedule = optim.schedule(config.optim, tc.num_steps)
+  tx = optim.make_optimizer(config.optim, tc.num_steps)
+
+  trainable_abs, _ = optim.split(abstract_params, mask)
+  opt_abs = jax.eval_shape(tx.init, trainable_abs)
+  trainable_sh, _ = optim.split(param_shardings, mask)
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, opt_abs, trainable_sh, transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
+
+  step_fn = train_step.make_train_step(
+      model, tx, mask, lr_schedule=lr_schedule, rules=rules, grad_accum_steps=k,
+      seed=config.seed)
+  batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
+  step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, repl), donate_argnums=0)
+  init_params = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=param_shardings)
+  return Trainer(model=model, mesh=mesh, rules=rules, mask=mask, tx=tx,
+                 lr_schedule=lr_schedule, abstract_params=abstract_params,
+                 state_shardings=state_shardings, step=step, init_params=init_params)
+
+
+def abstract_state(trainer: Trainer) -> TrainState:
+  """The TrainState as ShapeDtypeStructs with shardings (a restore target)."""
+  params = trainer.abstract_params
+  trainable, _ = optim.split(params, trainer.mask)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(trainer.tx.init, trainable))
+  return checkpoint.abstract(shapes, trainer.state_shardings)
+
+
+def init_state(trainer: Trainer, config: ml_collections.ConfigDict,
+               params: Any | None = None) -> TrainState:
+  """Step-0 state: random init, then Hugging Face weights, then a stage-1 checkpoint.
+
+  Args:
+    trainer: from ``build``.
+    config: ``checkpoints.llm_dir`` / ``vit_dir`` (HF weights, '' = keep random) and
+      ``checkpoints.init_from`` (a kptjax workdir whose params override, e.g. stage 1).
+    params: use these params instead (already sharded like the trainer's state).
+  """
+  if params is None:
+    params = trainer.init_params(jax.random.key(config.seed))
+    params = _load_pretrained(trainer, config, params)
+  if config.checkpoints.init_from:
+    params, _ = checkpoint.load_params(config.checkpoints.init_from, params,
+                                       trainer.state_shardings.params)
+  init = functools.partial(train_step.init_state, tx=trainer.tx, mask=trainer.mask)
+  return jax.jit(init, out_shardings=trainer.state_shardings, donate_argnums=0)(params)
+
+
+def _load_pretrained(trainer: Trainer, config: ml_collections.ConfigDict, params: Any) -> Any:
+  """Overrides the random init with HF checkpoints when the config names them."""
+  del trainer
+  if not (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
+    return params
+  raise NotImplementedError("HF checkpoint loading is wired once kptjax.convert.load_vlm lands")
+
+
+class _JsonlWriter(metric_writers.MetricWriter):
+  """Appends ``{"step": s, name: value, ...}`` lines to a file (scalars only)."""
+
+  def __init__(self, path: str):
+    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step, scalars):
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(row) + "\n")
+
+  def write_summaries(self, step, values, metadata=None): pass
+  def write_images(self, step, images): pass
+  def write_videos(self, step, videos): pass
+  def write_audios(self, step, audios, *, sample_rate): pass
+  def write_texts(self, step, texts): pass
+  def write_histograms(self, step, arrays, num_buckets=None): pass
+  def write_hparams(self, hparams): pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The rows of ``WORKDIR/metrics.jsonl`` (train and eval), in the order written."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+  for step, m in history:
+    if not np.isfinite(m["loss"]):
+      raise FloatingPointError(
+          f"loss is {m['loss']} at step {step} (grad_norm {m['grad_norm']}, lr {m['lr']}); "
+          "stopping. Lower optim.lr, check the data, or use float32 (model.dtype).")
+
+
+def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
+                 mesh: jax.sharding.Mesh) -> EvalFn | None:
+  """``config.train.evaluator`` ('module:factory') -> ``factory(config, model, mesh)``."""
+  spec = config.train.get("evaluator", "")
+  if not spec:
+    return None
+  module, _, name = spec.partition(":")
+  if not name:
+    raise ConfigError(f"train.evaluator={spec!r}; expected 'package.module:factory'")
+  return getattr(importlib.import_module(module), name)(config, model, mesh)
+
+
+def make_dataset(config: ml_collections.ConfigDict):
+  """This process's slice of the training data, as a grain IterDataset of batches."""
+  from kptjax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
+  tok = tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir)
+  return pipeline.make_train_dataset(config, tok, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | None = None,
+        preempt_at_step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+        dataset: Any = None) -> TrainState:
+  """Trains to ``config.train.num_steps`` (resuming from ``workdir``), returns the state.
+
+  Args:
+    config: the full config.
+    workdir: output directory; an existing checkpoint there is resumed.
+    eval_fn: periodic evaluation hook (overrides ``config.train.evaluator``).
+    preempt_at_step: stop after this step as if preempted (a checkpoint is saved first).
+    mesh: defaults to the config's mesh over all devices.
+    dataset: a grain IterDataset of batches (default: ``make_dataset(config)``).
+  """
+  # ------------------------------------------------------------------------ logging
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if is_main:
+    writer = metric_writers.MultiWriter(
+        [writer, _JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+  tc = config.train
+
+  # --------------------------------------------------------------- mesh, model, step
+  trainer = build(config, mesh)
+  logging.info("Mesh: %s", sharding.describe(trainer.mesh))
+  logging.info("Trainable (%s): %d of %d params", config.optim.trainable,
+               optim.count(optim.split(trainer.abstract_params, trainer.mask)[0]),
+               optim.count(trainer.abstract_params))
+
+  # -------------------------------------------------------------------------- input
+  dataset = dataset if dataset is not None else make_dataset(config)
+  data_iter = iter(dataset)
+
+  # ------------------------------------------------------- init, or resume the state
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
+                                 every=tc.checkpoint_every, keep=tc.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    logging.info("Resuming from %s/%d", ckpt.directory, ckpt.latest_step())
+    state = ckpt.restore(abstract_state(trainer), data_iter)
+  else:
+    state = init_state(trainer, config)
+  parameter_overview.log_parameter_overview(
+      state.params, msg="Params", include_stats="global", jax_logging_process=0)
+  first_step = int(jax.device_get(state.step))
+
+  # ------------------------------------------------------------------------- evals
+  eval_fn = eval_fn or make_eval_fn(config, trainer.model, trainer.mesh)
+
+  def evaluate(step):
+    if eval_fn is None:
+      return
+    with jax.set_mesh(trainer.mesh):
+      result = eval_fn(state, step)
+    if result:
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+
+  # -------------------------------------------------------------------------- loop
+  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  history: list[tuple[int, dict[str, jax.Array]]] = []
+  t_last, steps_timed = None, 0
+  bar = tqdm(total=tc.num_steps, initial=first_step, desc="train", disable=not is_main)
+  logging.info("Training steps %d..%d; compiling the step", first_step + 1, tc.num_steps)
+  for step in range(first_step + 1, tc.num_steps + 1):
+    batch = sharding.shard_batch(_take(next(data_iter)), trainer.mesh)
+    with jax.set_mesh(trainer.mesh):
+      state, metrics = trainer.step(state, batch)
+    history.append((step, metrics))
+    if t_last is None:  # The first step includes compilation: time from its end.
+      jax.block_until_ready(metrics)
+      logging.info("First step (with compilation) done")
+      t_last, history = time.perf_counter(), [(step, jax.device_get(metrics))]
+    else:
+      steps_timed += 1
+    report(step)
+    bar.update(1)
+
+    save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)
+    if step % tc.log_every == 0 or save_now:
+      history = jax.device_get(history)
+      _check_finite(history)
+      now = time.perf_counter()
+      scalars = {k: float(v) for k, v in history[-1][1].items()}
+      if steps_timed:
+        seconds = (now - t_last) / steps_timed
+        tokens = sum(float(m["input_tokens"]) for s, m in history if s > step - steps_timed)
+        scalars.update(step_time=seconds, tokens_per_sec=tokens / (now - t_last))
+      writer.write_scalars(step, scalars)
+      history, t_last, steps_timed = [], now, 0
+    if save_now:
+      ckpt.save(step, state, data_iter, force=True)
+    if tc.eval_every and step % tc.eval_every == 0:
+      evaluate(step)
+    if step == preempt_at_step:
+      logging.info("Stopping after step %d as asked (preempt_at_step)", step)
+      break
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+
+  if int(jax.device_get(state.step)) == tc.num_steps and config.optim.trainable != "all":
+    checkpoint.export_adapter(state.params, trainer.mask, os.path.join(workdir, "adapter"))
+  writer.flush()
+  writer.close()
+  return state
+
+
+def _take(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {k: batch[k] for k in BATCH_KEYS}
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_integer("preempt_at_step", None,
+                     "Stop after this step as if preempted (checkpoint first); for tests.")
+
+
+def main(argv):
+  del argv
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  run(FLAGS.config, FLAGS.workdir, preempt_at_step=FLAGS.preempt_at_step)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
