@@ -5,9 +5,11 @@ Readers never crop or normalize: coordinates are in original-image pixels.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Optional
 
+from absl import logging
 import numpy as np
 
 
@@ -57,3 +59,46 @@ class PersonRecord:
   @property
   def num_keypoints(self) -> int:
     return int(self.keypoints.shape[0])
+
+
+@dataclasses.dataclass
+class CaptionRecord:
+  """One image-caption pair (stage-1 image-text alignment data, LLaVA style).
+
+  Attributes:
+    image_path: path of the image file.
+    caption: the caption text (the answer turn of a LLaVA conversation).
+    id: the entry's id in the source file ('' when it has none).
+  """
+
+  image_path: str
+  caption: str
+  id: str = ""
+
+
+class Records(list):
+  """A list of records that also says what its reader skipped and why.
+
+  Attributes:
+    skipped: Counter reason -> number of records skipped ('no_keypoints',
+      'zero_area', 'missing_image', 'crowd', 'low_score', ...).
+    source: the file the records were read from.
+    specs: KeypointSpecs a reader made while reading (MP-100), by name.
+  """
+
+  def __init__(self, items=(), *, skipped: Optional[dict[str, int]] = None, source: str = "",
+               specs: Optional[dict[str, Any]] = None):
+    super().__init__(items)
+    self.skipped: collections.Counter = collections.Counter(skipped or {})
+    self.source = source
+    self.specs: dict[str, Any] = dict(specs or {})
+
+  @property
+  def num_skipped(self) -> int:
+    return int(sum(self.skipped.values()))
+
+  def log_summary(self, reader: str) -> None:
+    """Logs the count of records read and of each skip reason."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+    logging.info("%s(%s): %d records; skipped %d (%s)", reader, self.source, len(self),
+                 self.num_skipped, reasons)

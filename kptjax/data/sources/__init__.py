@@ -1,0 +1,82 @@
+"""Dataset readers: one per annotation format, each returning Records (a list of
+PersonRecord / CaptionRecord in original-image pixels, with ``.skipped`` counts).
+
+``read_dataset(name, **kwargs)`` dispatches by the config's source name:
+
+  name        reader                 defaults it sets
+  synthetic   read_coco_keypoints    spec='coco17' (files made by data/synthetic.py)
+  coco        read_coco_keypoints    spec='coco17'
+  humanart    read_coco_keypoints    spec='coco17', image_prefix_strip='HumanArt/images/'
+  ap10k       read_coco_keypoints    spec='ap10k17'
+  crowdpose   read_coco_keypoints    spec='crowdpose14'
+  ochuman     read_coco_keypoints    spec='coco17'
+  aic         read_coco_keypoints    spec='aic14'
+  mpii        read_mpii_json         spec='mpii16'
+  h36m        read_h36m              spec='h36m17'
+  mp100       read_mp100             one spec per category
+  llava       read_llava_captions    -
+
+Each reader takes the annotation file and the image root first (positional or
+``ann_file=`` / ``image_root=``); other keyword arguments override the defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from kptjax.data.sources.base import CaptionRecord, PersonRecord, Records
+from kptjax.data.sources.coco import read_coco_keypoints, read_mp100, sanitize_box
+from kptjax.data.sources.h36m import read_h36m
+from kptjax.data.sources.llava import read_llava_captions
+from kptjax.data.sources.mpii import read_mpii_json
+from kptjax.errors import ConfigError
+
+_COCO_FORMAT = {
+    "synthetic": dict(spec="coco17"),
+    "coco": dict(spec="coco17"),
+    "humanart": dict(spec="coco17", image_prefix_strip="HumanArt/images/"),
+    "ap10k": dict(spec="ap10k17"),
+    "crowdpose": dict(spec="crowdpose14"),
+    "ochuman": dict(spec="coco17"),
+    "aic": dict(spec="aic14"),
+}
+
+READERS: dict[str, Callable[..., Records]] = {
+    **{name: functools.partial(read_coco_keypoints, dataset=name, **defaults)
+       for name, defaults in _COCO_FORMAT.items()},
+    "mpii": read_mpii_json,
+    "h36m": read_h36m,
+    "mp100": read_mp100,
+    "llava": read_llava_captions,
+}
+
+
+def read_dataset(name: str, *args: Any, **kwargs: Any) -> Records:
+  """Reads dataset ``name`` with its reader (table in the module docstring).
+
+  ``ann_file`` / ``json_file`` and ``image_root`` may be given by keyword under
+  either name; other keywords go to the reader and override its defaults.
+
+  Raises:
+    ConfigError: unknown name or a keyword the reader does not take.
+  """
+  if name not in READERS:
+    raise ConfigError(f"unknown data source {name!r}; choose from {sorted(READERS)}")
+  reader = READERS[name]
+  target = reader.func if isinstance(reader, functools.partial) else reader
+  first = list(inspect.signature(target).parameters)[0]
+  for alias in ("ann_file", "json_file"):
+    if alias in kwargs and alias != first:
+      kwargs[first] = kwargs.pop(alias)
+  try:
+    inspect.signature(reader).bind(*args, **kwargs)
+  except TypeError as e:
+    raise ConfigError(f"data source {name!r}: {e}") from e
+  return reader(*args, **kwargs)
+
+
+__all__ = ["CaptionRecord", "PersonRecord", "READERS", "Records", "read_coco_keypoints",
+           "read_dataset", "read_h36m", "read_llava_captions", "read_mp100", "read_mpii_json",
+           "sanitize_box"]

@@ -1,0 +1,229 @@
+"""Human3.6M -> PersonRecords with 2D keypoints, 3D joints in camera millimetres, camera.
+
+Two annotation forms:
+  * COCO-style JSON (``h36m_coco.json``): images + annotations with ``keypoints``
+    (2D, pixels) and ``keypoints_3d`` (x, y, z, v in WORLD coordinates, metres).
+    The camera file turns them into camera coordinates:
+    ``X_cam = R^T (X_world - T)`` (R, T as stored in mmpose's ``cameras.pkl``:
+    camera-to-world rotation and the camera position). Without a camera file the
+    records have no ``keypoints_3d``.
+  * npz (mmpose ``body3d``): ``imgname``, ``center[N,2]``, ``scale[N]`` (box side / 200
+    px), ``part[N,K,3]`` (2D + vis), ``S[N,K,4]`` (3D in CAMERA coordinates, metres).
+
+Records: ``keypoints`` f32[K, 3] (2D pixels, labeled joints v = 2), ``keypoints_3d``
+f32[K, 4] (x, y, z millimetres in camera coordinates, v), ``camera`` {R f32[3,3],
+T f32[3] (mm), f f32[2], c f32[2] (px), k f32[3], p f32[2], subject, camera_id}
+when a camera file is given (JSON keyed 'S1|54138969', as
+``shared/data/h36m/cameras.from_pkl.json``; the pickle itself is never loaded).
+
+Image files: the JSON's bare ``file_name`` is looked up in ``image_root`` and then in
+``image_root/S1/S1_Directions_1.54138969/`` (the layout of the frames on disk).
+
+Bad input: malformed JSON / npz, missing fields, wrong shapes, a camera missing from
+the camera file -> DataError naming the file and field. Counted skips:
+'missing_image', 'no_keypoints', 'zero_area'.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from kptjax.data.sources._util import ExistsCache, field, image_size, load_json, numbers
+from kptjax.data.sources.base import PersonRecord, Records
+from kptjax.errors import DataError
+from kptjax.keypoints import KeypointSpec, get_spec
+
+# 'S1_Directions_1.54138969_000001.jpg' -> subject, sequence folder, camera id.
+_FRAME = re.compile(r"^(?P<subject>S\d+)_(?P<action>.+)\.(?P<camera>\d+)_(?P<frame>\d+)\.\w+$")
+METRES_TO_MM = 1000.0
+
+
+def load_cameras(camera_file: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
+  """'subject|camera_id' -> camera dict (R, T in mm, f, c, k, p) from the JSON form."""
+  path = os.fspath(camera_file)
+  data = load_json(path)
+  cams = data.get("cameras", data) if isinstance(data, dict) else None
+  if not isinstance(cams, dict):
+    raise DataError(path, "a camera file must map 'subject|camera_id' to cameras",
+                    field="cameras")
+  out = {}
+  for key, cam in cams.items():
+    where = f"cameras.{key}"
+    def arr(name, shape):
+      try:
+        value = np.asarray(field(cam, name, path, where), np.float64).reshape(shape)
+      except (TypeError, ValueError) as e:
+        raise DataError(path, "bad camera parameter", field=f"{where}.{name}",
+                        expected=f"shape {shape}") from e
+      return value
+    subject, _, camera_id = str(key).partition("|")
+    out[str(key)] = {
+        "R": arr("R", (3, 3)).astype(np.float32),
+        "T": (arr("T", (3,)) * METRES_TO_MM).astype(np.float32),
+        "f": arr("f", (2,)).astype(np.float32), "c": arr("c", (2,)).astype(np.float32),
+        "k": arr("k", (3,)).astype(np.float32), "p": arr("p", (2,)).astype(np.float32),
+        "subject": subject, "camera_id": camera_id,
+    }
+  return out
+
+
+def world_to_camera(points_mm: np.ndarray, camera: dict[str, Any]) -> np.ndarray:
+  """f32[..., 3] world millimetres -> camera millimetres: R^T (X - T)."""
+  r = np.asarray(camera["R"], np.float64)
+  return ((np.asarray(points_mm, np.float64) - camera["T"]) @ r).astype(np.float32)
+
+
+def project(points_cam_mm: np.ndarray, camera: dict[str, Any]) -> np.ndarray:
+  """Pinhole projection (no distortion) of camera-frame points to pixels, f32[..., 2]."""
+  p = np.asarray(points_cam_mm, np.float64)
+  return (p[..., :2] / p[..., 2:3] * camera["f"] + camera["c"]).astype(np.float32)
+
+
+def _camera_for(name: str, cameras: Optional[dict[str, Any]], path: str, where: str):
+  m = _FRAME.match(os.path.basename(name))
+  if m is None:
+    return None, None
+  if cameras is None:
+    return m, None
+  key = f"{m['subject']}|{m['camera']}"
+  if key not in cameras:
+    raise DataError(path, f"camera {key!r} is not in the camera file", field=where)
+  return m, cameras[key]
+
+
+def _find_image(image_root: str, name: str, match, exists: ExistsCache) -> Optional[str]:
+  candidates = [os.path.join(image_root, name)]
+  if match is not None:
+    folder = f"{match['subject']}_{match['action']}.{match['camera']}"
+    candidates.append(os.path.join(image_root, match["subject"], folder, os.path.basename(name)))
+  for c in candidates:
+    if exists(c):
+      return c
+  return None
+
+
+def read_h36m(ann_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], *,
+              camera_file: Union[str, os.PathLike, None] = None,
+              spec: Union[str, KeypointSpec] = "h36m17", dataset: str = "h36m",
+              min_keypoints: int = 1) -> Records:
+  """Reads Human3.6M from the COCO-style JSON or the npz form (module docstring).
+
+  Args:
+    ann_file: ``*.json`` (COCO-style with keypoints_3d) or ``*.npz``.
+    image_root: folder of the frames.
+    camera_file: JSON cameras keyed 'subject|camera_id' (needed for 3D from the JSON).
+    spec: the 17-joint spec (root first).
+    dataset: short name written into each record.
+    min_keypoints: skip persons with fewer labeled 2D joints.
+  """
+  path = os.fspath(ann_file)
+  spec = get_spec(spec)
+  cameras = None if camera_file is None else load_cameras(camera_file)
+  if path.endswith(".npz"):
+    return _read_npz(path, os.fspath(image_root), spec, cameras, dataset, min_keypoints)
+  return _read_json(path, os.fspath(image_root), spec, cameras, dataset, min_keypoints)
+
+
+def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Records:
+  num = spec.num_keypoints
+  data = load_json(path)
+  if not isinstance(data, dict):
+    raise DataError(path, "a COCO file must hold an object", expected="images, annotations")
+  images = {}
+  for i, img in enumerate(field(data, "images", path, "", list)):
+    where = f"images[{i}]"
+    images[field(img, "id", path, where, int)] = (
+        field(img, "file_name", path, where, str),
+        (int(field(img, "width", path, where, (int, float))),
+         int(field(img, "height", path, where, (int, float)))))
+  exists = ExistsCache()
+  records = Records(source=path)
+  for i, ann in enumerate(field(data, "annotations", path, "", list)):
+    where = f"annotations[{i}]"
+    ann_id = field(ann, "id", path, where, int, default=i)
+    image_id = field(ann, "image_id", path, where, int, record=ann_id)
+    if image_id not in images:
+      raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id")
+    name, size = images[image_id]
+    kpts = np.asarray(numbers(ann, "keypoints", path, where, 3 * num, record=ann_id),
+                      np.float32).reshape(num, 3)
+    kpts[:, 2] = np.where(kpts[:, 2] > 0, 2.0, 0.0)
+    box = np.asarray(numbers(ann, "bbox", path, where, 4, record=ann_id), np.float32)
+    if box[2] <= 0 or box[3] <= 0:
+      records.skipped["zero_area"] += 1
+      continue
+    if int(np.sum(kpts[:, 2] > 0)) < min_keypoints:
+      records.skipped["no_keypoints"] += 1
+      continue
+    match, camera = _camera_for(name, cameras, path, f"images[{image_id}].file_name")
+    image_path = _find_image(image_root, name, match, exists)
+    if image_path is None:
+      records.skipped["missing_image"] += 1
+      continue
+    kpts3d = None
+    if camera is not None and "keypoints_3d" in ann:
+      world = np.asarray(numbers(ann, "keypoints_3d", path, where, 4 * num, record=ann_id),
+                         np.float64).reshape(num, 4)
+      kpts3d = np.zeros((num, 4), np.float32)
+      kpts3d[:, :3] = world_to_camera(world[:, :3] * METRES_TO_MM, camera)
+      kpts3d[:, 3] = world[:, 3]
+    records.append(PersonRecord(
+        image_path=image_path, image_size=size, box=box, keypoints=kpts, spec=spec.name,
+        image_id=image_id, ann_id=ann_id, dataset=dataset, camera=camera,
+        keypoints_3d=kpts3d))
+  records.log_summary("read_h36m[json]")
+  return records
+
+
+def _read_npz(path, image_root, spec, cameras, dataset, min_keypoints) -> Records:
+  num = spec.num_keypoints
+  try:
+    data = np.load(path, allow_pickle=False)
+    arrays = {k: data[k] for k in data.files}
+  except FileNotFoundError as e:
+    raise DataError(path, "file not found") from e
+  except (ValueError, OSError) as e:
+    raise DataError(path, f"cannot read npz: {e}") from e
+  for key in ("imgname", "center", "scale", "part"):
+    if key not in arrays:
+      raise DataError(path, "missing array", field=key)
+  n = len(arrays["imgname"])
+  shapes = {"center": (n, 2), "scale": (n,), "part": (n, num, 3), "S": (n, num, 4)}
+  for key, shape in shapes.items():
+    if key in arrays and arrays[key].shape != shape:
+      raise DataError(path, f"shape {arrays[key].shape}", field=key, expected=str(shape))
+  exists = ExistsCache()
+  records = Records(source=path)
+  for i in range(n):
+    name = str(arrays["imgname"][i])
+    kpts = arrays["part"][i].astype(np.float32)
+    kpts[:, 2] = np.where(kpts[:, 2] > 0, 2.0, 0.0)
+    center = arrays["center"][i].astype(np.float32)
+    scale = float(arrays["scale"][i])
+    if scale <= 0:
+      records.skipped["zero_area"] += 1
+      continue
+    if int(np.sum(kpts[:, 2] > 0)) < min_keypoints:
+      records.skipped["no_keypoints"] += 1
+      continue
+    match, camera = _camera_for(name, cameras, path, f"imgname[{i}]")
+    image_path = _find_image(image_root, name, match, exists)
+    if image_path is None:
+      records.skipped["missing_image"] += 1
+      continue
+    side = 200.0 * scale
+    box = np.array([center[0] - side / 2, center[1] - side / 2, side, side], np.float32)
+    kpts3d = None
+    if "S" in arrays:
+      kpts3d = arrays["S"][i].astype(np.float32)
+      kpts3d[:, :3] *= METRES_TO_MM
+    records.append(PersonRecord(
+        image_path=image_path, image_size=image_size(image_path), box=box, keypoints=kpts,
+        spec=spec.name, image_id=i, ann_id=i, dataset=dataset, center=center, scale=scale,
+        camera=camera, keypoints_3d=kpts3d, extra={"imgname": name}))
+  records.log_summary("read_h36m[npz]")
+  return records
