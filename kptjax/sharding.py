@@ -97,6 +97,29 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
              for axes, dim in zip(entries, shape)])
 
 
+def logical_to_mesh_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
+  """Logical axis names of one array -> its mesh PartitionSpec.
+
+  Rules are applied in table order (as ``flax.linen.logical_to_mesh_axes`` does): a rule
+  assigns its mesh axes to the first dimension with that logical name if none of those
+  mesh axes is used by the array yet. Unknown names and repeated names (the ViT patch
+  kernel is ``('patch', 'patch', None, 'vit_embed')``) stay replicated.
+  """
+  if names is None:
+    return P()
+  out: list[Any] = [None] * len(names)
+  used: set[str] = set()
+  for name, axes in rules:
+    if axes is None or name not in names:
+      continue
+    pos = list(names).index(name)
+    mesh_axes = axes if isinstance(axes, tuple) else (axes,)
+    if out[pos] is None and not used.intersection(mesh_axes):
+      out[pos] = axes
+      used.update(mesh_axes)
+  return P(*out)
+
+
 def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
   """NamedShardings for a tree of (possibly ``nn.LogicallyPartitioned``) arrays/shapes.
 
@@ -109,18 +132,17 @@ def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) ->
   Returns:
     A tree shaped like ``nn.unbox(boxed_tree)`` of NamedSharding.
   """
-  specs = nn.get_partition_spec(boxed_tree)
-  mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = nn.unbox(boxed_tree)
-
-  def one(spec, x):
+  def one(leaf):
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else None
+    x = nn.unbox(leaf)
+    spec = logical_to_mesh_spec(names, rules)
     fitted = fit_spec(spec, x.shape, mesh)
-    if fitted != spec and x.ndim:
+    if fitted != fit_spec(P(), x.shape, mesh) and fitted != spec:
       logging.log_first_n(logging.INFO, "Replicating dims of %s%s not divisible by %s",
                           20, x.dtype, x.shape, spec)
     return NamedSharding(mesh, fitted)
 
-  return jax.tree.map(one, mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

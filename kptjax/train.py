@@ -113,12 +113,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                       f"size {dp} x optim.grad_accum_steps={k} and by the "
                       f"{jax.process_count()} processes")
 
-  batch = init_batch(config)
-
   def init_boxed(rng):
+    from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
     with nn.logical_axis_rules(rules):
-      return model.init({"params": rng, "dropout": rng}, batch["image"], batch["tokens"],
-                        batch["input_mask"], deterministic=True)["params"]
+      return model.init(rng, *vlm.dummy_inputs(config.model))["params"]
 
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   param_shardings = sharding.logical_shardings(boxed, mesh, rules)
