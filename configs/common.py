@@ -72,9 +72,9 @@ def llm_config(*, vocab_size, hidden_size, intermediate_size, num_layers, num_he
       rope_theta=rope_theta,
       # rope_type 'default' (Llama-2, Vicuna) or 'llama3' (Llama-3.1) with its factors,
       # as in the checkpoint's config.json.
-      rope_scaling=dict(rope_type="default", factor=1.0, low_freq_factor=1.0,
-                        high_freq_factor=4.0, original_max_position_embeddings=8192,
-                        **(rope_scaling or {})),
+      rope_scaling={**dict(rope_type="default", factor=1.0, low_freq_factor=1.0,
+                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                    **(rope_scaling or {})},
       rms_norm_eps=rms_norm_eps,
       tie_word_embeddings=tie_word_embeddings,
       max_position_embeddings=max_position_embeddings,
