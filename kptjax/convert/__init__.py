@@ -1,0 +1,135 @@
+"""Hugging Face checkpoints <-> kptjax params.
+
+Notebook API:
+
+    >>> from kptjax import convert
+    >>> llm_config, llm_params = convert.load_llama("/ckpt/vicuna-7b-v1.5", param_dtype="bfloat16")
+    >>> vit_config, vit_params = convert.load_dinov2("/ckpt/dinov2-large", image_size=224)
+    >>> model_config, params = convert.load_vlm(config)   # both towers + fresh LoRA/projector
+    >>> convert.export_adapter(params, "adapter.safetensors")
+    >>> convert.export_llama_hf(params, model_config.llm, "out/llama-merged",
+    ...                         lora_scale=model_config.lora.alpha / model_config.lora.rank)
+
+CLI: ``python -m kptjax.convert --llm_dir DIR --vit_dir DIR --out params.safetensors``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kptjax.convert.export import (adapter_params, apply_adapter, export_adapter,
+                                   export_llama_hf, flatten, load_params, save_params,
+                                   unflatten)
+from kptjax.convert.hf_io import load_tensors, read_config
+from kptjax.convert.llama import llm_config_from_hf, load_llama
+from kptjax.errors import CheckpointError
+from kptjax.models.lora import lora_a_init
+from kptjax.models.projector import Projector
+
+__all__ = [
+    "load_llama", "llm_config_from_hf", "load_dinov2", "load_vlm", "export_llama_hf",
+    "export_adapter", "apply_adapter", "adapter_params", "save_params", "load_params",
+    "read_config", "load_tensors", "CheckpointError",
+]
+
+# Architecture fields a checkpoint decides (a config's values are replaced by the dir's).
+_LLM_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings")
+
+
+def load_dinov2(ckpt_dir, *, param_dtype=None, image_size=None):
+  """See kptjax.convert.dinov2.load_dinov2."""
+  from kptjax.convert import dinov2  # pylint: disable=g-import-not-at-top
+  return dinov2.load_dinov2(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
+
+
+def _report_changes(section: str, old: ml_collections.ConfigDict, new: ml_collections.ConfigDict,
+                    keys) -> None:
+  for k in keys:
+    if k in old and k in new and old[k] != new[k]:
+      logging.warning("load_vlm: model.%s.%s=%s in the config, %s in the checkpoint; "
+                      "using the checkpoint's", section, k, old[k], new[k])
+
+
+def _init_missing_leaf(name: str, shape: tuple[int, ...], dtype, key) -> jax.Array:
+  leaf = name.rsplit("/", 1)[-1]
+  if leaf == "lora_b":
+    return jnp.zeros(shape, dtype)
+  if leaf == "lora_a":
+    if len(shape) == 2:
+      return lora_a_init(key, shape, dtype)
+    # Scanned layout [L, in, r]: each layer initialized on its own [in, r].
+    keys = jax.random.split(key, int(np.prod(shape[:-2])))
+    return jax.vmap(lambda k: lora_a_init(k, shape[-2:], dtype))(keys).reshape(shape)
+  raise CheckpointError(f"load_vlm: param {name!r} {shape} is neither in a checkpoint nor "
+                        "a LoRA leaf")
+
+
+def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
+             param_dtype: Any = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """Builds VLM params from ``config.checkpoints.llm_dir`` / ``vit_dir``.
+
+  The towers come from the checkpoints (their config.json decide the architecture numbers;
+  differences from config.model are logged), LoRA leaves are freshly initialized (B = 0),
+  the projector randomly. An empty dir means that tower is randomly initialized.
+
+  Args:
+    config: a full kptjax config (uses config.model and config.checkpoints).
+    rng: key for the fresh params (default: PRNGKey(config.seed)).
+    param_dtype: storage dtype of the loaded towers (default config.model.param_dtype).
+
+  Returns:
+    (model config to build ``VLM`` with, params nested dict: 'vit', 'projector', 'llm').
+  """
+  from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
+  mc = ml_collections.ConfigDict(config.model.to_dict())
+  param_dtype = param_dtype or mc.param_dtype
+  rng = jax.random.key(config.get("seed", 0)) if rng is None else rng
+  loaded: dict = {}
+  llm_dir, vit_dir = config.checkpoints.llm_dir, config.checkpoints.vit_dir
+  if llm_dir:
+    llm_config, loaded["llm"] = load_llama(llm_dir, param_dtype=param_dtype,
+                                           scan_layers=mc.scan_layers)
+    _report_changes("llm", mc.llm, llm_config, _LLM_ARCH)
+    llm_config.max_position_embeddings = max(llm_config.max_position_embeddings,
+                                             mc.llm.max_position_embeddings)
+    mc.llm = llm_config
+  if vit_dir:
+    vit_config, loaded["vit"] = load_dinov2(vit_dir, param_dtype=param_dtype,
+                                            image_size=mc.vit.image_size)
+    for k in ("feature_layer",):   # choices of the experiment, not of the checkpoint
+      vit_config[k] = mc.vit[k]
+    _report_changes("vit", mc.vit, vit_config,
+                    ("hidden_size", "num_layers", "num_heads", "patch_size",
+                     "num_register_tokens"))
+    mc.vit = vit_config
+  mc.lock()
+
+  init_rng, proj_rng, lora_rng = jax.random.split(rng, 3)
+  expected = flatten(nn.meta.unbox(vlm.abstract_params(mc)))
+  from_ckpt = flatten(loaded)
+  for name, value in from_ckpt.items():
+    if name not in expected:
+      raise CheckpointError(f"load_vlm: checkpoint param {name} has no place in the model")
+    if tuple(value.shape) != tuple(expected[name].shape):
+      raise CheckpointError(f"load_vlm: checkpoint param {name} has shape {value.shape}, "
+                            f"the model expects {expected[name].shape}")
+  if not (llm_dir and vit_dir):   # a tower without checkpoint: random init of everything
+    fresh = flatten(vlm.init_params(mc, init_rng))
+  else:
+    fresh = flatten({"projector": Projector(mc.projector.kind, mc.llm.hidden_size).init(
+        proj_rng, jnp.zeros((1, 1, mc.vit.hidden_size)))["params"]})
+    keys = iter(jax.random.split(lora_rng, len(expected)))
+    for name, leaf in expected.items():
+      if name not in from_ckpt and name not in fresh:
+        fresh[name] = _init_missing_leaf(name, leaf.shape, leaf.dtype, next(keys))
+  flat = {name: from_ckpt[name] if name in from_ckpt else
+          jnp.asarray(fresh[name], expected[name].dtype) for name in expected}
+  return mc, unflatten(flat)

@@ -1,4 +1,5 @@
-"""Reading Hugging Face checkpoint directories: config.json and tensors.
+"""Reading Hugging Face checkpoint directories (config.json and tensors); writing
+.safetensors files.
 
 Supports single ``model.safetensors``, sharded ``model.safetensors.index.json``, and
 ``pytorch_model*.bin`` (through torch, when installed). Tensors are returned as numpy
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -62,6 +63,8 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 
+_DTYPE_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
 
 def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   """Reads a .safetensors file directly (8-byte header length, JSON header, raw data).
@@ -109,3 +112,48 @@ def iter_tensors(ckpt_dir: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray
 def load_tensors(ckpt_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint as {name: array} (stored dtype)."""
   return dict(iter_tensors(ckpt_dir))
+
+
+def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> int:
+  """Writes {name: array} as a .safetensors file, one tensor at a time (bf16 stays bf16).
+
+  Arrays may be numpy, jax or non-contiguous views; each is made contiguous only while
+  it is written. Returns the number of data bytes written.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  names = list(tensors)
+  header: dict[str, Any] = {}
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  offset = 0
+  for name in names:
+    t = tensors[name]
+    dtype = np.dtype(t.dtype)
+    code = _DTYPE_CODES.get(dtype)
+    if code is None:
+      raise CheckpointError(f"{path}: tensor {name!r}: dtype {dtype} cannot be written")
+    size = int(np.prod(t.shape)) * dtype.itemsize
+    header[name] = {"dtype": code, "shape": [int(s) for s in t.shape],
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # data section 8-byte aligned
+  with open(path, "wb") as fh:
+    fh.write(np.array([len(blob)], dtype="<u8").tobytes())
+    fh.write(blob)
+    for name in names:
+      fh.write(memoryview(np.ascontiguousarray(np.asarray(tensors[name])).reshape(-1).view(np.uint8)))
+  return offset
+
+
+def read_safetensors(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """A .safetensors file as ({name: array in stored dtype}, metadata dict)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise CheckpointError(f"{path}: not found")
+  with open(path, "rb") as fh:
+    header_len = int(np.frombuffer(fh.read(8), dtype="<u8")[0])
+    metadata = json.loads(fh.read(header_len)).get("__metadata__", {}) or {}
+  return dict(_iter_safetensors(path)), metadata

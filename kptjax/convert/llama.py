@@ -184,7 +184,7 @@ def load_llama(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
 
 
 def hf_tensors(params: dict, llm_config: Any) -> Iterator[tuple[str, np.ndarray]]:
-  """The inverse of load_llama: yields (HF name, torch-layout array) from a merged
+  """The inverse of load_llama: yields (HF name, torch-layout numpy view) from a merged
   (no lora_*) llm param tree in either layout."""
   params = jax.tree_util.tree_map(np.asarray, params)
   for name, (path, layer, is_linear, _) in expected_shapes(llm_config).items():
@@ -198,4 +198,4 @@ def hf_tensors(params: dict, llm_config: Any) -> Iterator[tuple[str, np.ndarray]
         raise CheckpointError(f"params: {'/'.join(path)} missing (needed for {name})")
       node = node[key]
     value = node if layer is None else node[layer]
-    yield name, np.ascontiguousarray(value.T if is_linear else value)
+    yield name, (value.T if is_linear else value)   # a view; writers copy one at a time

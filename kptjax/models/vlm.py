@@ -72,8 +72,9 @@ class VLM(nn.Module):
     dtype, param_dtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     self.vit = ViT(c.vit, lora=c.lora, dtype=dtype, param_dtype=param_dtype,
                    remat_policy=c.remat_policy)
+    # Always trained, so stored in float32 whatever the frozen towers use.
     self.projector = Projector(c.projector.kind, c.llm.hidden_size, dtype=dtype,
-                               param_dtype=param_dtype)
+                               param_dtype=jnp.float32)
     self.llm = Llama(LlamaConfig.from_config(c.llm), LoraSpec.from_config(c.lora, "llm"),
                      dtype=dtype, param_dtype=param_dtype, scan_layers=c.scan_layers,
                      remat_policy=c.remat_policy)

@@ -1,0 +1,20 @@
+"""PoseLLM on COCO keypoints (arXiv 2507.09139): LocLLM with a 2-layer GELU MLP connector
+(Linear 1024 -> 4096, GELU, Linear 4096 -> 4096) in place of the linear projector; the
+rest of the recipe as configs/locllm_coco.py (PoseLLM reports 77.8 AP on COCO val).
+
+Variants: those of locllm_coco.py (``epochs=N``, ``batch=N``, ``accum=N``, ``runlocal``).
+"""
+
+from configs import locllm_coco
+
+
+def get_config(arg=None):
+  return locllm_coco.get_config(",".join(filter(None, ["mlp", arg])))
+
+
+def sweep():
+  """PoseLLM's ablations (3 epochs each): LocLLM's list with the MLP connector, plus the
+  linear connector for comparison."""
+  runs = [(arg, overrides) for arg, overrides in locllm_coco.sweep()
+          if "mlp" not in arg.split(",")]
+  return runs + [("epochs=3", {"model.projector.kind": "linear"})]
