@@ -18,7 +18,7 @@ import transformers
 
 from configs import common
 from kptjax.convert.dinov2 import load_dinov2, vit_config_from_hf
-from kptjax.errors import CheckpointError
+from kptjax.errors import CheckpointError, ConfigError
 from kptjax.models import vit as vit_lib
 from kptjax.models.vit import ViT
 
@@ -228,6 +228,12 @@ def test_lora_zero_b_leaves_output_unchanged(images):
   # The adapter is live: a non-zero B moves the output.
   attn["value"]["lora_b"] = jnp.full_like(attn["value"]["lora_b"], 0.1)
   assert np.abs(np.asarray(apply_lora(params)) - base).max() > 1e-3
+
+
+def test_unknown_lora_target_is_a_config_error(images):
+  lora = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, dropout=0.0, vit_targets=["q_proj"]))
+  with pytest.raises(ConfigError, match="q_proj"):
+    jax.eval_shape(lambda: ViT(_tiny_config(), lora=lora).init(jax.random.key(0), images))
 
 
 def test_params_carry_logical_axes(images):

@@ -44,6 +44,9 @@ from kptjax.models.lora import LoraDense
 
 Array = jax.Array
 
+# Names of the ViT's linear layers: what ``lora.vit_targets`` may list.
+LINEAR_NAMES = ("query", "key", "value", "out", "fc1", "fc2", "gate", "up", "down")
+
 _ACTIVATIONS = {
     "gelu": functools.partial(nn.gelu, approximate=False),      # torch nn.GELU() / HF 'gelu'
     "gelu_new": functools.partial(nn.gelu, approximate=True),
@@ -311,6 +314,11 @@ class ViT(nn.Module):
     """
     c = self.config
     keep = self._feature_layer()
+    if self.lora is not None and self.lora.rank:
+      unknown = sorted(set(self.lora.vit_targets) - set(LINEAR_NAMES))
+      if unknown:
+        raise ConfigError(f"model.lora.vit_targets: {unknown} name no ViT layer "
+                          f"(expected some of {LINEAR_NAMES})")
     x = Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(images)
     block = layers.maybe_remat(Block, self.remat_policy, static_argnums=(3,))
     stack = layers.scan_blocks(block, c.num_layers, in_axes=(0, nn.broadcast))(
