@@ -36,10 +36,18 @@ def get_config(arg=None):
   ))
 
   c.data = ml_collections.ConfigDict(dict(
+      # source 'synthetic': num_images of `preset` (+ `knobs` overrides, e.g.
+      # 'image_size=160,people=1:1') drawn from `seed` under `path`
+      # ('' = $KPTJAX_DATA_DIR/synthetic or ~/.cache/kptjax/synthetic), cached.
+      # Other sources: `ann_file` + `image_root`, or the COCO layout under `path`
+      # (annotations/person_keypoints_{split}.json, {split}/); `options` = extra reader
+      # keywords 'key=value,...' (e.g. 'headbox_file=x.mat').
       train=dict(source="synthetic", preset="easy", path="", split="train",
-                 det_file="", det_score_threshold=0.0),
+                 det_file="", det_score_threshold=0.0, num_images=64, seed=0, knobs="",
+                 ann_file="", image_root="", options=""),
       eval=dict(source="synthetic", preset="easy", path="", split="val",
-                det_file="", det_score_threshold=0.0),
+                det_file="", det_score_threshold=0.0, num_images=16, seed=0, knobs="",
+                ann_file="", image_root="", options=""),
       spec="coco17",
       normalization="clip",              # 'clip' | 'imagenet'
       padding=1.25,                      # box -> crop padding factor
@@ -50,7 +58,10 @@ def get_config(arg=None):
       use_descriptions=True,
       rounds=5,
       max_len=512,
-      num_workers=0,
+      num_workers=0,                     # grain worker processes (0 = in-process)
+      read_threads=2,                    # grain threads per process
+      loc_bins=100,                      # coord_format 'loc_tokens': <loc_0>..<loc_99>
+      group_size=0,                      # >0: CapeLLM's fixed keypoint groups per item
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
