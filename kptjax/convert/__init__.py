@@ -124,8 +124,8 @@ def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
   if not (llm_dir and vit_dir):   # a tower without checkpoint: random init of everything
     fresh = flatten(vlm.init_params(mc, init_rng))
   else:
-    fresh = flatten({"projector": Projector(mc.projector.kind, mc.llm.hidden_size).init(
-        proj_rng, jnp.zeros((1, 1, mc.vit.hidden_size)))["params"]})
+    fresh = flatten({"projector": nn.meta.unbox(Projector(mc.projector.kind, mc.llm.hidden_size).init(
+        proj_rng, jnp.zeros((1, 1, mc.vit.hidden_size)))["params"])})
     keys = iter(jax.random.split(lora_rng, len(expected)))
     for name, leaf in expected.items():
       if name not in from_ckpt and name not in fresh:
