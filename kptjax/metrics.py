@@ -261,6 +261,21 @@ def mpjpe(pred: np.ndarray, gt: np.ndarray, actions: Optional[Sequence[str]] = N
   return out
 
 
+def pixel_to_camera(xy: np.ndarray, z: np.ndarray, focal: np.ndarray, center: np.ndarray
+                    ) -> np.ndarray:
+  """Back-projects pixels with known depth through a pinhole camera.
+
+  Args:
+    xy: float[..., 2] pixels; z: float[...] depth in mm (camera z).
+    focal: float[2] (fx, fy) pixels; center: float[2] (cx, cy) pixels.
+  Returns:
+    float[..., 3] camera coordinates in mm: ((x - cx) z / fx, (y - cy) z / fy, z).
+  """
+  xy, z = np.asarray(xy, np.float64), np.asarray(z, np.float64)
+  f, c = np.asarray(focal, np.float64).ravel(), np.asarray(center, np.float64).ravel()
+  return np.concatenate([(xy - c) / f * z[..., None], z[..., None]], axis=-1)
+
+
 _H36M_ACTION_RE = re.compile(r"S\d+_([A-Za-z]+)")
 
 

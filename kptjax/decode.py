@@ -1,0 +1,388 @@
+"""Jitted greedy decoding of keypoint answers with an explicit KV cache.
+
+The fast path (``Decoder.shared``), per batch of P persons and Q keypoint queries:
+
+  1. each crop is encoded once: ``embed_image`` -> f32[P, N, D];
+  2. the shared prefix (``<s>`` + image header with N image slots) is prefilled once
+     per person into a cache of P rows;
+  3. that cache is broadcast to P*Q rows and the Q query suffixes (right-padded) are
+     prefilled in one ``extend``;
+  4. a ``lax.while_loop`` of ``decode_step`` runs until every row emitted EOS or
+     ``max_new_tokens`` were written (static), with the cache donated.
+
+The slow path (``Decoder.rows``) is LocLLM's: one full sequence per (person, keypoint)
+row, the image encoded for every row. ``reference_greedy`` recomputes the full forward
+for every new token (no cache) and is the ground truth of the tests.
+
+Greedy picks ``argmax(logits)``; with a ``CoordinateGrammar`` (constrained decoding)
+the argmax runs over the tokens the grammar allows in each row's state, so every
+answer parses. Along with each token the loop records its probability under the
+unconstrained softmax (= the max probability for plain greedy), which
+``kptjax.parsing.score_answer`` turns into the LocLLM confidence.
+
+Shapes: P persons, Q queries, B = rows, T tokens, M = max_new_tokens, V vocabulary,
+S = cache length, (H, W) crop pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kptjax import errors, parsing
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Prompts.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """Token ids of one query set, shared by every person.
+
+  Attributes:
+    prefix: int32[Tp] ``<s>`` + image header (N image placeholder slots).
+    queries: int32[Q, Tq] one keypoint question per row, right-padded with ``pad_id``.
+    lengths: int32[Q] real length of each query row.
+  """
+  prefix: np.ndarray
+  queries: np.ndarray
+  lengths: np.ndarray
+
+  @property
+  def num_queries(self) -> int:
+    return int(self.queries.shape[0])
+
+  def full_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix + query per row, right-padded: (int32[Q, Tp + Tq], int32[Q] lengths)."""
+    tp = len(self.prefix)
+    rows = np.concatenate([np.tile(self.prefix, (self.num_queries, 1)), self.queries], axis=1)
+    return rows.astype(np.int32), (self.lengths + tp).astype(np.int32)
+
+
+def num_image_tokens(model_config: Any) -> int:
+  """Image slots per crop: (image_size / patch_size)^2 patch tokens (class token dropped)."""
+  vit = model_config.vit
+  return (int(vit.image_size) // int(vit.patch_size)) ** 2
+
+
+def build_prompts(tokenizer: Any, config: Any, names: Sequence[str],
+                  descriptions: Sequence[Optional[str]], pad_id: int = 0) -> Prompts:
+  """Prefix and query tokens from the data engineer's conversation templates.
+
+  Args:
+    tokenizer: the tokenizer of the checkpoint (``kptjax.data.tokenizer``).
+    config: the full config (``config.data`` picks the template, ``config.model`` the
+      number of image tokens).
+    names, descriptions: one (name, description) per query; a description may be None.
+  """
+  from kptjax.data import conversation
+  if len(names) != len(descriptions):
+    raise errors.ConfigError(f"{len(names)} keypoint names but {len(descriptions)} descriptions")
+  if not names:
+    raise errors.ConfigError("no keypoints to ask for")
+  prefix = conversation.encode_prefix(tokenizer, config.data, num_image_tokens(config.model))
+  queries = [conversation.encode_query(tokenizer, config.data, n, d)
+             for n, d in zip(names, descriptions)]
+  lengths = np.array([len(q) for q in queries], np.int32)
+  out = np.full((len(queries), int(lengths.max())), pad_id, np.int32)
+  for i, q in enumerate(queries):
+    out[i, :len(q)] = q
+  return Prompts(np.asarray(prefix, np.int32), out, lengths)
+
+
+# ---------------------------------------------------------------------------
+# The model, seen through its four entry points.
+
+
+def _embed_image(model, params, images):
+  return model.apply({"params": params}, images, method=model.embed_image)
+
+
+def _extend(model, params, tokens, mask, cache, image_embeds=None):
+  return model.apply({"params": params}, tokens, mask, cache, image_embeds=image_embeds,
+                     method=model.extend)
+
+
+def _decode_step(model, params, token, cache):
+  return model.apply({"params": params}, token, cache, method=model.decode_step)
+
+
+def _init_cache(model, batch, max_len, dtype):
+  from kptjax.models import vlm
+  return vlm.init_cache(model.config, batch, max_len, dtype)
+
+
+# ---------------------------------------------------------------------------
+# The greedy loop.
+
+
+def _pick(logits: Array, state: Array, transitions: Optional[Array]):
+  """Greedy token (grammar-masked when given) and its unconstrained probability."""
+  logits = logits.astype(jnp.float32)
+  if transitions is not None:
+    allowed = transitions[state] >= 0                   # [B, V]
+    token = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    state = jnp.take_along_axis(transitions[state], token[:, None], axis=1)[:, 0]
+  else:
+    token = jnp.argmax(logits, axis=-1)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  prob = jnp.exp(jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0])
+  return token.astype(jnp.int32), prob, state
+
+
+def greedy_loop(step_fn, logits: Array, cache: Any, *, max_new_tokens: int, eos_id: int,
+                transitions: Optional[Array] = None, grammar_start: int = 0):
+  """Greedy decoding from the next-token ``logits`` f32[B, V] of a prefilled cache.
+
+  Args:
+    step_fn: (token i32[B], cache) -> (logits f32[B, V], cache).
+    max_new_tokens: M, static.
+    transitions: optional int32[S, V] grammar (``parsing.CoordinateGrammar``).
+  Returns:
+    tokens int32[B, M] (EOS after the end), probs f32[B, M] (1 after the end),
+    lengths int32[B] tokens up to and including EOS (M if none).
+  """
+  b = logits.shape[0]
+  init = dict(i=jnp.int32(0), logits=logits, cache=cache,
+              tokens=jnp.full((b, max_new_tokens), eos_id, jnp.int32),
+              probs=jnp.ones((b, max_new_tokens), jnp.float32),
+              done=jnp.zeros((b,), bool), lengths=jnp.full((b,), max_new_tokens, jnp.int32),
+              state=jnp.full((b,), grammar_start, jnp.int32))
+
+  def cond(c):
+    return (c["i"] < max_new_tokens) & ~jnp.all(c["done"])
+
+  def body(c):
+    token, prob, state = _pick(c["logits"], c["state"], transitions)
+    token = jnp.where(c["done"], eos_id, token)
+    prob = jnp.where(c["done"], 1.0, prob)
+    state = jnp.where(c["done"], c["state"], state)
+    ended = ~c["done"] & (token == eos_id)
+    lengths = jnp.where(ended, c["i"] + 1, c["lengths"])
+    tokens = c["tokens"].at[:, c["i"]].set(token)
+    probs = c["probs"].at[:, c["i"]].set(prob)
+    next_logits, cache = step_fn(token, c["cache"])
+    return dict(i=c["i"] + 1, logits=next_logits, cache=cache, tokens=tokens, probs=probs,
+                done=c["done"] | ended, lengths=lengths, state=state)
+
+  out = jax.lax.while_loop(cond, body, init)
+  return out["tokens"], out["probs"], out["lengths"]
+
+
+def _last_logits(logits: Array, lengths: Array) -> Array:
+  """f32[B, T, V] at position lengths - 1 of each row -> f32[B, V]."""
+  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+# ---------------------------------------------------------------------------
+# Decoders.
+
+
+class Decoder:
+  """Greedy keypoint-answer decoder for one model, its params and one query set.
+
+  Args:
+    model: a ``kptjax.models.vlm.VLM`` (Linen module, unbound).
+    params: its params.
+    prompts: the query set (``build_prompts``).
+    eos_id: end-of-sequence id.
+    max_new_tokens: M (static).
+    grammar: optional ``parsing.CoordinateGrammar`` for constrained decoding.
+    cache_dtype: KV cache dtype (the model's compute dtype).
+  """
+
+  def __init__(self, model: Any, params: Any, prompts: Prompts, *, eos_id: int,
+               max_new_tokens: int, grammar: Optional[parsing.CoordinateGrammar] = None,
+               cache_dtype: Any = jnp.float32):
+    if grammar is not None and max_new_tokens < grammar.min_tokens():
+      raise errors.ConfigError(
+          f"constrained decoding of '{grammar.shape}' needs decode.max_new_tokens >= "
+          f"{grammar.min_tokens()}, got {max_new_tokens}")
+    self.model, self.params, self.prompts = model, params, prompts
+    self.eos_id, self.max_new_tokens = int(eos_id), int(max_new_tokens)
+    self.grammar = grammar
+    self.cache_dtype = cache_dtype
+    self._transitions = None if grammar is None else jnp.asarray(grammar.transitions)
+    self._start = 0 if grammar is None else grammar.start
+    self._shared = jax.jit(self._shared_impl)
+    self._rows = jax.jit(self._rows_impl)
+
+  def _loop(self, params, logits, cache, transitions):
+    step = functools.partial(_decode_step, self.model, params)
+    return greedy_loop(step, logits, cache, max_new_tokens=self.max_new_tokens,
+                       eos_id=self.eos_id, transitions=transitions, grammar_start=self._start)
+
+  # The fast path.
+  def _shared_impl(self, params, images, prefix, queries, lengths, transitions):
+    p, q, tq = images.shape[0], queries.shape[0], queries.shape[1]
+    tp = prefix.shape[0]
+    embeds = _embed_image(self.model, params, images)
+    cache = _init_cache(self.model, p, tp + tq + self.max_new_tokens, self.cache_dtype)
+    _, cache = _extend(self.model, params, jnp.broadcast_to(prefix, (p, tp)),
+                       jnp.ones((p, tp), bool), cache, image_embeds=embeds)
+    cache = jax.tree.map(lambda x: _repeat_rows(x, q, axis=0 if x.ndim == 1 else 1), cache)
+    rows = jnp.tile(queries, (p, 1))
+    row_lengths = jnp.tile(lengths, (p,))
+    mask = jnp.arange(tq)[None] < row_lengths[:, None]
+    logits, cache = _extend(self.model, params, rows, mask, cache)
+    tokens, probs, out_len = self._loop(params, _last_logits(logits, row_lengths), cache,
+                                        transitions)
+    shape = (p, q, self.max_new_tokens)
+    return tokens.reshape(shape), probs.reshape(shape), out_len.reshape(p, q)
+
+  def shared(self, images: np.ndarray):
+    """Decodes every query for every person, sharing the image prefix.
+
+    Args:
+      images: f32[P, H, W, 3] normalized crops.
+    Returns:
+      (tokens int32[P, Q, M], probs f32[P, Q, M], lengths int32[P, Q]) as numpy.
+    """
+    pr = self.prompts
+    out = self._shared(self.params, jnp.asarray(images), jnp.asarray(pr.prefix),
+                       jnp.asarray(pr.queries), jnp.asarray(pr.lengths), self._transitions)
+    return tuple(np.asarray(x) for x in out)
+
+  # The slow path (LocLLM's): one full row per (person, keypoint), image per row.
+  def _rows_impl(self, params, images, rows, lengths, transitions):
+    b, t = rows.shape
+    embeds = _embed_image(self.model, params, images)
+    cache = _init_cache(self.model, b, t + self.max_new_tokens, self.cache_dtype)
+    mask = jnp.arange(t)[None] < lengths[:, None]
+    logits, cache = _extend(self.model, params, rows, mask, cache, image_embeds=embeds)
+    return self._loop(params, _last_logits(logits, lengths), cache, transitions)
+
+  def rows(self, images: np.ndarray):
+    """LocLLM's way: P*Q independent rows, each crop encoded Q times.
+
+    Returns the same arrays as :meth:`shared`.
+    """
+    p, q = images.shape[0], self.prompts.num_queries
+    full, lengths = self.prompts.full_rows()
+    rows = np.tile(full, (p, 1))
+    row_images = np.repeat(np.asarray(images), q, axis=0)
+    out = self._rows(self.params, jnp.asarray(row_images), jnp.asarray(rows),
+                     jnp.asarray(np.tile(lengths, p)), self._transitions)
+    tokens, probs, out_len = (np.asarray(x) for x in out)
+    m = self.max_new_tokens
+    return tokens.reshape(p, q, m), probs.reshape(p, q, m), out_len.reshape(p, q)
+
+  def __call__(self, images: np.ndarray, share_prefix: bool = True):
+    return self.shared(images) if share_prefix else self.rows(images)
+
+
+def _repeat_rows(x: Array, times: int, axis: int) -> Array:
+  """Each row of ``axis`` repeated ``times`` times in place (person-major order)."""
+  return jnp.repeat(x, times, axis=axis)
+
+
+def reference_greedy(model: Any, params: Any, images: np.ndarray, rows: np.ndarray,
+                     lengths: np.ndarray, max_new_tokens: int, eos_id: int):
+  """Greedy decoding by full forwards, no cache: for every new token the whole
+  sequence (image included) goes through ``model.__call__`` again.
+
+  Args:
+    images: f32[B, H, W, 3]; rows: int32[B, T] right-padded; lengths: int32[B].
+  Returns:
+    tokens int32[B, M] (EOS after the end), probs f32[B, M].
+  """
+  b, t = rows.shape
+  buf = np.full((b, t + max_new_tokens), eos_id, np.int32)
+  buf[:, :t] = rows
+  lengths = np.asarray(lengths, np.int32).copy()
+  done = np.zeros(b, bool)
+  tokens = np.full((b, max_new_tokens), eos_id, np.int32)
+  probs = np.ones((b, max_new_tokens), np.float32)
+
+  @jax.jit
+  def forward(params, images, seq, lengths):
+    mask = jnp.arange(seq.shape[1])[None] < lengths[:, None]
+    logits = model.apply({"params": params}, images, seq, mask)
+    last = _last_logits(logits, lengths)
+    return jnp.argmax(last, -1), jnp.max(jax.nn.softmax(last.astype(jnp.float32), -1), -1)
+
+  for i in range(max_new_tokens):
+    tok, prob = (np.asarray(x) for x in forward(params, images, buf, lengths))
+    tok = np.where(done, eos_id, tok)
+    tokens[:, i] = tok
+    probs[:, i] = np.where(done, 1.0, prob)
+    buf[np.arange(b), lengths] = tok
+    lengths = lengths + (~done)
+    done |= tok == eos_id
+    if done.all():
+      break
+  return tokens, probs
+
+
+# ---------------------------------------------------------------------------
+# Questions in, keypoints out.
+
+
+def eos_token_id(tokenizer: Any) -> int:
+  """The tokenizer's end-of-sequence id (``</s>``, or Llama-3's ``<|end_of_text|>``)."""
+  eos = getattr(tokenizer, "eos_token_id", None)
+  if eos is None and hasattr(tokenizer, "token_to_id"):
+    for name in ("</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>"):
+      eos = tokenizer.token_to_id(name)
+      if eos is not None:
+        break
+  if eos is None:
+    raise errors.ConfigError("the tokenizer has no end-of-sequence token")
+  return int(eos)
+
+
+class Localizer:
+  """Asks one set of keypoint questions about person crops and parses the answers.
+
+  Args:
+    config: the full config (model, data template and coord_format, decode options).
+    model, params: the VLM and its params.
+    tokenizer: the checkpoint's tokenizer.
+    names, descriptions: the keypoints to ask for (descriptions may be None).
+    constrained, share_prefix, max_new_tokens: override ``config.decode``.
+
+  ``localizer(crops, affine_inv)`` -> ``parsing.Localization`` with P x Q keypoints in
+  original-image pixels.
+  """
+
+  def __init__(self, config: Any, model: Any, params: Any, tokenizer: Any,
+               names: Sequence[str], descriptions: Sequence[Optional[str]], *,
+               constrained: Optional[bool] = None, share_prefix: Optional[bool] = None,
+               max_new_tokens: Optional[int] = None):
+    dec = config.decode
+    self.constrained = dec.constrained if constrained is None else bool(constrained)
+    self.share_prefix = dec.share_prefix if share_prefix is None else bool(share_prefix)
+    self.max_new_tokens = int(max_new_tokens or dec.max_new_tokens)
+    self.names = list(names)
+    self.crop_size = int(config.model.vit.image_size)
+    self.count = parsing.num_values(config.data.coord_format)
+    self.eos_id = eos_token_id(tokenizer)
+    self.token_strs = parsing.token_strings(tokenizer, int(config.model.llm.vocab_size))
+    grammar = None
+    if self.constrained:
+      from kptjax.data import conversation
+      probe = conversation.format_answer(np.full(self.count, 0.5, np.float32), config.data)
+      grammar = parsing.build_grammar(self.token_strs, parsing.shape_from_example(probe),
+                                      self.eos_id)
+    self.prompts = build_prompts(tokenizer, config, names, descriptions, pad_id=self.eos_id)
+    self.decoder = Decoder(model, params, self.prompts, eos_id=self.eos_id,
+                           max_new_tokens=self.max_new_tokens, grammar=grammar,
+                           cache_dtype=config.model.dtype)
+
+  def decode(self, crops: np.ndarray):
+    """(tokens int32[P, Q, M], probs f32[P, Q, M], lengths int32[P, Q])."""
+    return self.decoder(crops, share_prefix=self.share_prefix)
+
+  def __call__(self, crops: np.ndarray, affine_inv: np.ndarray) -> parsing.Localization:
+    """crops f32[P, H, W, 3] normalized; affine_inv f32[P, 2, 3] crop px -> image px."""
+    tokens, probs, _ = self.decode(crops)
+    return parsing.localize(tokens, probs, self.token_strs, self.eos_id, self.count,
+                            np.asarray(affine_inv), self.crop_size)

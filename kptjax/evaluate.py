@@ -1,0 +1,365 @@
+r"""Checkpoint x dataset -> ``predictions.json`` + ``metrics.json``.
+
+    python -m kptjax.evaluate --config configs/tiny.py --checkpoint WORKDIR \
+        --dataset coco,ann_file=/data/coco/person_keypoints_val2017.json,image_root=/data/coco/val2017 \
+        --out results/coco
+
+``--dataset`` is a source name of ``kptjax.data.sources.read_dataset`` followed by its
+keyword arguments (``ann_file``, ``image_root``, ``det_file``, ``headbox_file``,
+``camera_file``, ...); without it the config's ``data.eval`` set is used.
+
+Outputs in ``--out`` (each written to a temporary file, then renamed: never half-written):
+  predictions.json  2D: COCO results format, one entry per person
+                    {image_id, category_id, keypoints [x, y, score] * K, score};
+                    3D: a list of {image_id, ann_id, keypoints [x, y, score] * K (pixels),
+                    keypoints_3d [[x, y, z] mm, camera coordinates, root depth from the
+                    ground truth as in LocLLM] * K, depth_rel [mm] * K, score}.
+  metrics.json      every metric that applies (COCO AP/AR, PCK, PCKh, MPJPE), the
+                    per-keypoint table, parse failures, speed.
+Resumable: finished persons are appended to ``predictions.partial.jsonl`` as they are
+decoded and skipped on restart; when both final files exist the run is skipped.
+
+Person score = mean keypoint score (LocLLM) x the box score (1 for ground-truth boxes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from kptjax import errors, metrics, parsing
+
+PREDICTIONS = "predictions.json"
+METRICS = "metrics.json"
+PARTIAL = "predictions.partial.jsonl"
+
+
+# ---------------------------------------------------------------------------
+# Files.
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON to ``path + '.tmp'`` then renames it over ``path``."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def is_done(out_dir: str) -> bool:
+  """Both final files exist: the evaluation is finished."""
+  return all(os.path.exists(os.path.join(out_dir, n)) for n in (PREDICTIONS, METRICS))
+
+
+def _read_partial(path: str) -> dict[int, dict]:
+  """Finished persons by index; a truncated last line (a crash mid-write) is dropped."""
+  done = {}
+  if not os.path.exists(path):
+    return done
+  with open(path) as f:
+    for line in f:
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError:
+        break
+      done[int(item["index"])] = item
+  return done
+
+
+# ---------------------------------------------------------------------------
+# Model, tokenizer, data.
+
+
+def load_params(config: Any, checkpoint: str = "") -> tuple[Any, Any]:
+  """(VLM, params): from a kptjax checkpoint (a workdir or its ``checkpoints`` dir),
+  else from the Hugging Face dirs in ``config.checkpoints``, else random (logged).
+
+  Raises:
+    CheckpointError: the checkpoint is unreadable or lacks some of the model's params.
+  """
+  import jax
+  import flax.linen as nn
+  from kptjax.models import vlm
+  model = vlm.VLM(config.model)
+  if checkpoint:
+    from kptjax import checkpoint as ckpt_lib
+    abstract = nn.meta.unbox(vlm.abstract_params(config.model))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, abstract)
+    params, missing = ckpt_lib.load_params(checkpoint, abstract, shardings)
+    if missing:
+      raise errors.CheckpointError(
+          f"{checkpoint}: {len(missing)} params of the model are not in the checkpoint "
+          f"(is --config the one it was trained with?): {missing[:5]}")
+    return model, params
+  if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
+    from kptjax import convert
+    params = convert.load_vlm(config)
+    return model, params
+  logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")
+  return model, vlm.init_params(config.model, jax.random.key(config.seed))
+
+
+def load_tokenizer(config: Any) -> Any:
+  from kptjax.data import tokenizer as tok_lib
+  return tok_lib.load_tokenizer(config.checkpoints.tokenizer_dir or None)
+
+
+def load_eval_records(config: Any, dataset: str = "") -> Any:
+  """Records of ``--dataset`` ('name,key=value,...') or of ``config.data.eval``."""
+  if not dataset:
+    from kptjax.data import pipeline
+    return pipeline.load_records(config, "eval")
+  from kptjax.data.sources import read_dataset
+  name, *rest = [p.strip() for p in dataset.split(",") if p.strip()]
+  kwargs = {}
+  for part in rest:
+    if "=" not in part:
+      raise errors.ConfigError(f"--dataset: expected key=value after the source name, "
+                               f"got '{part}'")
+    k, v = part.split("=", 1)
+    kwargs[k.strip()] = v.strip()
+  return read_dataset(name, **kwargs)
+
+
+def iter_crops(config: Any, records: Sequence[Any], indices: Sequence[int]) -> Iterator[dict]:
+  """Eval crops (no augmentation) of ``records[i]`` for i in ``indices``, in order:
+  {'index', 'image' f32[S, S, 3] normalized, 'affine_inv' f32[2, 3]}."""
+  from concurrent.futures import ThreadPoolExecutor
+  from kptjax.data import transforms
+  size = int(config.model.vit.image_size)
+
+  def one(i):
+    rec = records[i]
+    crop = transforms.crop_person(rec, transforms.load_record_image(rec), (size, size),
+                                  padding=float(config.data.padding))
+    return {"index": i, "affine_inv": crop["affine_inv"],
+            "image": transforms.normalize_image(crop["image"], config.data.normalization)}
+
+  with ThreadPoolExecutor(max_workers=4) as pool:
+    yield from pool.map(one, indices)
+
+
+def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+# ---------------------------------------------------------------------------
+# Predictions -> metrics.
+
+
+def _person_entry(rec: Any, index: int, loc: parsing.Localization, i: int) -> dict:
+  kps = np.concatenate([loc.keypoints[i], loc.scores[i][:, None]], axis=1)
+  entry = {"index": int(index), "image_id": int(rec.image_id), "ann_id": int(rec.ann_id),
+           "keypoints": kps.round(3).tolist(),
+           "score": float(loc.person_scores[i]) * float(rec.score),
+           "ok": loc.ok[i].tolist(), "texts": loc.texts[i]}
+  if loc.depth is not None:
+    entry["depth_rel"] = loc.depth[i].round(3).tolist()
+  return entry
+
+
+def _camera_3d(rec: Any, xy: np.ndarray, depth_rel: np.ndarray, root: int = 0) -> np.ndarray:
+  """LocLLM's 3D: root-relative depth + the ground-truth root depth, back-projected."""
+  z = depth_rel - depth_rel[root] + float(rec.keypoints_3d[root, 2])
+  return metrics.pixel_to_camera(xy, z, rec.camera["f"], rec.camera["c"])
+
+
+def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: bool) -> list[dict]:
+  """The public predictions.json content (see the module docstring)."""
+  out = []
+  for e in entries:
+    if not is_3d:
+      out.append(metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"]))
+      continue
+    rec = records[e["index"]]
+    kp = np.array(e["keypoints"])
+    cam = _camera_3d(rec, kp[:, :2], np.array(e["depth_rel"]))
+    out.append({"image_id": e["image_id"], "ann_id": e["ann_id"],
+                "keypoints": kp.reshape(-1).round(3).tolist(),
+                "keypoints_3d": cam.round(2).tolist(), "depth_rel": e["depth_rel"],
+                "score": e["score"]})
+  return out
+
+
+def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequence[str], *,
+                    coco_gt: Optional[str] = None, sigmas: Optional[Sequence[float]] = None,
+                    pckh_variant: str = "standard", has_gt: bool = True) -> dict[str, Any]:
+  """Every metric that applies to these records.
+
+  Args:
+    records: the PersonRecords (``entries[i]['index']`` points into them).
+    entries: per-person predictions (``_person_entry``).
+    names: the K keypoint names asked.
+    coco_gt: COCO-format ground-truth file for OKS AP (COCO-format sources).
+    sigmas: OKS sigmas (the keypoint spec's); AP is skipped without them.
+    pckh_variant: 'standard' or 'locllm' (``metrics.pckh``).
+    has_gt: whether records carry ground-truth keypoints (False for detection boxes).
+  """
+  ok = np.array([e["ok"] for e in entries], bool).reshape(len(entries), -1)
+  out: dict[str, Any] = {
+      "num_persons": len(entries), "num_answers": int(ok.size),
+      "parse_failures": int((~ok).sum()),
+      "parse_failure_rate": float((~ok).mean()) if ok.size else 0.0,
+  }
+  scores = np.array([[k[2] for k in e["keypoints"]] for e in entries]).reshape(ok.shape)
+  columns: dict[str, Any] = {"parse_failures": (~ok).sum(0).astype(float),
+                             "mean_score": scores.mean(0) if len(entries) else []}
+  if coco_gt and sigmas is not None and len(sigmas) == len(names):
+    preds = [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"])
+             for e in entries]
+    image_ids = sorted({int(records[e["index"]].image_id) for e in entries})
+    out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids)
+  recs = [records[e["index"]] for e in entries]
+  if has_gt and recs and recs[0].keypoints.shape[0] == len(names):
+    pred = np.array([np.array(e["keypoints"])[:, :2] for e in entries])
+    gt = np.stack([r.keypoints[:, :2] for r in recs])
+    vis = np.stack([r.keypoints[:, -1] > 0 for r in recs])
+    pck = metrics.box_pck(pred, gt, vis, np.stack([r.box for r in recs]))
+    out["pck"] = {k: v for k, v in pck.items() if k != "per_keypoint"}
+    columns.update(pck["per_keypoint"])
+    if all(r.head_box is not None for r in recs) and len(names) == 16:
+      pckh = metrics.pckh(pred, gt, vis, np.stack([r.head_box for r in recs]), pckh_variant)
+      out["pckh"] = {k: v for k, v in pckh.items() if k != "per_keypoint"}
+      columns.update(pckh["per_keypoint"])
+    if all(r.keypoints_3d is not None and r.camera is not None for r in recs) and \
+        "depth_rel" in entries[0]:
+      cam = np.stack([_camera_3d(r, np.array(e["keypoints"])[:, :2], np.array(e["depth_rel"]))
+                      for r, e in zip(recs, entries)])
+      gt3 = np.stack([r.keypoints_3d[:, :3] for r in recs])
+      actions = [r.extra.get("action") or metrics.h36m_action(r.image_path) for r in recs]
+      mp = metrics.mpjpe(cam, gt3, actions)
+      columns["MPJPE"] = mp.pop("per_keypoint_MPJPE")
+      out["mpjpe"] = mp
+  out["per_keypoint"] = metrics.per_keypoint_table(names, columns)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
+        max_persons: Optional[int] = None, pckh_variant: str = "standard",
+        progress: bool = True, model_params: Optional[tuple[Any, Any]] = None,
+        tokenizer: Any = None) -> dict[str, Any]:
+  """Evaluates one checkpoint on one dataset; returns the metrics dict.
+
+  When ``out_dir`` already holds both outputs, nothing is recomputed (the saved
+  metrics are returned). ``model_params`` / ``tokenizer`` skip loading (sweeps, tests).
+  """
+  metrics_path = os.path.join(out_dir, METRICS)
+  if is_done(out_dir):
+    logging.info("%s exists: skipping", metrics_path)
+    with open(metrics_path) as f:
+      return json.load(f)
+  os.makedirs(out_dir, exist_ok=True)
+  from tqdm import tqdm
+  from kptjax import decode
+  from kptjax.keypoints import get_spec
+
+  records = load_eval_records(config, dataset)
+  if not len(records):
+    raise errors.DataError(getattr(records, "source", dataset), "no persons to evaluate")
+  indices = list(range(len(records)))[:max_persons]
+  spec = get_spec(records[0].spec)
+  model, params = model_params or load_params(config, checkpoint)
+  tokenizer = tokenizer or load_tokenizer(config)
+  descriptions = spec.descriptions if config.data.use_descriptions else [None] * len(spec.names)
+  localizer = decode.Localizer(config, model, params, tokenizer, spec.names, descriptions)
+  is_3d = localizer.count == 3
+
+  partial_path = os.path.join(out_dir, PARTIAL)
+  done = _read_partial(partial_path)
+  todo = [i for i in indices if i not in done]
+  batch_size = int(config.decode.batch_persons)
+  t0, decoded = time.time(), 0
+  with open(partial_path, "a") as partial, \
+      tqdm(total=len(indices), initial=len(indices) - len(todo), disable=not progress,
+           desc=f"evaluate {os.path.basename(out_dir.rstrip('/'))}", unit="person") as bar:
+    for batch in _batches(iter_crops(config, records, todo), batch_size):
+      n = len(batch)
+      pad = batch + [batch[0]] * (batch_size - n)       # static batch: one compilation
+      loc = localizer(np.stack([b["image"] for b in pad]), np.stack([b["affine_inv"] for b in pad]))
+      for i, item in enumerate(batch):
+        entry = _person_entry(records[item["index"]], item["index"], loc, i)
+        done[item["index"]] = entry
+        partial.write(json.dumps(entry) + "\n")
+      partial.flush()
+      decoded += n
+      bar.update(n)
+  wall = time.time() - t0
+
+  entries = [done[i] for i in indices]
+  source = getattr(records, "source", "")
+  coco_gt = source if str(source).endswith(".json") and not is_3d and \
+      records[0].dataset not in ("mpii", "h36m", "mp100") else None
+  has_gt = not (dataset and "det_file=" in dataset) and not config.data.eval.get("det_file")
+  result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
+                           pckh_variant=pckh_variant, has_gt=has_gt)
+  result.update({
+      "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint, "spec": spec.name,
+      "decode": {"max_new_tokens": localizer.max_new_tokens, "constrained": localizer.constrained,
+                 "share_prefix": localizer.share_prefix, "batch_persons": batch_size},
+      "wall_s": wall, "persons_per_s": decoded / wall if decoded and wall > 0 else None,
+  })
+  write_json_atomic(os.path.join(out_dir, PREDICTIONS), predictions_file(records, entries, is_3d))
+  write_json_atomic(metrics_path, result)
+  os.remove(partial_path)
+  return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+  """A few human-readable lines of the headline numbers."""
+  lines = [f"persons {result['num_persons']}, parse failures {result['parse_failures']}"
+           f"/{result['num_answers']}"]
+  for key in ("coco", "pck", "pckh", "mpjpe"):
+    if key in result:
+      vals = {k: v for k, v in result[key].items() if isinstance(v, (int, float))}
+      lines.append(f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in list(vals.items())[:8]))
+  return lines
+
+
+# ---------------------------------------------------------------------------
+# CLI.
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "kptjax workdir or checkpoints dir.")
+_DATASET = flags.DEFINE_string("dataset", "", "'source,key=value,...' (default: config.data.eval).")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Alias of --out.")
+_MAX_PERSONS = flags.DEFINE_integer("max_persons", None, "Evaluate only the first N persons.")
+_PCKH = flags.DEFINE_enum("pckh_variant", "standard", ["standard", "locllm"],
+                          "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  out = _OUT.value or _WORKDIR.value
+  if not out:
+    raise app.UsageError("--out (or --workdir) is required")
+  result = run(_CONFIG.value, out, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
+               max_persons=_MAX_PERSONS.value, pckh_variant=_PCKH.value)
+  for line in summary_lines(result):
+    print(line)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
