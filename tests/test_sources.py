@@ -245,3 +245,11 @@ def test_unknown_source_name_is_a_config_error(shared_data):
   records = read_dataset("coco", ann_file=shared_data / "coco/test_coco.json",
                          image_root=shared_data / "coco")
   assert len(records) == 12
+  # Strings from a command line take the type of the reader's default.
+  records = read_dataset("coco", ann_file=str(shared_data / "coco/test_coco.json"),
+                         image_root=str(shared_data / "coco"), min_keypoints="0",
+                         check_images="false")
+  assert len(records) == 14
+  with pytest.raises(ConfigError, match="min_keypoints"):
+    read_dataset("coco", shared_data / "coco/test_coco.json", shared_data / "coco",
+                 min_keypoints="many")

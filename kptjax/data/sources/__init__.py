@@ -57,7 +57,9 @@ def read_dataset(name: str, *args: Any, **kwargs: Any) -> Records:
   """Reads dataset ``name`` with its reader (table in the module docstring).
 
   ``ann_file`` / ``json_file`` and ``image_root`` may be given by keyword under
-  either name; other keywords go to the reader and override its defaults.
+  either name; other keywords go to the reader and override its defaults. String
+  values (from a command line) are converted to the type of the reader's default
+  (``min_keypoints='0'`` -> 0, ``check_images='false'`` -> False).
 
   Raises:
     ConfigError: unknown name or a keyword the reader does not take.
@@ -70,11 +72,32 @@ def read_dataset(name: str, *args: Any, **kwargs: Any) -> Records:
   for alias in ("ann_file", "json_file"):
     if alias in kwargs and alias != first:
       kwargs[first] = kwargs.pop(alias)
+  params = inspect.signature(reader).parameters
+  for key, value in list(kwargs.items()):
+    if isinstance(value, str) and key in params:
+      kwargs[key] = _coerce(name, key, value, params[key].default)
   try:
     inspect.signature(reader).bind(*args, **kwargs)
   except TypeError as e:
     raise ConfigError(f"data source {name!r}: {e}") from e
   return reader(*args, **kwargs)
+
+
+def _coerce(source: str, key: str, value: str, default: Any) -> Any:
+  """A command-line string -> the type of the reader's default (bool, int, float)."""
+  try:
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(value)
+      return value.lower() in ("true", "1", "yes")
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError as e:
+    raise ConfigError(f"data source {source!r}: {key}={value!r} is not a "
+                      f"{type(default).__name__}") from e
+  return value
 
 
 __all__ = ["CaptionRecord", "PersonRecord", "READERS", "Records", "read_coco_keypoints",
