@@ -15,8 +15,10 @@ Periodic evaluation: set ``config.train.evaluator = 'package.module:factory'`` a
 written under ``eval/``. ``run(..., eval_fn=...)`` takes the callable directly.
 
 Outputs in WORKDIR: TensorBoard events, ``metrics.jsonl`` (one JSON object per logged
-step, appended across restarts), ``checkpoints/``, and ``adapter/`` (the trainable
-LoRA + projector weights, when not every param is trained).
+step, appended across restarts), ``checkpoints/``, and ``adapter.safetensors`` (the
+trained LoRA + projector weights, ``kptjax.convert.export_adapter``, when not every param
+is trained). ``model_config.json`` holds the model section actually built
+(Hugging Face checkpoints decide the architecture numbers).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -157,17 +158,19 @@ def abstract_state(trainer: Trainer) -> TrainState:
 
 def init_state(trainer: Trainer, config: ml_collections.ConfigDict,
                params: Any | None = None) -> TrainState:
-  """Step-0 state: random init, then Hugging Face weights, then a stage-1 checkpoint.
+  """Step-0 state: ``params`` (or a random init), then a stage-1 checkpoint on top.
 
   Args:
     trainer: from ``build``.
-    config: ``checkpoints.llm_dir`` / ``vit_dir`` (HF weights, '' = keep random) and
-      ``checkpoints.init_from`` (a kptjax workdir whose params override, e.g. stage 1).
-    params: use these params instead (already sharded like the trainer's state).
+    config: reads ``seed`` and ``checkpoints.init_from`` (a kptjax workdir or its
+      ``checkpoints`` dir, e.g. stage 1: every param saved there overrides ``params``).
+    params: e.g. from ``kptjax.convert.load_vlm`` (host or device arrays; they are
+      resharded and donated). None = random init, sharded from the start.
   """
   if params is None:
     params = trainer.init_params(jax.random.key(config.seed))
-    params = _load_pretrained(trainer, config, params)
+  else:
+    params = jax.device_put(params, trainer.state_shardings.params)
   if config.checkpoints.init_from:
     params, _ = checkpoint.load_params(config.checkpoints.init_from, params,
                                        trainer.state_shardings.params)
@@ -175,16 +178,39 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict,
   return jax.jit(init, out_shardings=trainer.state_shardings, donate_argnums=0)(params)
 
 
-def _load_pretrained(trainer: Trainer, config: ml_collections.ConfigDict, params: Any) -> Any:
-  """Overrides the random init with HF checkpoints when the config names them."""
-  del trainer
-  if not (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
-    return params
-  raise NotImplementedError("HF checkpoint loading is wired once kptjax.convert.load_vlm lands")
+def with_model_config(config: ml_collections.ConfigDict,
+                      model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose model section is ``model_config`` (locked)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = ml_collections.ConfigDict(model_config.to_dict())
+  return config.lock()
 
 
-class _JsonlWriter(metric_writers.MetricWriter):
-  """Appends ``{"step": s, name: value, ...}`` lines to a file (scalars only)."""
+def _pretrained(config: ml_collections.ConfigDict, workdir: str, resuming: bool
+                ) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config with the model section the HF checkpoints decide, their params or None).
+
+  The resolved model section is kept in ``WORKDIR/model_config.json`` so a resumed run
+  builds the same model without reading the checkpoints again.
+  """
+  path = os.path.join(workdir, "model_config.json")
+  if resuming and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return with_model_config(config, ml_collections.ConfigDict(json.load(f))), None
+  params = None
+  if not resuming and (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
+    from kptjax import convert  # pylint: disable=g-import-not-at-top
+    model_config, params = convert.load_vlm(config)
+    config = with_model_config(config, model_config)
+  if jax.process_index() == 0:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(config.model.to_json(indent=2))
+  return config, params
+
+
+class _JsonlWriter:
+  """A clu ``MetricWriter`` (duck-typed, so that importing this module does not import
+  TensorFlow) appending ``{"step": s, name: value, ...}`` lines to a file; scalars only."""
 
   def __init__(self, path: str):
     self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
@@ -256,6 +282,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
     dataset: a grain IterDataset of batches (default: ``make_dataset(config)``).
   """
   # ------------------------------------------------------------------------ logging
+  from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
@@ -265,6 +292,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   if is_main:
     writer = metric_writers.MultiWriter(
         [writer, _JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
+                                 every=config.train.checkpoint_every,
+                                 keep=config.train.keep_checkpoints)
+  resuming = ckpt.latest_step() is not None
+  config, hf_params = _pretrained(config, workdir, resuming)
   tc = config.train
 
   # --------------------------------------------------------------- mesh, model, step
@@ -279,13 +311,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   data_iter = iter(dataset)
 
   # ------------------------------------------------------- init, or resume the state
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
-                                 every=tc.checkpoint_every, keep=tc.keep_checkpoints)
-  if ckpt.latest_step() is not None:
+  if resuming:
     logging.info("Resuming from %s/%d", ckpt.directory, ckpt.latest_step())
     state = ckpt.restore(abstract_state(trainer), data_iter)
   else:
-    state = init_state(trainer, config)
+    state = init_state(trainer, config, params=hf_params)
+    del hf_params
   parameter_overview.log_parameter_overview(
       state.params, msg="Params", include_stats="global", jax_logging_process=0)
   first_step = int(jax.device_get(state.step))
@@ -345,7 +376,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   ckpt.close()
 
   if int(jax.device_get(state.step)) == tc.num_steps and config.optim.trainable != "all":
-    checkpoint.export_adapter(state.params, trainer.mask, os.path.join(workdir, "adapter"))
+    checkpoint.export_adapter(state.params, trainer.mask,
+                              os.path.join(workdir, "adapter.safetensors"))
   writer.flush()
   writer.close()
   return state
