@@ -156,5 +156,6 @@ def abstract_params(model_config: ml_collections.ConfigDict) -> Any:
 
 def init_params(model_config: ml_collections.ConfigDict, rng: Array) -> Any:
   """Randomly initialized VLM params (unboxed) — for tests and tiny configs."""
-  variables = VLM(model_config).init(rng, *dummy_inputs(model_config))
+  model = VLM(model_config)
+  variables = jax.jit(lambda key: model.init(key, *dummy_inputs(model_config)))(rng)
   return nn.meta.unbox(variables["params"])
