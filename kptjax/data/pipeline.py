@@ -14,10 +14,15 @@ dicts with static shapes (B = train.batch_size // process_count, T = data.max_le
 ``image`` f32[B, H, W, 3] (normalized), ``tokens``/``targets`` i32[B, T], ``loss_mask``
 f32[B, T], ``input_mask`` bool[B, T].
 
+A person whose keypoints all leave the augmented crop gets no rounds (its loss mask is
+all zero); readers already skip persons without labeled keypoints.
+
 Eval: one element per person, in record order, no augmentation: ``image`` f32[H, W, 3],
 ``affine_inv`` f32[2, 3] (crop px -> image px), ``keypoints`` f32[K, 3] (ground truth,
-image px), ``box`` f32[4], ``score`` f32, ``image_id`` i64, ``ann_id`` i64, ``index`` i32
-(into the records list), ``valid`` bool. With ``batch_size`` the tail is padded (copies
+image px, x y v; K = the largest spec among the records, rows past ``num_keypoints`` i32
+are zero: MP-100 mixes categories), ``box`` f32[4], ``score`` f32, ``image_id`` i64,
+``ann_id`` i64, ``index`` i32 (into the records list, for any other metadata), ``valid``
+bool. With ``batch_size`` the tail is padded (copies
 of a real person with ``valid=False``) so every process runs the same number of batches.
 
 Data sources (``config.data.train`` / ``config.data.eval``): ``source='synthetic'``
@@ -236,16 +241,20 @@ class EvalTransform:
     self.side = _crop_side(config)
     self.padding = float(config.data.padding)
     self.normalization = config.data.normalization
+    self.max_keypoints = max(r.num_keypoints for r in self.records)
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     record = self.records[index]
     image = transforms.load_record_image(record)
     crop = transforms.crop_person(record, image, (self.side, self.side), padding=self.padding,
                                   spec=self.specs[record.spec])
+    keypoints = np.zeros((self.max_keypoints, 3), np.float32)
+    keypoints[:record.num_keypoints] = np.asarray(record.keypoints, np.float32)[:, [0, 1, -1]]
     return dict(
         image=transforms.normalize_image(crop["image"], self.normalization).astype(np.float32),
         affine_inv=np.asarray(crop["affine_inv"], np.float32),
-        keypoints=np.asarray(record.keypoints, np.float32)[:, [0, 1, -1]],
+        keypoints=keypoints,
+        num_keypoints=np.int32(record.num_keypoints),
         box=np.asarray(record.box, np.float32),
         score=np.float32(record.score),
         image_id=np.int64(record.image_id),
