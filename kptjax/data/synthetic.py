@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -374,6 +375,13 @@ def _manifest(preset: str, knobs: Knobs, num_images: int, seed: int, split: str)
               num_images=int(num_images), seed=int(seed), split=split)
 
 
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Concurrent generators (several hosts or test runs) never expose a half-written file."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
+
+
 def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_images: int,
              seed: int = 0, split: str = "train",
              overrides: Union[str, Mapping[str, Any], None] = None,
@@ -415,8 +423,10 @@ def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_imag
     image, people = render_image(seed, split, i, knobs)
     image_id = i + 1
     file_name = f"{image_id:012d}.jpg"
-    Image.fromarray(image).save(img_dir / file_name, quality=knobs.jpeg_quality,
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=knobs.jpeg_quality,
                                 subsampling=0)
+    _write_atomic(img_dir / file_name, buffer.getvalue())
     images.append(dict(id=image_id, file_name=file_name, width=knobs.image_size,
                        height=knobs.image_size))
     for p in people:
@@ -432,12 +442,8 @@ def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_imag
   data = dict(info=dict(description=f"kptjax synthetic people, preset {preset}",
                         version=VERSION, seed=seed, split=split),
               licenses=[], images=images, annotations=annotations, categories=[_category()])
-  tmp = ann_file.with_suffix(f".tmp{os.getpid()}")
-  tmp.write_text(json.dumps(data, separators=(",", ":")))
-  os.replace(tmp, ann_file)
-  tmp = manifest_file.with_suffix(f".tmp{os.getpid()}")
-  tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-  os.replace(tmp, manifest_file)
+  _write_atomic(ann_file, json.dumps(data, separators=(",", ":")).encode())
+  _write_atomic(manifest_file, json.dumps(manifest, indent=1, sort_keys=True).encode())
   logging.info("synthetic: wrote %d images, %d people to %s", len(images), len(annotations),
                out)
   return str(ann_file)
