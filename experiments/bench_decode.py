@@ -93,7 +93,7 @@ class TorchLocLLM:
       lin = torch.nn.Linear(*kernel.shape)
       with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(kernel.T.copy()))
-        lin.bias.copy_(torch.from_numpy(np.asarray(projector_params[name]["bias"], np.float32)))
+        lin.bias.copy_(torch.from_numpy(np.array(projector_params[name]["bias"], np.float32)))
       layers += [lin, torch.nn.GELU()]
     self.projector = torch.nn.Sequential(*layers[:-1]).eval()
     self.image_token_id = int(image_token_id)
@@ -129,7 +129,8 @@ class TorchLocLLM:
         embeds[i, slots] = image_embeds[i, :len(slots)].to(embeds.dtype)
       out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
                               max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                              pad_token_id=eos_id, output_scores=True,
+                              pad_token_id=eos_id, suppress_tokens=[self.image_token_id],
+                              output_scores=True,
                               return_dict_in_generate=True)
       tokens = out.sequences.numpy()
       probs = torch.stack([s.float().softmax(-1).max(-1).values for s in out.scores], 1).numpy()

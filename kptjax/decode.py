@@ -67,29 +67,28 @@ class Prompts:
     return rows.astype(np.int32), (self.lengths + tp).astype(np.int32)
 
 
-def num_image_tokens(model_config: Any) -> int:
-  """Image slots per crop: (image_size / patch_size)^2 patch tokens (class token dropped)."""
-  vit = model_config.vit
-  return (int(vit.image_size) // int(vit.patch_size)) ** 2
-
-
 def build_prompts(tokenizer: Any, config: Any, names: Sequence[str],
-                  descriptions: Sequence[Optional[str]], pad_id: int = 0) -> Prompts:
-  """Prefix and query tokens from the data engineer's conversation templates.
+                  descriptions: Sequence[Optional[str]], *, subject: str = "person",
+                  pad_id: int = 0) -> Prompts:
+  """Prefix and query tokens from ``kptjax.data.conversation`` (the training templates).
 
   Args:
     tokenizer: the tokenizer of the checkpoint (``kptjax.data.tokenizer``).
     config: the full config (``config.data`` picks the template, ``config.model`` the
-      number of image tokens).
-    names, descriptions: one (name, description) per query; a description may be None.
+      image tokens).
+    names, descriptions: one (name, description) per query; a description may be None
+      (then the template's no-description form is used).
+    subject: the word the question uses for the instance (the spec's ``subject``).
   """
   from kptjax.data import conversation
   if len(names) != len(descriptions):
     raise errors.ConfigError(f"{len(names)} keypoint names but {len(descriptions)} descriptions")
   if not names:
     raise errors.ConfigError("no keypoints to ask for")
-  prefix = conversation.encode_prefix(tokenizer, config.data, num_image_tokens(config.model))
-  queries = [conversation.encode_query(tokenizer, config.data, n, d)
+  prefix = conversation.encode_prefix(tokenizer, config.data,
+                                      conversation.num_image_tokens(config.model),
+                                      image_token_id=int(config.model.image_token_id))
+  queries = [conversation.encode_query(tokenizer, config.data, n, d, subject=subject)
              for n, d in zip(names, descriptions)]
   lengths = np.array([len(q) for q in queries], np.int32)
   out = np.full((len(queries), int(lengths.max())), pad_id, np.int32)
@@ -124,9 +123,11 @@ def _init_cache(model, batch, max_len, dtype):
 # The greedy loop.
 
 
-def _pick(logits: Array, state: Array, transitions: Optional[Array]):
-  """Greedy token (grammar-masked when given) and its unconstrained probability."""
+def _pick(logits: Array, state: Array, transitions: Optional[Array], bias: Optional[Array]):
+  """Greedy token (grammar-masked when given) and its probability without the grammar."""
   logits = logits.astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias
   if transitions is not None:
     allowed = transitions[state] >= 0                   # [B, V]
     token = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
@@ -139,13 +140,15 @@ def _pick(logits: Array, state: Array, transitions: Optional[Array]):
 
 
 def greedy_loop(step_fn, logits: Array, cache: Any, *, max_new_tokens: int, eos_id: int,
-                transitions: Optional[Array] = None, grammar_start: int = 0):
+                transitions: Optional[Array] = None, grammar_start: int = 0,
+                bias: Optional[Array] = None):
   """Greedy decoding from the next-token ``logits`` f32[B, V] of a prefilled cache.
 
   Args:
     step_fn: (token i32[B], cache) -> (logits f32[B, V], cache).
     max_new_tokens: M, static.
     transitions: optional int32[S, V] grammar (``parsing.CoordinateGrammar``).
+    bias: optional f32[V] added to the logits (-inf suppresses a token everywhere).
   Returns:
     tokens int32[B, M] (EOS after the end), probs f32[B, M] (1 after the end),
     lengths int32[B] tokens up to and including EOS (M if none).
@@ -161,7 +164,7 @@ def greedy_loop(step_fn, logits: Array, cache: Any, *, max_new_tokens: int, eos_
     return (c["i"] < max_new_tokens) & ~jnp.all(c["done"])
 
   def body(c):
-    token, prob, state = _pick(c["logits"], c["state"], transitions)
+    token, prob, state = _pick(c["logits"], c["state"], transitions, bias)
     token = jnp.where(c["done"], eos_id, token)
     prob = jnp.where(c["done"], 1.0, prob)
     state = jnp.where(c["done"], c["state"], state)
@@ -196,29 +199,36 @@ class Decoder:
     eos_id: end-of-sequence id.
     max_new_tokens: M (static).
     grammar: optional ``parsing.CoordinateGrammar`` for constrained decoding.
+    suppress_ids: tokens never generated (default: the image placeholder, whose
+      embedding the cached path would not fill; transformers: ``suppress_tokens``).
     cache_dtype: KV cache dtype (the model's compute dtype).
   """
 
   def __init__(self, model: Any, params: Any, prompts: Prompts, *, eos_id: int,
                max_new_tokens: int, grammar: Optional[parsing.CoordinateGrammar] = None,
-               cache_dtype: Any = jnp.float32):
-    if grammar is not None and max_new_tokens < grammar.min_tokens():
+               suppress_ids: Optional[Sequence[int]] = None, cache_dtype: Any = jnp.float32):
+    if grammar is not None and max_new_tokens < grammar.max_tokens:
       raise errors.ConfigError(
           f"constrained decoding of '{grammar.shape}' needs decode.max_new_tokens >= "
-          f"{grammar.min_tokens()}, got {max_new_tokens}")
+          f"{grammar.max_tokens}, got {max_new_tokens}")
     self.model, self.params, self.prompts = model, params, prompts
     self.eos_id, self.max_new_tokens = int(eos_id), int(max_new_tokens)
     self.grammar = grammar
     self.cache_dtype = cache_dtype
     self._transitions = None if grammar is None else jnp.asarray(grammar.transitions)
     self._start = 0 if grammar is None else grammar.start
+    if suppress_ids is None:
+      suppress_ids = [int(model.config.image_token_id)]
+    self.suppress_ids = [int(i) for i in suppress_ids]
+    self._bias = suppress_bias(self.suppress_ids, int(model.config.llm.vocab_size))
     self._shared = jax.jit(self._shared_impl)
     self._rows = jax.jit(self._rows_impl)
 
   def _loop(self, params, logits, cache, transitions):
     step = functools.partial(_decode_step, self.model, params)
     return greedy_loop(step, logits, cache, max_new_tokens=self.max_new_tokens,
-                       eos_id=self.eos_id, transitions=transitions, grammar_start=self._start)
+                       eos_id=self.eos_id, transitions=transitions, grammar_start=self._start,
+                       bias=self._bias)
 
   # The fast path.
   def _shared_impl(self, params, images, prefix, queries, lengths, transitions):
@@ -279,18 +289,27 @@ class Decoder:
     return self.shared(images) if share_prefix else self.rows(images)
 
 
+def suppress_bias(ids: Sequence[int], vocab_size: int) -> Optional[Array]:
+  """f32[V]: -inf at ``ids``, 0 elsewhere (None when there is nothing to suppress)."""
+  if not ids:
+    return None
+  return jnp.zeros((vocab_size,), jnp.float32).at[jnp.asarray(list(ids))].set(-jnp.inf)
+
+
 def _repeat_rows(x: Array, times: int, axis: int) -> Array:
   """Each row of ``axis`` repeated ``times`` times in place (person-major order)."""
   return jnp.repeat(x, times, axis=axis)
 
 
 def reference_greedy(model: Any, params: Any, images: np.ndarray, rows: np.ndarray,
-                     lengths: np.ndarray, max_new_tokens: int, eos_id: int):
+                     lengths: np.ndarray, max_new_tokens: int, eos_id: int,
+                     suppress_ids: Optional[Sequence[int]] = None):
   """Greedy decoding by full forwards, no cache: for every new token the whole
   sequence (image included) goes through ``model.__call__`` again.
 
   Args:
     images: f32[B, H, W, 3]; rows: int32[B, T] right-padded; lengths: int32[B].
+    suppress_ids: never generated (default: the image placeholder), as ``Decoder``.
   Returns:
     tokens int32[B, M] (EOS after the end), probs f32[B, M].
   """
@@ -301,12 +320,17 @@ def reference_greedy(model: Any, params: Any, images: np.ndarray, rows: np.ndarr
   done = np.zeros(b, bool)
   tokens = np.full((b, max_new_tokens), eos_id, np.int32)
   probs = np.ones((b, max_new_tokens), np.float32)
+  if suppress_ids is None:
+    suppress_ids = [int(model.config.image_token_id)]
+  bias = suppress_bias(suppress_ids, int(model.config.llm.vocab_size))
 
   @jax.jit
   def forward(params, images, seq, lengths):
     mask = jnp.arange(seq.shape[1])[None] < lengths[:, None]
     logits = model.apply({"params": params}, images, seq, mask)
-    last = _last_logits(logits, lengths)
+    last = _last_logits(logits, lengths).astype(jnp.float32)
+    if bias is not None:
+      last = last + bias
     return jnp.argmax(last, -1), jnp.max(jax.nn.softmax(last.astype(jnp.float32), -1), -1)
 
   for i in range(max_new_tokens):
@@ -326,17 +350,18 @@ def reference_greedy(model: Any, params: Any, images: np.ndarray, rows: np.ndarr
 # Questions in, keypoints out.
 
 
-def eos_token_id(tokenizer: Any) -> int:
-  """The tokenizer's end-of-sequence id (``</s>``, or Llama-3's ``<|end_of_text|>``)."""
-  eos = getattr(tokenizer, "eos_token_id", None)
-  if eos is None and hasattr(tokenizer, "token_to_id"):
-    for name in ("</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>"):
-      eos = tokenizer.token_to_id(name)
-      if eos is not None:
-        break
-  if eos is None:
+def stop_token_id(tokenizer: Any, data_config: Any) -> int:
+  """The token that ends an answer in training: ``</s>``, or for the 'chat' template the
+  special token closing the assistant turn (e.g. Llama-3's ``<|eot_id|>``)."""
+  from kptjax.data import conversation
+  if data_config.template == "chat":
+    enc = conversation.ConversationEncoder(tokenizer, data_config, 0)
+    _, segments, _ = enc._chat([("q", "a")])  # pylint: disable=protected-access
+    if segments and segments[0][2]:
+      return int(segments[0][2][-1])
+  if tokenizer.eos_token_id is None:
     raise errors.ConfigError("the tokenizer has no end-of-sequence token")
-  return int(eos)
+  return int(tokenizer.eos_token_id)
 
 
 class Localizer:
@@ -347,6 +372,7 @@ class Localizer:
     model, params: the VLM and its params.
     tokenizer: the checkpoint's tokenizer.
     names, descriptions: the keypoints to ask for (descriptions may be None).
+    subject: the instance word of the questions ('person', 'animal', ...).
     constrained, share_prefix, max_new_tokens: override ``config.decode``.
 
   ``localizer(crops, affine_inv)`` -> ``parsing.Localization`` with P x Q keypoints in
@@ -355,26 +381,39 @@ class Localizer:
 
   def __init__(self, config: Any, model: Any, params: Any, tokenizer: Any,
                names: Sequence[str], descriptions: Sequence[Optional[str]], *,
-               constrained: Optional[bool] = None, share_prefix: Optional[bool] = None,
-               max_new_tokens: Optional[int] = None):
+               subject: str = "person", constrained: Optional[bool] = None,
+               share_prefix: Optional[bool] = None, max_new_tokens: Optional[int] = None):
     dec = config.decode
     self.constrained = dec.constrained if constrained is None else bool(constrained)
     self.share_prefix = dec.share_prefix if share_prefix is None else bool(share_prefix)
     self.max_new_tokens = int(max_new_tokens or dec.max_new_tokens)
     self.names = list(names)
     self.crop_size = int(config.model.vit.image_size)
-    self.count = parsing.num_values(config.data.coord_format)
-    self.eos_id = eos_token_id(tokenizer)
-    self.token_strs = parsing.token_strings(tokenizer, int(config.model.llm.vocab_size))
-    grammar = None
-    if self.constrained:
-      from kptjax.data import conversation
-      probe = conversation.format_answer(np.full(self.count, 0.5, np.float32), config.data)
-      grammar = parsing.build_grammar(self.token_strs, parsing.shape_from_example(probe),
-                                      self.eos_id)
-    self.prompts = build_prompts(tokenizer, config, names, descriptions, pad_id=self.eos_id)
+    fmt = config.data.coord_format
+    self.count = parsing.num_values(fmt)
+    self.eos_id = stop_token_id(tokenizer, config.data)
+    vocab = int(config.model.llm.vocab_size)
+    if fmt == "loc_tokens":
+      bins_by_id = parsing.loc_token_bins(tokenizer)
+      loc_bins = int(config.data.get("loc_bins", 100))
+      self.scorer = functools.partial(parsing.score_loc_answer, bins_by_id=bins_by_id,
+                                      eos_id=self.eos_id, loc_bins=loc_bins)
+      grammar = parsing.build_loc_grammar(sorted(bins_by_id), vocab, self.eos_id)
+    else:
+      self.token_strs = parsing.token_strings(tokenizer, vocab)
+      self.scorer = functools.partial(parsing.score_answer, token_strs=self.token_strs,
+                                      eos_id=self.eos_id, count=self.count)
+      grammar = None
+      if self.constrained:
+        from kptjax.data import conversation
+        probe = conversation.format_answer(np.full(self.count, 0.5), config.data)
+        grammar = parsing.build_grammar(self.token_strs, parsing.shape_from_example(probe),
+                                        self.eos_id)
+    self.prompts = build_prompts(tokenizer, config, names, descriptions, subject=subject,
+                                 pad_id=self.eos_id)
     self.decoder = Decoder(model, params, self.prompts, eos_id=self.eos_id,
-                           max_new_tokens=self.max_new_tokens, grammar=grammar,
+                           max_new_tokens=self.max_new_tokens,
+                           grammar=grammar if self.constrained else None,
                            cache_dtype=config.model.dtype)
 
   def decode(self, crops: np.ndarray):
@@ -384,5 +423,5 @@ class Localizer:
   def __call__(self, crops: np.ndarray, affine_inv: np.ndarray) -> parsing.Localization:
     """crops f32[P, H, W, 3] normalized; affine_inv f32[P, 2, 3] crop px -> image px."""
     tokens, probs, _ = self.decode(crops)
-    return parsing.localize(tokens, probs, self.token_strs, self.eos_id, self.count,
-                            np.asarray(affine_inv), self.crop_size)
+    return parsing.localize(tokens, probs, self.scorer, self.count, np.asarray(affine_inv),
+                            self.crop_size)

@@ -110,43 +110,36 @@ def load_params(config: Any, checkpoint: str = "") -> tuple[Any, Any]:
 
 
 def load_tokenizer(config: Any) -> Any:
+  """The checkpoint's tokenizer (``config.checkpoints.tokenizer_dir``; '' = bundled tiny)."""
   from kptjax.data import tokenizer as tok_lib
-  return tok_lib.load_tokenizer(config.checkpoints.tokenizer_dir or None)
+  bins = int(config.data.get("loc_bins", 100)) if config.data.coord_format == "loc_tokens" else 0
+  return tok_lib.load_tokenizer(config.checkpoints.tokenizer_dir or "", loc_bins=bins)
 
 
 def load_eval_records(config: Any, dataset: str = "") -> Any:
-  """Records of ``--dataset`` ('name,key=value,...') or of ``config.data.eval``."""
+  """Records of ``--dataset`` ('source,key=value,...') or of ``config.data.eval``."""
+  from kptjax.data import pipeline
   if not dataset:
-    from kptjax.data import pipeline
     return pipeline.load_records(config, "eval")
   from kptjax.data.sources import read_dataset
   name, *rest = [p.strip() for p in dataset.split(",") if p.strip()]
-  kwargs = {}
   for part in rest:
     if "=" not in part:
       raise errors.ConfigError(f"--dataset: expected key=value after the source name, "
                                f"got '{part}'")
-    k, v = part.split("=", 1)
-    kwargs[k.strip()] = v.strip()
-  return read_dataset(name, **kwargs)
+  return read_dataset(name, **pipeline._parse_options(",".join(rest)))  # pylint: disable=protected-access
 
 
 def iter_crops(config: Any, records: Sequence[Any], indices: Sequence[int]) -> Iterator[dict]:
-  """Eval crops (no augmentation) of ``records[i]`` for i in ``indices``, in order:
-  {'index', 'image' f32[S, S, 3] normalized, 'affine_inv' f32[2, 3]}."""
+  """Eval elements of ``records[i]`` for i in ``indices``, in order, made by the eval
+  pipeline's transform (``kptjax.data.pipeline.EvalTransform``: same crop as training,
+  no augmentation): {'index', 'image' f32[S, S, 3] normalized, 'affine_inv' f32[2, 3], ...}.
+  Images are decoded by a few threads ahead of the decoder."""
   from concurrent.futures import ThreadPoolExecutor
-  from kptjax.data import transforms
-  size = int(config.model.vit.image_size)
-
-  def one(i):
-    rec = records[i]
-    crop = transforms.crop_person(rec, transforms.load_record_image(rec), (size, size),
-                                  padding=float(config.data.padding))
-    return {"index": i, "affine_inv": crop["affine_inv"],
-            "image": transforms.normalize_image(crop["image"], config.data.normalization)}
-
+  from kptjax.data import pipeline
+  transform = pipeline.EvalTransform(config, records)
   with ThreadPoolExecutor(max_workers=4) as pool:
-    yield from pool.map(one, indices)
+    yield from pool.map(transform, indices)
 
 
 def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -278,11 +271,17 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   if not len(records):
     raise errors.DataError(getattr(records, "source", dataset), "no persons to evaluate")
   indices = list(range(len(records)))[:max_persons]
-  spec = get_spec(records[0].spec)
+  spec_names = {records[i].spec for i in indices}
+  if len(spec_names) != 1:
+    raise errors.ConfigError(f"evaluate asks one keypoint spec per run; the dataset has "
+                             f"{sorted(spec_names)}")
+  specs = getattr(records, "specs", {}) or {}
+  spec = specs.get(records[0].spec) or get_spec(records[0].spec)
   model, params = model_params or load_params(config, checkpoint)
   tokenizer = tokenizer or load_tokenizer(config)
   descriptions = spec.descriptions if config.data.use_descriptions else [None] * len(spec.names)
-  localizer = decode.Localizer(config, model, params, tokenizer, spec.names, descriptions)
+  localizer = decode.Localizer(config, model, params, tokenizer, spec.names, descriptions,
+                               subject=getattr(spec, "subject", "person"))
   is_3d = localizer.count == 3
 
   partial_path = os.path.join(out_dir, PARTIAL)
@@ -298,8 +297,9 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
       pad = batch + [batch[0]] * (batch_size - n)       # static batch: one compilation
       loc = localizer(np.stack([b["image"] for b in pad]), np.stack([b["affine_inv"] for b in pad]))
       for i, item in enumerate(batch):
-        entry = _person_entry(records[item["index"]], item["index"], loc, i)
-        done[item["index"]] = entry
+        index = int(item["index"])
+        entry = _person_entry(records[index], index, loc, i)
+        done[index] = entry
         partial.write(json.dumps(entry) + "\n")
       partial.flush()
       decoded += n

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -42,6 +42,8 @@ DEPTH_RANGE_MM = 2000.0   # z text value = (z_cam - z_root) / DEPTH_RANGE_MM + 0
 
 def num_values(coord_format: str) -> int:
   """Number of values in an answer of ``coord_format`` (2 or 3)."""
+  if coord_format == "loc_tokens":
+    return 2
   if coord_format not in ANSWER_SHAPES:
     raise errors.ConfigError(
         f"decoding supports coord_format in {sorted(ANSWER_SHAPES)}, got '{coord_format}'")
@@ -212,20 +214,19 @@ class CoordinateGrammar:
     transitions: int32[S, V] next state after emitting a token, -1 if not allowed.
     start: initial state.
     accept: state after the whole shape (only EOS allowed there).
-    shape: the answer shape ('[0.ddd,0.ddd]').
+    shape: the answer shape ('[0.ddd,0.ddd]', or '<loc><loc>').
+    max_tokens: tokens any path needs at most to emit EOS (a decoding budget that
+      guarantees a finished answer).
   """
   transitions: np.ndarray
   start: int
   accept: int
   shape: str
+  max_tokens: int
 
   @property
   def num_states(self) -> int:
     return int(self.transitions.shape[0])
-
-  def min_tokens(self) -> int:
-    """Tokens needed in the worst case to reach EOS from the start (all one-char tokens)."""
-    return len(self.shape) + 2
 
 
 def build_grammar(token_strs: Sequence[Optional[str]], shape: str, eos_id: int) -> CoordinateGrammar:
@@ -275,7 +276,48 @@ def build_grammar(token_strs: Sequence[Optional[str]], shape: str, eos_id: int) 
     if not (trans[p] >= 0).any():
       raise errors.ConfigError(
           f"no token can write character {p} ('{shape[p]}') of answer shape '{shape}'")
-  return CoordinateGrammar(trans, start, length, shape)
+  # Worst case: a leading space, one token per character, EOS.
+  return CoordinateGrammar(trans, start, length, shape, length + 2)
+
+
+def build_loc_grammar(loc_ids: Sequence[int], vocab_size: int, eos_id: int,
+                      count: int = 2) -> CoordinateGrammar:
+  """Automaton of ``count`` location tokens then EOS (coord_format 'loc_tokens')."""
+  trans = np.full((count + 2, vocab_size), -1, np.int32)
+  for state in range(count):
+    trans[state, np.asarray(loc_ids, np.int64)] = state + 1
+  trans[count, eos_id] = count + 1
+  trans[count + 1, eos_id] = count + 1
+  return CoordinateGrammar(trans, 0, count, "<loc>" * count, count + 1)
+
+
+def loc_token_bins(tokenizer: Any) -> dict[int, int]:
+  """{token id: bin} of the tokenizer's ``<loc_i>`` tokens."""
+  out = {}
+  for token, idx in tokenizer.get_vocab().items():
+    m = re.fullmatch(r"<loc_(\d+)>", token)
+    if m:
+      out[int(idx)] = int(m.group(1))
+  return out
+
+
+def score_loc_answer(tokens: Sequence[int], probs: Sequence[float], bins_by_id: dict[int, int],
+                     eos_id: int, loc_bins: int, count: int = 2) -> ParsedAnswer:
+  """Location-token answer: values = bin centers (bin + 0.5) / loc_bins of the first
+  ``count`` ``<loc_i>`` tokens; score = mean probability of those tokens."""
+  found, scores = [], []
+  for t, p in zip(tokens, probs):
+    t = int(t)
+    if t == eos_id:
+      break
+    if t in bins_by_id:
+      found.append(bins_by_id[t])
+      scores.append(float(p))
+  text = "".join(f"<loc_{b}>" for b in found)
+  if len(found) < count:
+    return ParsedAnswer(np.zeros(count, np.float32), 0.0, False, text)
+  values = (np.asarray(found[:count], np.float32) + 0.5) / loc_bins
+  return ParsedAnswer(values, float(np.mean(scores[:count])), True, text)
 
 
 # ---------------------------------------------------------------------------
@@ -311,12 +353,15 @@ class Localization:
     return int((~self.ok).sum())
 
 
-def localize(tokens: np.ndarray, probs: np.ndarray, token_strs: Sequence[Optional[str]],
-             eos_id: int, count: int, affine_inv: np.ndarray, crop_size: float) -> Localization:
+def localize(tokens: np.ndarray, probs: np.ndarray,
+             scorer: Callable[[np.ndarray, np.ndarray], ParsedAnswer],
+             count: int, affine_inv: np.ndarray, crop_size: float) -> Localization:
   """Parses decoder outputs and maps them back to the original images.
 
   Args:
     tokens: int32[P, Q, M]; probs: f32[P, Q, M] (``kptjax.decode.Decoder``).
+    scorer: (tokens[M], probs[M]) -> ParsedAnswer, e.g. ``score_answer`` with its
+      token strings, EOS id and value count bound.
     count: values per answer (2 or 3).
     affine_inv: f32[P, 2, 3] crop pixels -> original pixels, per person.
     crop_size: crop side in pixels.
@@ -329,7 +374,7 @@ def localize(tokens: np.ndarray, probs: np.ndarray, token_strs: Sequence[Optiona
   for i in range(p):
     row_texts = []
     for j in range(q):
-      ans = score_answer(tokens[i, j], probs[i, j], token_strs, eos_id, count)
+      ans = scorer(tokens[i, j], probs[i, j])
       values[i, j] = ans.values if ans.ok else 0.5      # unparseable: the crop center
       scores[i, j], ok[i, j] = ans.score, ans.ok
       row_texts.append(ans.text)

@@ -31,7 +31,7 @@ def test_shape_from_example():
   assert parsing.shape_from_example(" [0.500,0.250,0.500000]") == "[0.ddd,0.ddd,0.dddddd]"
   assert parsing.num_values("decimal3d") == 3
   with pytest.raises(errors.ConfigError):
-    parsing.num_values("loc_tokens")
+    parsing.num_values("polar")
 
 
 def test_score_answer_mean_max_prob_of_number_tokens():
@@ -90,7 +90,7 @@ def test_grammar_random_walks_always_parse():
   rng = np.random.default_rng(0)
   for _ in range(200):
     state, toks = g.start, []
-    while len(toks) < g.min_tokens() + 2:
+    while len(toks) < g.max_tokens + 2:
       allowed = np.flatnonzero(g.transitions[state] >= 0)
       assert allowed.size, "dead end"
       t = int(rng.choice(allowed))
@@ -98,7 +98,7 @@ def test_grammar_random_walks_always_parse():
       state = g.transitions[state, t]
       if t == EOS:
         break
-    assert toks[-1] == EOS, "did not finish within min_tokens()"
+    assert toks[-1] == EOS, "did not finish within max_tokens"
     ans = parsing.score_answer(toks, np.ones(len(toks)), TOY, EOS, 2)
     assert ans.ok, ans.text
     assert len(ans.text.strip()) == len("[0.123,0.456]")
@@ -108,3 +108,16 @@ def test_grammar_missing_character_is_a_clear_error():
   with pytest.raises(errors.ConfigError, match="character"):
     parsing.build_grammar([s if s != "]" and s != "]]" else None for s in TOY],
                           "[0.ddd,0.ddd]", EOS)
+
+
+def test_loc_token_grammar_and_parse():
+  vocab, eos = 12, 1
+  loc_ids = {5: 0, 6: 1, 7: 2, 8: 3}                 # <loc_0>..<loc_3> at ids 5..8
+  g = parsing.build_loc_grammar(sorted(loc_ids), vocab, eos)
+  assert _walk(g, [6, 8, eos, eos]) >= 0
+  assert _walk(g, [6, eos]) < 0 and _walk(g, [6, 7, 8]) < 0 and _walk(g, [2]) < 0
+  ans = parsing.score_loc_answer([6, 8, eos], [0.5, 0.7, 0.9], loc_ids, eos, loc_bins=4)
+  assert ans.ok and ans.text == "<loc_1><loc_3>"
+  np.testing.assert_allclose(ans.values, [1.5 / 4, 3.5 / 4])
+  assert ans.score == pytest.approx(0.6)
+  assert not parsing.score_loc_answer([6, eos], [0.5, 0.5], loc_ids, eos, 4).ok
