@@ -42,7 +42,8 @@ def get_config(arg=None):
   c.data.spec = "mp100"              # one spec per category, from the annotation file
   c.data.normalization = "imagenet"  # DINOv2's own normalization
   c.data.template = "capellm"
-  c.data.rounds = 4                  # CapeLLM's groups of 4 keypoints per item
+  c.data.group_size = 4              # CapeLLM's groups of 4 keypoints per item
+  c.data.rounds = 4
 
   batch = c.train.batch_size
   epochs = float(args.get("epochs", 12))

@@ -58,10 +58,13 @@ def get_config(arg=None):
   ))
 
   c.data = ml_collections.ConfigDict(dict(
+      # COCO layout under `path`: annotations/person_keypoints_{split}.json, {split}/.
       train=dict(source="coco", preset="", path="data/coco", split="train2017",
-                 det_file="", det_score_threshold=0.0),
+                 det_file="", det_score_threshold=0.0, num_images=0, seed=0, knobs="",
+                 ann_file="", image_root="", options=""),
       eval=dict(source="coco", preset="", path="data/coco", split="val2017",
-                det_file="", det_score_threshold=0.0),   # ground-truth boxes, as the paper
+                det_file="", det_score_threshold=0.0,    # ground-truth boxes, as the paper
+                num_images=0, seed=0, knobs="", ann_file="", image_root="", options=""),
       spec="coco17",
       normalization="clip",
       padding=1.0,               # no box padding on COCO (1.25 on MPII)
@@ -73,6 +76,9 @@ def get_config(arg=None):
       rounds=5,
       max_len=1024,              # 256 image tokens + 5 rounds of description, question, answer
       num_workers=8,
+      read_threads=4,
+      loc_bins=100,
+      group_size=0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -1,0 +1,104 @@
+"""Paper configs: same sections and keys as configs/tiny.py (so the trainer runs any of
+them), the paper's numbers, abstract init of the 7B model with jax.eval_shape and its
+parameter counts, and sweeps that only name existing fields."""
+
+import flax.linen as nn
+import jax
+import pytest
+
+from configs import capellm_mp100, locllm_coco, posellm_coco, tiny
+from kptjax.models import vlm
+from kptjax.models.lora import count_params, trainable_mask
+
+PAPER_CONFIGS = {"locllm_coco": locllm_coco, "posellm_coco": posellm_coco,
+                 "capellm_mp100": capellm_mp100}
+
+
+def _keys(c, prefix=""):
+  out = set()
+  for k, v in c.items():
+    out.add(prefix + k)
+    if hasattr(v, "items"):
+      out |= _keys(v, f"{prefix}{k}.")
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+@pytest.mark.parametrize("arg", [None, "runlocal", "epochs=3,batch=32"])
+def test_same_layout_as_tiny(name, arg):
+  c = PAPER_CONFIGS[name].get_config(arg)
+  ref = tiny.get_config()
+  assert _keys(c) == _keys(ref)   # every section, at every level
+  assert c.model.vit.image_size % c.model.vit.patch_size == 0
+
+
+def test_locllm_numbers():
+  c = locllm_coco.get_config()
+  m = c.model
+  assert (m.vit.image_size, m.vit.patch_size, m.vit.pretrained_image_size) == (224, 14, 518)
+  assert (m.vit.hidden_size, m.vit.num_layers, m.vit.num_heads) == (1024, 24, 16)
+  assert (m.llm.vocab_size, m.llm.hidden_size, m.llm.num_layers, m.llm.num_heads,
+          m.llm.intermediate_size) == (32000, 4096, 32, 32, 11008)
+  assert m.projector.kind == "linear" and posellm_coco.get_config().model.projector.kind == (
+      "mlp2x_gelu")
+  assert (m.lora.rank, m.lora.alpha, m.lora.dropout) == (8, 16.0, 0.05)
+  assert m.lora.vit_targets == ["query", "value"] and m.lora.llm_targets == ["q_proj", "v_proj"]
+  o = c.optim
+  assert (o.name, o.lr, o.weight_decay, o.warmup_ratio, o.schedule) == (
+      "adamw", 5e-4, 0.05, 0.03, "cosine")
+  assert c.train.batch_size == 64 and c.data.train.source == "coco"
+  assert c.train.num_steps == 12 * -(-149_813 // 64)
+  assert locllm_coco.get_config("epochs=3").train.num_steps == 3 * -(-149_813 // 64)
+
+
+def test_capellm_numbers():
+  m = capellm_mp100.get_config().model
+  assert (m.llm.vocab_size, m.llm.hidden_size, m.llm.num_layers, m.llm.num_heads,
+          m.llm.num_kv_heads, m.llm.intermediate_size, m.llm.rope_theta) == (
+              128256, 4096, 32, 32, 8, 14336, 500000.0)
+  assert dict(m.llm.rope_scaling) == dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)
+  c = capellm_mp100.get_config("split=3")
+  assert c.data.train.source == "mp100" and c.data.template == "capellm"
+  assert c.data.eval.split == "mp100_split3_test"
+
+
+def test_locllm_abstract_init_parameter_counts():
+  """jax.eval_shape builds the 7B model's param shapes without allocating them.
+
+  Trainable = projector 1024*4096 + 4096 = 4,198,400
+            + LLM LoRA 32 layers * (q, v) * 8 * (4096 + 4096) = 4,194,304
+            + ViT LoRA 24 layers * (q, v) * 8 * (1024 + 1024) = 786,432
+            = 9,179,136, which is 8.75 * 2^20: the paper's "8.7M" counts in units of 2^20.
+  """
+  c = locllm_coco.get_config()
+  params = nn.meta.unbox(vlm.abstract_params(c.model))
+  leaves = jax.tree_util.tree_leaves(params)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  total = count_params(params)
+  trainable = count_params(params, trainable_mask(params, c.optim.trainable))
+  print(f"locllm_coco: total {total:,} params, trainable {trainable:,} "
+        f"({trainable / 2**20:.2f} x 2^20; paper: 8.7M)")
+  assert trainable == 9_179_136
+  assert 8.7 <= trainable / 2**20 < 8.8
+  assert count_params(params["llm"]) == 6_738_415_616 + 4_194_304      # Llama-2-7B + LoRA
+  # transformers Dinov2Model (large) has 304,368,640 params incl. the unused mask token [1024].
+  assert count_params(params["vit"]) == 304_368_640 - 1024 + 786_432
+  assert total == 7_051_962_368
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_sweeps_name_existing_fields(name):
+  module = PAPER_CONFIGS[name]
+  runs = module.sweep()
+  assert runs
+  for arg, overrides in runs:
+    c = module.get_config(arg)
+    for field, value in overrides.items():
+      *parents, leaf = field.split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      assert leaf in node, field
+      node[leaf] = value    # locked configs accept only existing fields of the same type
