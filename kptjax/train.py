@@ -270,7 +270,7 @@ def make_dataset(config: ml_collections.ConfigDict):
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | None = None,
         preempt_at_step: int | None = None, mesh: jax.sharding.Mesh | None = None,
-        dataset: Any = None) -> TrainState:
+        dataset: Any = None, trainer: Trainer | None = None) -> TrainState:
   """Trains to ``config.train.num_steps`` (resuming from ``workdir``), returns the state.
 
   Args:
@@ -280,6 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
     preempt_at_step: stop after this step as if preempted (a checkpoint is saved first).
     mesh: defaults to the config's mesh over all devices.
     dataset: a grain IterDataset of batches (default: ``make_dataset(config)``).
+    trainer: reuse the compiled pieces of an earlier ``build(config, mesh)`` (notebooks,
+      tests); it must come from the same config.
   """
   # ------------------------------------------------------------------------ logging
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
@@ -300,7 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   tc = config.train
 
   # --------------------------------------------------------------- mesh, model, step
-  trainer = build(config, mesh)
+  trainer = trainer or build(config, mesh)
   logging.info("Mesh: %s", sharding.describe(trainer.mesh))
   logging.info("Trainable (%s): %d of %d params", config.optim.trainable,
                optim.count(optim.split(trainer.abstract_params, trainer.mask)[0]),
@@ -338,47 +340,49 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   t_last, steps_timed = None, 0
   bar = tqdm(total=tc.num_steps, initial=first_step, desc="train", disable=not is_main)
   logging.info("Training steps %d..%d; compiling the step", first_step + 1, tc.num_steps)
-  for step in range(first_step + 1, tc.num_steps + 1):
-    batch = sharding.shard_batch(_take(next(data_iter)), trainer.mesh)
-    with jax.set_mesh(trainer.mesh):
-      state, metrics = trainer.step(state, batch)
-    history.append((step, metrics))
-    if t_last is None:  # The first step includes compilation: time from its end.
-      jax.block_until_ready(metrics)
-      logging.info("First step (with compilation) done")
-      t_last, history = time.perf_counter(), [(step, jax.device_get(metrics))]
-    else:
-      steps_timed += 1
-    report(step)
-    bar.update(1)
+  try:
+    for step in range(first_step + 1, tc.num_steps + 1):
+      batch = sharding.shard_batch(_take(next(data_iter)), trainer.mesh)
+      with jax.set_mesh(trainer.mesh):
+        state, metrics = trainer.step(state, batch)
+      history.append((step, metrics))
+      if t_last is None:  # The first step includes compilation: time from its end.
+        history = jax.device_get(history)
+        logging.info("First step (with compilation) done")
+        t_last = time.perf_counter()
+      else:
+        steps_timed += 1
+      report(step)
+      bar.update(1)
 
-    save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)
-    if step % tc.log_every == 0 or save_now:
-      history = jax.device_get(history)
-      _check_finite(history)
-      now = time.perf_counter()
-      scalars = {k: float(v) for k, v in history[-1][1].items()}
-      if steps_timed:
-        seconds = (now - t_last) / steps_timed
-        tokens = sum(float(m["input_tokens"]) for s, m in history if s > step - steps_timed)
-        scalars.update(step_time=seconds, tokens_per_sec=tokens / (now - t_last))
-      writer.write_scalars(step, scalars)
-      history, t_last, steps_timed = [], now, 0
-    if save_now:
-      ckpt.save(step, state, data_iter, force=True)
-    if tc.eval_every and step % tc.eval_every == 0:
-      evaluate(step)
-    if step == preempt_at_step:
-      logging.info("Stopping after step %d as asked (preempt_at_step)", step)
-      break
-  bar.close()
-  ckpt.wait()
-  ckpt.close()
+      save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)
+      if step % tc.log_every == 0 or save_now:   # never checkpoint a NaN state
+        history = jax.device_get(history)
+        _check_finite(history)
+        scalars = {k: float(v) for k, v in history[-1][1].items()}
+        now = time.perf_counter()
+        if steps_timed:
+          tokens = sum(float(m["input_tokens"]) for s, m in history[-steps_timed:])
+          scalars.update(step_time=(now - t_last) / steps_timed,
+                         tokens_per_sec=tokens / (now - t_last))
+        writer.write_scalars(step, scalars)
+        history, t_last, steps_timed = [], now, 0
+      if save_now:
+        ckpt.save(step, state, data_iter, force=True)
+      if tc.eval_every and step % tc.eval_every == 0:
+        evaluate(step)
+      if step == preempt_at_step:
+        logging.info("Stopping after step %d as asked (preempt_at_step)", step)
+        break
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
 
   if int(jax.device_get(state.step)) == tc.num_steps and config.optim.trainable != "all":
     checkpoint.export_adapter(state.params, trainer.mask,
                               os.path.join(workdir, "adapter.safetensors"))
-  writer.flush()
   writer.close()
   return state
 

@@ -70,7 +70,7 @@ EXPECTED_SPECS = {
     ("llm", "layers", "mlp", "down_proj", "kernel"): P(None, "tensor", "fsdp"),
     ("llm", "norm", "scale"): P("fsdp"),
     ("vit", "layers", "mlp", "fc1", "kernel"): P(None, "fsdp", "tensor"),
-    ("vit", "embeddings", "patch_kernel"): P(None, None, None, "fsdp"),  # ('patch','patch',..)
+    ("vit", "embeddings", "patch_kernel"): P(None, "fsdp"),             # (patch, vit_embed)
 }
 
 
