@@ -92,14 +92,24 @@ def test_wrong_shape_is_named_with_both_shapes(hf_dir, tmp_path):
 
 
 def test_bf16_checkpoint_loads_as_bf16(tmp_path):
-  model = make_hf_llama(tmp_path, seed=1, dtype=torch.bfloat16)
-  _, params = convert.load_llama(tmp_path)
+  """From .safetensors (parsed directly: safetensors' numpy backend has no bf16) and from a
+  torch pytorch_model.bin."""
+  model = make_hf_llama(tmp_path / "st", seed=1, dtype=torch.bfloat16)
+  _, params = convert.load_llama(tmp_path / "st")
   assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
   torch_q = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
   np.testing.assert_array_equal(params["layers"]["self_attn"]["q_proj"]["kernel"][1]
                                 .astype(np.float32), torch_q.T)
-  _, params32 = convert.load_llama(tmp_path, param_dtype="float32")
+  _, params32 = convert.load_llama(tmp_path / "st", param_dtype="float32")
   assert {x.dtype for x in jax.tree_util.tree_leaves(params32)} == {np.dtype(np.float32)}
+
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+  torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+  _, from_bin = convert.load_llama(tmp_path / "bin")
+  for name, value in convert.flatten(params).items():
+    assert convert.flatten(from_bin)[name].dtype == value.dtype
+    np.testing.assert_array_equal(convert.flatten(from_bin)[name], value, err_msg=name)
 
 
 def test_llm_config_from_classic_and_v5_config_json():

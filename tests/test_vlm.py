@@ -121,7 +121,7 @@ def test_attention_output_and_cached_path_match_forward(composites):
   np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
   assert np.all(np.triu(attn, k=1) == 0)                          # causal
 
-  image_embeds = model.apply({"params": params}, images, method="embed_image")
+  image_embeds = jax.jit(lambda p: model.apply({"params": p}, images, method="embed_image"))(params)
   assert image_embeds.shape == (2, N_IMG, 32) and image_embeds.dtype == jnp.float32
   cache = vlm.init_cache(model_config, batch=2, max_len=32)
   assert cache["k"].shape == (2, 2, 32, 2, 8) and cache["end"].dtype == jnp.int32
