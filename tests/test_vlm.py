@@ -128,8 +128,8 @@ def test_attention_output_and_cached_path_match_forward(composites):
   prompt_len = np.array([20, 18])                                 # <s> + 16 image + 3 / 1 text
   prompt = np.where(np.arange(20)[None] < prompt_len[:, None], tokens[:, :20], 0)
   prefill = jax.jit(lambda p, c: model.apply(
-      {"params": p}, prompt, np.arange(20)[None] < prompt_len[:, None], c,
-      image_embeds=image_embeds, method="extend"))
+      {"params": p}, images, prompt, np.arange(20)[None] < prompt_len[:, None], c,
+      method="prefill"))                                          # embed_image + extend
   logits, cache = prefill(params, cache)
   for b in range(2):
     np.testing.assert_allclose(np.asarray(logits)[b, :prompt_len[b]], full[b, :prompt_len[b]],

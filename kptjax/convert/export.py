@@ -145,7 +145,8 @@ def adapter_params(params: Mapping[str, Any]) -> dict:
   """The trained-adapter part of a VLM param tree: the 'projector' subtree and every
   lora_a / lora_b leaf, nested as in params."""
   keep = {name: leaf for name, leaf in flatten(params).items()
-          if name.split("/")[0] == "projector" or name.rsplit("/", 1)[-1] in LORA_LEAVES}
+          if hasattr(leaf, "shape") and (name.split("/")[0] == "projector"
+                                         or name.rsplit("/", 1)[-1] in LORA_LEAVES)}
   return unflatten(keep)
 
 

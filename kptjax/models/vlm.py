@@ -7,7 +7,8 @@ Param tree: {'vit': ..., 'projector': ..., 'llm': ...}. Entry points:
   ``embed_image``  images -> image tokens.
   ``extend``       the one cached path: T new tokens (image tokens filled from
                    ``image_embeds`` when given) appended at each row's cache end.
-                   Prefill = extend on an empty cache; ``decode_step`` = extend with T=1.
+                   ``prefill`` = extend with the images embedded (on an empty cache);
+                   ``decode_step`` = extend with T=1.
 
     >>> model = VLM(config.model)
     >>> logits = model.apply({'params': params}, images, tokens, input_mask)
@@ -120,6 +121,12 @@ class VLM(nn.Module):
       (logits f32[B,T,V], cache with end += sum(input_mask, axis=1)).
     """
     return self.llm.extend(None, input_mask, cache, embeds=self._embed(tokens, image_embeds))
+
+  def prefill(self, images: Array, tokens: Array, input_mask: Array,
+              cache: Cache) -> tuple[Array, Cache]:
+    """``extend`` with the images' tokens filling the placeholders (usually on an empty
+    cache): images f32[B,H,W,3], tokens i32[B,T] -> (logits f32[B,T,V], cache)."""
+    return self.extend(tokens, input_mask, cache, image_embeds=self.embed_image(images))
 
   def decode_step(self, token: Array, cache: Cache) -> tuple[Array, Cache]:
     """One token per row: token i32[B] -> (logits f32[B,V], cache with end += 1)."""
