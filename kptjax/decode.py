@@ -189,6 +189,65 @@ def _last_logits(logits: Array, lengths: Array) -> Array:
 # Decoders.
 
 
+class _Programs:
+  """The jitted decoding programs of one (model, M, EOS, grammar start, suppressed ids,
+  cache dtype). Cached in ``_PROGRAMS`` so that every Decoder of the same model reuses
+  the compilations (params, prompts and the grammar table are arguments)."""
+
+  def __init__(self, model, max_new_tokens, eos_id, start, suppress_ids, cache_dtype):
+    self.model, self.max_new_tokens, self.eos_id = model, max_new_tokens, eos_id
+    self.start, self.cache_dtype = start, cache_dtype
+    self.bias = suppress_bias(suppress_ids, int(model.config.llm.vocab_size))
+    self.shared = jax.jit(self._shared)
+    self.rows = jax.jit(self._rows)
+
+  def _loop(self, params, logits, cache, transitions):
+    step = functools.partial(_decode_step, self.model, params)
+    return greedy_loop(step, logits, cache, max_new_tokens=self.max_new_tokens,
+                       eos_id=self.eos_id, transitions=transitions, grammar_start=self.start,
+                       bias=self.bias)
+
+  def _shared(self, params, images, prefix, queries, lengths, transitions):
+    """The fast path. The cache lives inside this one program (prefill and loop), so
+    XLA updates it in place; it never crosses a jit boundary that would need donation."""
+    p, q, tq = images.shape[0], queries.shape[0], queries.shape[1]
+    tp = prefix.shape[0]
+    embeds = _embed_image(self.model, params, images)
+    cache = _init_cache(self.model, p, tp + tq + self.max_new_tokens, self.cache_dtype)
+    _, cache = _extend(self.model, params, jnp.broadcast_to(prefix, (p, tp)),
+                       jnp.ones((p, tp), bool), cache, image_embeds=embeds)
+    cache = jax.tree.map(lambda x: _repeat_rows(x, q, axis=0 if x.ndim == 1 else 1), cache)
+    rows = jnp.tile(queries, (p, 1))
+    row_lengths = jnp.tile(lengths, (p,))
+    mask = jnp.arange(tq)[None] < row_lengths[:, None]
+    logits, cache = _extend(self.model, params, rows, mask, cache)
+    tokens, probs, out_len = self._loop(params, _last_logits(logits, row_lengths), cache,
+                                        transitions)
+    shape = (p, q, self.max_new_tokens)
+    return tokens.reshape(shape), probs.reshape(shape), out_len.reshape(p, q)
+
+  def _rows(self, params, images, rows, lengths, transitions):
+    """The slow path (LocLLM's): one full row per (person, keypoint), image per row."""
+    b, t = rows.shape
+    embeds = _embed_image(self.model, params, images)
+    cache = _init_cache(self.model, b, t + self.max_new_tokens, self.cache_dtype)
+    mask = jnp.arange(t)[None] < lengths[:, None]
+    logits, cache = _extend(self.model, params, rows, mask, cache, image_embeds=embeds)
+    return self._loop(params, _last_logits(logits, lengths), cache, transitions)
+
+
+_PROGRAMS: dict[tuple, _Programs] = {}
+
+
+def _programs(model, *key) -> _Programs:
+  """The programs for ``model`` (keyed by its config: equal configs, equal modules)."""
+  import json
+  full = (json.dumps(model.config.to_dict(), sort_keys=True, default=str),) + key
+  if full not in _PROGRAMS:
+    _PROGRAMS[full] = _Programs(model, *key)
+  return _PROGRAMS[full]
+
+
 class Decoder:
   """Greedy keypoint-answer decoder for one model, its params and one query set.
 
@@ -214,39 +273,13 @@ class Decoder:
     self.model, self.params, self.prompts = model, params, prompts
     self.eos_id, self.max_new_tokens = int(eos_id), int(max_new_tokens)
     self.grammar = grammar
-    self.cache_dtype = cache_dtype
     self._transitions = None if grammar is None else jnp.asarray(grammar.transitions)
-    self._start = 0 if grammar is None else grammar.start
     if suppress_ids is None:
       suppress_ids = [int(model.config.image_token_id)]
-    self.suppress_ids = [int(i) for i in suppress_ids]
-    self._bias = suppress_bias(self.suppress_ids, int(model.config.llm.vocab_size))
-    self._shared = jax.jit(self._shared_impl)
-    self._rows = jax.jit(self._rows_impl)
-
-  def _loop(self, params, logits, cache, transitions):
-    step = functools.partial(_decode_step, self.model, params)
-    return greedy_loop(step, logits, cache, max_new_tokens=self.max_new_tokens,
-                       eos_id=self.eos_id, transitions=transitions, grammar_start=self._start,
-                       bias=self._bias)
-
-  # The fast path.
-  def _shared_impl(self, params, images, prefix, queries, lengths, transitions):
-    p, q, tq = images.shape[0], queries.shape[0], queries.shape[1]
-    tp = prefix.shape[0]
-    embeds = _embed_image(self.model, params, images)
-    cache = _init_cache(self.model, p, tp + tq + self.max_new_tokens, self.cache_dtype)
-    _, cache = _extend(self.model, params, jnp.broadcast_to(prefix, (p, tp)),
-                       jnp.ones((p, tp), bool), cache, image_embeds=embeds)
-    cache = jax.tree.map(lambda x: _repeat_rows(x, q, axis=0 if x.ndim == 1 else 1), cache)
-    rows = jnp.tile(queries, (p, 1))
-    row_lengths = jnp.tile(lengths, (p,))
-    mask = jnp.arange(tq)[None] < row_lengths[:, None]
-    logits, cache = _extend(self.model, params, rows, mask, cache)
-    tokens, probs, out_len = self._loop(params, _last_logits(logits, row_lengths), cache,
-                                        transitions)
-    shape = (p, q, self.max_new_tokens)
-    return tokens.reshape(shape), probs.reshape(shape), out_len.reshape(p, q)
+    self.suppress_ids = tuple(int(i) for i in suppress_ids)
+    self._programs = _programs(model, self.max_new_tokens, self.eos_id,
+                               0 if grammar is None else grammar.start, self.suppress_ids,
+                               str(jnp.dtype(cache_dtype)))
 
   def shared(self, images: np.ndarray):
     """Decodes every query for every person, sharing the image prefix.
@@ -257,18 +290,10 @@ class Decoder:
       (tokens int32[P, Q, M], probs f32[P, Q, M], lengths int32[P, Q]) as numpy.
     """
     pr = self.prompts
-    out = self._shared(self.params, jnp.asarray(images), jnp.asarray(pr.prefix),
-                       jnp.asarray(pr.queries), jnp.asarray(pr.lengths), self._transitions)
+    out = self._programs.shared(self.params, jnp.asarray(images), jnp.asarray(pr.prefix),
+                                jnp.asarray(pr.queries), jnp.asarray(pr.lengths),
+                                self._transitions)
     return tuple(np.asarray(x) for x in out)
-
-  # The slow path (LocLLM's): one full row per (person, keypoint), image per row.
-  def _rows_impl(self, params, images, rows, lengths, transitions):
-    b, t = rows.shape
-    embeds = _embed_image(self.model, params, images)
-    cache = _init_cache(self.model, b, t + self.max_new_tokens, self.cache_dtype)
-    mask = jnp.arange(t)[None] < lengths[:, None]
-    logits, cache = _extend(self.model, params, rows, mask, cache, image_embeds=embeds)
-    return self._loop(params, _last_logits(logits, lengths), cache, transitions)
 
   def rows(self, images: np.ndarray):
     """LocLLM's way: P*Q independent rows, each crop encoded Q times.
@@ -279,8 +304,8 @@ class Decoder:
     full, lengths = self.prompts.full_rows()
     rows = np.tile(full, (p, 1))
     row_images = np.repeat(np.asarray(images), q, axis=0)
-    out = self._rows(self.params, jnp.asarray(row_images), jnp.asarray(rows),
-                     jnp.asarray(np.tile(lengths, p)), self._transitions)
+    out = self._programs.rows(self.params, jnp.asarray(row_images), jnp.asarray(rows),
+                              jnp.asarray(np.tile(lengths, p)), self._transitions)
     tokens, probs, out_len = (np.asarray(x) for x in out)
     m = self.max_new_tokens
     return tokens.reshape(p, q, m), probs.reshape(p, q, m), out_len.reshape(p, q)

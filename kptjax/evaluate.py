@@ -339,27 +339,34 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------
 # CLI.
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "kptjax workdir or checkpoints dir.")
-_DATASET = flags.DEFINE_string("dataset", "", "'source,key=value,...' (default: config.data.eval).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Alias of --out.")
-_MAX_PERSONS = flags.DEFINE_integer("max_persons", None, "Evaluate only the first N persons.")
-_PCKH = flags.DEFINE_enum("pckh_variant", "standard", ["standard", "locllm"],
-                          "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
+def _define_flags() -> None:
+  """CLI flags (defined only when run as a program, so importing this module is free)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+  flags.DEFINE_string("checkpoint", "", "kptjax workdir or checkpoints dir.")
+  flags.DEFINE_string("dataset", "", "'source,key=value,...' (default: config.data.eval).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_string("workdir", None, "Alias of --out.")
+  flags.DEFINE_integer("max_persons", None, "Evaluate only the first N persons.")
+  flags.DEFINE_enum("pckh_variant", "standard", ["standard", "locllm"],
+                    "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
+  flags.mark_flag_as_required("config")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  out = _OUT.value or _WORKDIR.value
+  f = flags.FLAGS
+  out = f.out or f.workdir
   if not out:
     raise app.UsageError("--out (or --workdir) is required")
-  result = run(_CONFIG.value, out, checkpoint=_CHECKPOINT.value, dataset=_DATASET.value,
-               max_persons=_MAX_PERSONS.value, pckh_variant=_PCKH.value)
+  try:
+    result = run(f.config, out, checkpoint=f.checkpoint, dataset=f.dataset,
+                 max_persons=f.max_persons, pckh_variant=f.pckh_variant)
+  except errors.KptjaxError as e:
+    raise SystemExit(f"error: {e}") from None
   for line in summary_lines(result):
     print(line)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  _define_flags()
   app.run(main)

@@ -1,0 +1,93 @@
+"""predict: a PNG and valid JSON for a sample image; clear errors for bad input; viz."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from kptjax import errors, predict, viz
+from kptjax.data import tokenizer as tok_lib
+from kptjax.models import vlm
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def config():
+  c = tiny.get_config().unlock()
+  c.decode.constrained = True
+  return c.lock()
+
+
+@pytest.fixture(scope="module")
+def model_params():
+  """Random weights drawn with numpy on the params' shapes (no init compilation)."""
+  config = tiny.get_config()
+  rng = np.random.default_rng(3)
+  shapes = nn.meta.unbox(vlm.abstract_params(config.model))
+  params = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype), shapes)
+  return vlm.VLM(config.model), params
+
+
+def test_predict_writes_png_and_json(shared_data, config, model_params, tmp_path):
+  image = shared_data / "coco" / "000000000785.jpg"
+  result = predict.predict(
+      config, str(image), box=predict.parse_box("280,44,218,346"),
+      keypoints=["left wrist", "left_elbow", "Nose"], descriptions=["the tip of the nose"],
+      names=["nose tip"], out_dir=str(tmp_path), model_params=model_params,
+      tokenizer=tok_lib.load_tokenizer(""))
+  names = [k["name"] for k in result["keypoints"]]
+  assert names == ["left wrist", "left elbow", "nose", "nose tip"]
+  assert result["keypoints"][3]["description"] == "the tip of the nose"
+  for k in result["keypoints"]:
+    assert k["parsed"] and 0 < k["score"] <= 1         # constrained: always an answer
+    assert np.isfinite([k["x"], k["y"]]).all()
+  saved = json.loads((tmp_path / "000000000785_keypoints.json").read_text())
+  assert saved == json.loads(json.dumps(result))
+  png = Image.open(result["overlay"])
+  assert png.format == "PNG" and png.size == (640, 425)
+  assert not (np.asarray(png.convert("RGB")) == np.asarray(Image.open(image))).all()
+
+
+def test_missing_image_is_a_data_error(config, tmp_path):
+  with pytest.raises(errors.DataError, match="image file not found"):
+    predict.predict(config, str(tmp_path / "nope.jpg"))
+
+
+def test_unknown_keypoint_name_lists_the_known_ones(shared_data, config):
+  with pytest.raises(errors.ConfigError, match="unknown keypoint 'elbow'.*left elbow"):
+    predict.predict(config, str(shared_data / "coco" / "000000000785.jpg"), keypoints=["elbow"])
+
+
+def test_bad_box_is_a_config_error():
+  for text in ("1,2,3", "a,b,c,d", "0,0,-5,10"):
+    with pytest.raises(errors.ConfigError, match="--box"):
+      predict.parse_box(text)
+
+
+def test_cli_reports_a_missing_image_clearly(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "kptjax.predict", "--config", "configs/tiny.py",
+       "--image", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "missing.jpg" in proc.stderr and "image file not found" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_attention_heatmap_and_overlay():
+  crop = np.full((32, 32, 3), 100, np.uint8)
+  attn = np.zeros(16)
+  attn[5] = 1.0                                        # patch (row 1, col 1) of a 4x4 grid
+  heat = viz.attention_heatmap(attn, (4, 4), crop, alpha=0.6)
+  assert heat.shape == (32, 32, 3) and heat.dtype == np.uint8
+  hot, cold = heat[12, 12].astype(int), heat[28, 28].astype(int)
+  assert hot[0] > cold[0] and cold[2] > hot[2]         # jet: red where attention is high
+  drawn = viz.draw_keypoints(crop, np.array([[5.0, 5.0], [20.0, 20.0]]), [(0, 1)],
+                             ["left wrist", "right wrist"])
+  assert (drawn != crop).any() and drawn.shape == crop.shape
