@@ -24,6 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from kptjax.errors import CheckpointError
+from kptjax.models.lora import LORA_LEAVES
 from kptjax.train_step import TrainState
 
 Params = dict[str, Any]
@@ -35,6 +36,11 @@ def abstract(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings: the restore target (nothing is allocated)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def _handlers() -> dict[str, Any]:
+  return dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
+              data=grain.checkpoint.CheckpointHandler())
 
 
 class Checkpointer:
@@ -56,7 +62,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(every), 1), max_to_keep=keep,
             enable_async_checkpointing=async_save),
-        item_names=("params", "opt_state", "data"))
+        item_handlers=_handlers())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -130,8 +136,8 @@ def load_params(path: str | os.PathLike, params: Params, shardings: Params,
   """Overwrites ``params`` with the leaves saved in a checkpoint (stage 2 from stage 1).
 
   Every leaf in the checkpoint must exist in ``params`` with the same shape (it is cast
-  to the dtype of ``params``); leaves missing from the checkpoint (e.g. LoRA factors a
-  stage-1 run did not have) keep their values.
+  to the dtype of ``params``); leaves missing from the checkpoint keep their values, and
+  only LoRA factors (which a stage-1 run does not have) may be missing.
 
   Args:
     path: a workdir, or its ``checkpoints`` dir; the latest step unless ``step``.
@@ -140,15 +146,16 @@ def load_params(path: str | os.PathLike, params: Params, shardings: Params,
     step: which checkpoint.
 
   Returns:
-    (params, names of the leaves that were NOT in the checkpoint, '/'-joined).
+    (params, names of the LoRA leaves that were NOT in the checkpoint, '/'-joined).
   """
   root = _manager_root(path)
-  with ocp.CheckpointManager(root, item_names=("params", "opt_state", "data"),
+  with ocp.CheckpointManager(root, item_handlers=_handlers(),
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"{root}: no checkpoint found")
-    saved = traverse_util.flatten_dict(mngr.item_metadata(step)["params"])
+    meta = mngr.item_metadata(step)["params"]
+    saved = traverse_util.flatten_dict(getattr(meta, "tree", meta))
     flat = traverse_util.flatten_dict(params)
     flat_sh = traverse_util.flatten_dict(shardings)
     target = {}
@@ -161,10 +168,14 @@ def load_params(path: str | os.PathLike, params: Params, shardings: Params,
         raise CheckpointError(f"{root}/{step}: param '{name}' has shape {tuple(meta.shape)}, "
                               f"the model expects {flat[key].shape}")
       target[key] = jax.ShapeDtypeStruct(flat[key].shape, flat[key].dtype, sharding=flat_sh[key])
+    missing = sorted("/".join(k) for k in flat if k not in saved)
+    not_lora = [name for name in missing if name.rsplit("/", 1)[-1] not in LORA_LEAVES]
+    if not_lora:
+      raise CheckpointError(f"{root}/{step}: params {not_lora[:5]} (of {len(not_lora)}) are "
+                            "not in the checkpoint; only LoRA factors may be missing")
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
         traverse_util.unflatten_dict(target))))["params"]
   flat.update(traverse_util.flatten_dict(restored))
-  missing = sorted("/".join(k) for k in flat if k not in saved)
   logging.info("Loaded %d params from %s/%d; %d kept their init: %s", len(saved), root, step,
                len(missing), missing[:8])
   return traverse_util.unflatten_dict(flat), missing
