@@ -73,6 +73,7 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=4, num_steps=10, log_every=5, checkpoint_every=10, keep_checkpoints=2,
       eval_every=0, stage=2,
+      evaluator="",   # 'package.module:factory' -> eval_fn(state, step) every eval_every steps
   ))
 
   c.mesh = common.mesh_config()
