@@ -261,11 +261,20 @@ def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def make_dataset(config: ml_collections.ConfigDict):
-  """This process's slice of the training data, as a grain IterDataset of batches."""
+  """This process's slice of the training data, as a grain IterDataset of batches.
+
+  Person records -> localization conversations (``kptjax.data.pipeline``); caption
+  records (``data.train.source='llava'``, stage 1) -> ``kptjax.captions``.
+  """
+  from kptjax import captions  # pylint: disable=g-import-not-at-top
   from kptjax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
+  from kptjax.data.sources import CaptionRecord  # pylint: disable=g-import-not-at-top
   tok = tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir)
-  return pipeline.make_train_dataset(config, tok, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+  records = pipeline.load_records(config, "train")
+  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if records and isinstance(records[0], CaptionRecord):
+    return captions.make_caption_dataset(config, tok, records, **where)
+  return pipeline.make_train_dataset(config, tok, records=records, **where)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | None = None,

@@ -4,10 +4,13 @@
   at init (ln 512 for the tiny vocabulary) by more than 40% in 20 steps;
 * the periodic evaluation hook is called with the live state and its metrics are
   written; every logged step has loss / accuracy / lr / grad_norm / step time / tokens/s;
-* a NaN loss stops the run with an error naming the step.
+* a NaN loss stops the run with an error naming the step;
+* stage 1: LLaVA-style caption pairs become batches of the same contract (loss on the
+  caption and </s> only) that the train step accepts.
 """
 
 import glob
+import json
 import math
 import os
 
@@ -103,3 +106,42 @@ def test_nan_loss_stops_with_clear_error(tmp_path, trainer):
   with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
     train.run(config, str(tmp_path), dataset=poisoned, trainer=trainer)
   assert not os.path.isdir(os.path.join(tmp_path, "checkpoints", "1"))
+
+
+def test_stage1_caption_batches(tmp_path, trainer, shared_data):
+  captions = ["a man throws a frisbee in a park", "two people ride skis down a snowy hill"]
+  images = ["000000000785.jpg", "000000040083.jpg"]
+  ann = tmp_path / "chat.json"
+  ann.write_text(json.dumps([
+      {"id": str(i), "image": img, "conversations": [
+          {"from": "human", "value": "<image>\nDescribe the image."},
+          {"from": "gpt", "value": cap}]} for i, (img, cap) in enumerate(zip(images, captions))]))
+  config = _config()
+  with config.unlocked():
+    config.data.train.update(source="llava", ann_file=str(ann),
+                             image_root=str(shared_data / "coco"))
+    config.optim.trainable = "projector"
+    config.train.stage = 1
+  batch = next(iter(train.make_dataset(config)))
+  b, t = batch["tokens"].shape
+  side = config.model.vit.image_size
+  assert batch["image"].shape == (b, side, side, 3) and b == config.train.batch_size
+  assert batch["input_mask"].shape == batch["loss_mask"].shape == (b, t)
+  tok = tokenizer.load_tokenizer("")
+  n_image = (side // config.model.vit.patch_size) ** 2
+  seen = set()
+  for row in range(b):
+    tokens, mask = batch["tokens"][row], batch["loss_mask"][row]
+    assert (tokens == config.model.image_token_id).sum() == n_image
+    supervised = batch["targets"][row][mask > 0]
+    assert supervised[-1] == tok.eos_token_id
+    np.testing.assert_array_equal(batch["targets"][row][:-1], tokens[1:])
+    seen.add(tok.decode(supervised[:-1]).strip())
+  assert seen == set(captions)
+
+  # The stage-1 batch goes through the same compiled step.
+  state = train.init_state(trainer, config)
+  state, metrics = trainer.step(state, sharding.shard_batch(
+      {k: batch[k] for k in train.BATCH_KEYS}, trainer.mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics["answer_tokens"]) == batch["loss_mask"].sum()
