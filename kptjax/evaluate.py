@@ -79,19 +79,45 @@ def _read_partial(path: str) -> dict[int, dict]:
 # Model, tokenizer, data.
 
 
-def load_params(config: Any, checkpoint: str = "") -> tuple[Any, Any]:
-  """(VLM, params): from a kptjax checkpoint (a workdir or its ``checkpoints`` dir),
-  else from the Hugging Face dirs in ``config.checkpoints``, else random (logged).
+def _model_config_file(checkpoint: str) -> Optional[str]:
+  """``model_config.json`` that ``kptjax.train`` writes beside ``checkpoints/``."""
+  path = os.path.abspath(checkpoint.rstrip("/"))
+  for d in (path, os.path.dirname(path)):
+    candidate = os.path.join(d, "model_config.json")
+    if os.path.exists(candidate):
+      return candidate
+  return None
+
+
+def load_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
+  """(config, VLM, params) for inference.
+
+  From a kptjax checkpoint (a training workdir or its ``checkpoints`` dir; the model
+  section is taken from the workdir's ``model_config.json`` when present, as training
+  resolved it from the Hugging Face dirs), else from the Hugging Face dirs in
+  ``config.checkpoints``, else random weights (logged).
 
   Raises:
     CheckpointError: the checkpoint is unreadable or lacks some of the model's params.
   """
   import jax
   import flax.linen as nn
+  import ml_collections
   from kptjax.models import vlm
-  model = vlm.VLM(config.model)
+
+  def with_model(model_config):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model = ml_collections.ConfigDict(dict(model_config))
+    return c.lock()
+
   if checkpoint:
     from kptjax import checkpoint as ckpt_lib
+    if not os.path.exists(checkpoint):
+      raise errors.CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    model_file = _model_config_file(checkpoint)
+    if model_file:
+      with open(model_file) as f:
+        config = with_model(json.load(f))
     abstract = nn.meta.unbox(vlm.abstract_params(config.model))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: sharding, abstract)
@@ -100,13 +126,14 @@ def load_params(config: Any, checkpoint: str = "") -> tuple[Any, Any]:
       raise errors.CheckpointError(
           f"{checkpoint}: {len(missing)} params of the model are not in the checkpoint "
           f"(is --config the one it was trained with?): {missing[:5]}")
-    return model, params
+    return config, vlm.VLM(config.model), params
   if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
     from kptjax import convert
-    params = convert.load_vlm(config)
-    return model, params
+    model_config, params = convert.load_vlm(config)
+    config = with_model(model_config.to_dict())
+    return config, vlm.VLM(config.model), params
   logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")
-  return model, vlm.init_params(config.model, jax.random.key(config.seed))
+  return config, vlm.VLM(config.model), vlm.init_params(config.model, jax.random.key(config.seed))
 
 
 def load_tokenizer(config: Any) -> Any:
@@ -151,6 +178,20 @@ def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
       batch = []
   if batch:
     yield batch
+
+
+def decode_persons(localizer: Any, records: Sequence[Any], items: Iterator[dict],
+                   batch_size: int) -> Iterator[list[dict]]:
+  """Eval elements -> per-person prediction entries, one list per batch.
+
+  Batches have a static size (the tail is padded with copies and the copies dropped),
+  so the decoder compiles once.
+  """
+  for batch in _batches(items, batch_size):
+    pad = batch + [batch[0]] * (batch_size - len(batch))
+    loc = localizer(np.stack([b["image"] for b in pad]), np.stack([b["affine_inv"] for b in pad]))
+    yield [_person_entry(records[int(item["index"])], int(item["index"]), loc, i)
+           for i, item in enumerate(batch)]
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +318,9 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
                              f"{sorted(spec_names)}")
   specs = getattr(records, "specs", {}) or {}
   spec = specs.get(records[0].spec) or get_spec(records[0].spec)
-  model, params = model_params or load_params(config, checkpoint)
+  if model_params is None:
+    config, *model_params = load_model(config, checkpoint)
+  model, params = model_params
   tokenizer = tokenizer or load_tokenizer(config)
   descriptions = spec.descriptions if config.data.use_descriptions else [None] * len(spec.names)
   localizer = decode.Localizer(config, model, params, tokenizer, spec.names, descriptions,
@@ -292,18 +335,14 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   with open(partial_path, "a") as partial, \
       tqdm(total=len(indices), initial=len(indices) - len(todo), disable=not progress,
            desc=f"evaluate {os.path.basename(out_dir.rstrip('/'))}", unit="person") as bar:
-    for batch in _batches(iter_crops(config, records, todo), batch_size):
-      n = len(batch)
-      pad = batch + [batch[0]] * (batch_size - n)       # static batch: one compilation
-      loc = localizer(np.stack([b["image"] for b in pad]), np.stack([b["affine_inv"] for b in pad]))
-      for i, item in enumerate(batch):
-        index = int(item["index"])
-        entry = _person_entry(records[index], index, loc, i)
-        done[index] = entry
+    for batch in decode_persons(localizer, records, iter_crops(config, records, todo),
+                                batch_size):
+      for entry in batch:
+        done[entry["index"]] = entry
         partial.write(json.dumps(entry) + "\n")
       partial.flush()
-      decoded += n
-      bar.update(n)
+      decoded += len(batch)
+      bar.update(len(batch))
   wall = time.time() - t0
 
   entries = [done[i] for i in indices]
@@ -323,6 +362,52 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   write_json_atomic(metrics_path, result)
   os.remove(partial_path)
   return result
+
+
+def make_train_evaluator(config: Any, model: Any, mesh: Any = None):
+  """The periodic-evaluation hook of ``kptjax.train``:
+  ``config.train.evaluator = 'kptjax.evaluate:make_train_evaluator'``.
+
+  Decodes the first ``config.decode.eval_persons`` persons of ``config.data.eval``
+  (0 = all; crops made once) with the current params and returns scalars: PCK@0.05/0.1/
+  0.2, COCO AP (COCO-format data), and the parse-failure rate.
+  """
+  del mesh   # params arrive sharded; the decoder's jit follows their shardings
+  from kptjax import decode
+  from kptjax.keypoints import get_spec
+  tokenizer = load_tokenizer(config)
+  records = load_eval_records(config)
+  limit = int(config.decode.get("eval_persons", 0)) or len(records)
+  indices = list(range(min(limit, len(records))))
+  items = list(iter_crops(config, records, indices))
+  spec = (getattr(records, "specs", {}) or {}).get(records[0].spec) or get_spec(records[0].spec)
+  descriptions = spec.descriptions if config.data.use_descriptions else [None] * len(spec.names)
+  source = str(getattr(records, "source", ""))
+  coco_gt = source if source.endswith(".json") and records[0].dataset not in (
+      "mpii", "h36m", "mp100") else None
+  state: dict[str, Any] = {}
+
+  def eval_fn(train_state: Any, step: int) -> dict[str, float]:
+    del step
+    if "localizer" not in state:
+      state["localizer"] = decode.Localizer(config, model, train_state.params, tokenizer,
+                                            spec.names, descriptions,
+                                            subject=getattr(spec, "subject", "person"))
+    localizer = state["localizer"]
+    localizer.decoder.params = train_state.params
+    entries = [e for batch in decode_persons(localizer, records, iter(items),
+                                             int(config.decode.batch_persons)) for e in batch]
+    result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
+                             has_gt=not config.data.eval.get("det_file"))
+    out = {"parse_failure_rate": result["parse_failure_rate"]}
+    for k in ("PCK@0.05", "PCK@0.1", "PCK@0.2"):
+      if k in result.get("pck", {}):
+        out[k] = result["pck"][k]
+    if "coco" in result:
+      out["AP"] = result["coco"]["AP"]
+    return out
+
+  return eval_fn
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

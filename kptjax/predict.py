@@ -100,12 +100,13 @@ def predict(config: Any, image_path: str, *, box: Optional[np.ndarray] = None,
   box = np.array([0, 0, width, height], np.float32) if box is None else np.asarray(box)
   record = PersonRecord(image_path=image_path, image_size=(width, height), box=box,
                         keypoints=np.zeros((spec.num_keypoints, 3), np.float32), spec=spec.name)
+  if model_params is None:
+    config, *model_params = evaluate.load_model(config, checkpoint)
+  model, params = model_params
   size = int(config.model.vit.image_size)
   crop = transforms.crop_person(record, image, (size, size), padding=float(config.data.padding),
                                 spec=spec)
   crops = transforms.normalize_image(crop["image"], config.data.normalization)[None]
-
-  model, params = model_params or evaluate.load_params(config, checkpoint)
   tokenizer = tokenizer or evaluate.load_tokenizer(config)
   localizer = decode.Localizer(config, model, params, tokenizer, q_names, q_desc,
                                subject=getattr(spec, "subject", "person"), share_prefix=True)

@@ -137,3 +137,42 @@ def test_compute_metrics_perfect_mpii_with_head_boxes(shared_data):
   assert out["parse_failures"] == 0 and "coco" not in out
   row = out["per_keypoint"][6]                      # pelvis: a novel keypoint for COCO models
   assert row["keypoint"] == "k6" and "PCKh@0.5" in row
+
+
+def test_load_model_restores_a_training_checkpoint(model_params, tmp_path):
+  """A workdir as kptjax.train leaves it (checkpoints/ + model_config.json) gives back the
+  saved params, and its model section wins over the config's."""
+  from kptjax.checkpoint import Checkpointer
+  from kptjax.train_step import TrainState
+  _, params = model_params
+  params = jax.tree.map(np.asarray, params)
+  ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=1, async_save=False)
+  ckpt.save(7, TrainState(step=np.int32(7), params=params, opt_state={"count": np.int32(0)}),
+            force=True)
+  ckpt.wait()
+  model_config = tiny.get_config().model.to_dict()
+  (tmp_path / "model_config.json").write_text(json.dumps(model_config))
+  config = _config().unlock()
+  config.model.remat_policy = "none"            # the workdir's model section replaces this
+  config, model, restored = evaluate.load_model(config.lock(), str(tmp_path))
+  assert config.model.remat_policy == model_config["remat_policy"]
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  with pytest.raises(Exception, match="no such checkpoint"):
+    evaluate.load_model(config, str(tmp_path / "missing"))
+
+
+def test_train_evaluator_hook(shared_data, model_params):
+  """kptjax.train's periodic evaluation: scalars from config.data.eval with given params."""
+  import types
+  config = _config().unlock()
+  d = shared_data / "coco"
+  config.data.eval.source = "coco"
+  config.data.eval.ann_file = str(d / "test_coco.json")
+  config.data.eval.image_root = str(d)
+  config.decode.eval_persons = 3
+  model, params = model_params
+  eval_fn = evaluate.make_train_evaluator(config.lock(), model, None)
+  out = eval_fn(types.SimpleNamespace(params=params), 10)
+  assert set(out) == {"parse_failure_rate", "PCK@0.05", "PCK@0.1", "PCK@0.2", "AP"}
+  assert out["parse_failure_rate"] == 0.0
+  assert all(isinstance(v, float) for v in out.values())
