@@ -331,7 +331,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   done = _read_partial(partial_path)
   todo = [i for i in indices if i not in done]
   batch_size = int(config.decode.batch_persons)
-  t0, decoded = time.time(), 0
+  t0, decoded, first = time.time(), 0, None
   with open(partial_path, "a") as partial, \
       tqdm(total=len(indices), initial=len(indices) - len(todo), disable=not progress,
            desc=f"evaluate {os.path.basename(out_dir.rstrip('/'))}", unit="person") as bar:
@@ -343,7 +343,13 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
       partial.flush()
       decoded += len(batch)
       bar.update(len(batch))
+      if first is None:                      # the first batch includes the compilation
+        first = (decoded, time.time() - t0)
   wall = time.time() - t0
+  if first and decoded > first[0]:
+    speed = (decoded - first[0]) / max(wall - first[1], 1e-9)
+  else:
+    speed = decoded / wall if decoded and wall > 0 else None
 
   entries = [done[i] for i in indices]
   source = getattr(records, "source", "")
@@ -356,7 +362,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
       "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint, "spec": spec.name,
       "decode": {"max_new_tokens": localizer.max_new_tokens, "constrained": localizer.constrained,
                  "share_prefix": localizer.share_prefix, "batch_persons": batch_size},
-      "wall_s": wall, "persons_per_s": decoded / wall if decoded and wall > 0 else None,
+      "wall_s": wall, "first_batch_s": first[1] if first else None,
+      "persons_per_s": speed,   # after the first batch (compilation) when there are more
   })
   write_json_atomic(os.path.join(out_dir, PREDICTIONS), predictions_file(records, entries, is_3d))
   write_json_atomic(metrics_path, result)

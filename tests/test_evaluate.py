@@ -1,8 +1,10 @@
 """evaluate: outputs on the COCO and H36M samples, agreement with a direct metric run,
 resumability, atomic files; compute_metrics on hand-made perfect predictions."""
 
+import importlib.util
 import json
 import os
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -176,3 +178,26 @@ def test_train_evaluator_hook(shared_data, model_params):
   assert set(out) == {"parse_failure_rate", "PCK@0.05", "PCK@0.1", "PCK@0.2", "AP"}
   assert out["parse_failure_rate"] == 0.0
   assert all(isinstance(v, float) for v in out.values())
+
+
+def test_eval_sweep_tables_and_no_recompute(shared_data, model_params, tokenizer, tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "eval_sweep", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "eval_sweep.py")
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  dataset = "sample:" + _coco(shared_data)[0]
+  decodes = ["constrained=True", "constrained=True,share_prefix=True"]
+  rows = sweep.run_sweep(_config(), ["runs/a"], [dataset], decodes, str(tmp_path),
+                         max_persons=2, progress=False, model_params=model_params,
+                         tokenizer=tokenizer)
+  assert [(r["checkpoint"], r["dataset"], r["decode"]) for r in rows] == [
+      ("a", "sample", decodes[0]), ("a", "sample", decodes[1])]
+  assert rows[0]["AP"] is not None and rows[0]["parse_failures"] == 0
+  csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
+  assert len(csv_lines) == 3 and csv_lines[0].startswith("checkpoint,dataset,decode")
+  assert (tmp_path / "sweep.md").read_text().count("\n") == 4
+  cell = tmp_path / "a" / "sample" / "constrained=True" / "metrics.json"
+  stamp = cell.stat().st_mtime
+  again = sweep.run_sweep(_config(), ["runs/a"], [dataset], decodes, str(tmp_path),
+                          max_persons=2, progress=False)          # no model: nothing to run
+  assert again == rows and cell.stat().st_mtime == stamp
