@@ -160,12 +160,13 @@ def run(config: Any, persons: int, out_dir: str, repeats: int = 1) -> list[dict]
   from kptjax.keypoints import get_spec
   from kptjax.models import vlm
 
+  import ml_collections
   with tempfile.TemporaryDirectory() as tmp:
     vit_dir, llm_dir = make_hf_checkpoints(config.model, tmp)
-    config = config.unlock()
+    config = ml_collections.ConfigDict(config.to_dict())
     config.checkpoints.vit_dir, config.checkpoints.llm_dir = vit_dir, llm_dir
     model_config, params = convert.load_vlm(config)
-    config.model = model_config
+    config.model = ml_collections.ConfigDict(model_config.to_dict())
     config.lock()
     model = vlm.VLM(config.model)
     tokenizer = tok_lib.load_tokenizer(config.checkpoints.tokenizer_dir or None)
@@ -178,10 +179,13 @@ def run(config: Any, persons: int, out_dir: str, repeats: int = 1) -> list[dict]
     affine = np.tile(np.array([[1, 0, 0], [0, 1, 0]], np.float32), (persons, 1, 1))
     k = len(spec.names)
     rows = []
-    for share in (True, False):
+    batch_persons = int(config.decode.batch_persons)
+    variants = [("kptjax shared-prefix", True, batch_persons),
+                ("kptjax shared-prefix, 1 person/batch", True, 1),
+                ("kptjax per-keypoint rows", False, batch_persons)]
+    for name, share, batch in variants:
       loc = decode.Localizer(config, model, params, tokenizer, spec.names, descriptions,
                              share_prefix=share)
-      batch = int(config.decode.batch_persons)
       chunks = [crops[i:i + batch] for i in range(0, persons, batch)]
 
       def run_jax():
@@ -191,7 +195,7 @@ def run(config: Any, persons: int, out_dir: str, repeats: int = 1) -> list[dict]
 
       run_jax()   # compile
       sec = _timed(run_jax, repeats)
-      rows.append({"impl": "kptjax shared-prefix" if share else "kptjax per-keypoint rows",
+      rows.append({"impl": f"{name} (batch {batch})" if batch > 1 else name,
                    "persons_per_s": persons / sec, "keypoints_per_s": persons * k / sec})
     full, lengths = loc.prompts.full_rows()
     prompt_rows = [list(full[i, :lengths[i]]) for i in range(k)]
@@ -219,6 +223,13 @@ def run(config: Any, persons: int, out_dir: str, repeats: int = 1) -> list[dict]
   return rows
 
 
+# A wider model than tiny (still random weights): 64 image tokens, d=256 decoder.
+SMALL = ["model.vit.image_size=64", "model.vit.patch_size=8", "model.vit.hidden_size=192",
+         "model.vit.num_layers=4", "model.vit.num_heads=3", "model.vit.intermediate_size=768",
+         "model.llm.hidden_size=256", "model.llm.num_layers=4", "model.llm.num_heads=8",
+         "model.llm.num_kv_heads=4", "model.llm.intermediate_size=688"]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/tiny.py",
@@ -226,15 +237,31 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--persons", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--out", default="results/bench_decode")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. model.llm.hidden_size=256 (repeat)")
+  parser.add_argument("--small", action="store_true",
+                      help="a wider model than tiny: " + ", ".join(SMALL))
   args = parser.parse_args(argv)
-  from ml_collections import config_flags  # noqa: F401  (imports absl flags lazily)
+  import ast
   import importlib.util
+  import ml_collections
   path, _, arg = args.config.partition(":")
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  rows = run(config, args.persons, args.out, args.repeats)
+  config = ml_collections.ConfigDict(module.get_config(arg or None).to_dict())
+  for item in (SMALL if args.small else []) + args.set:
+    key, _, value = item.partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = ast.literal_eval(value)
+  config.model.llm.head_dim = config.model.llm.hidden_size // config.model.llm.num_heads
+  print(f"model: vit {config.model.vit.hidden_size}x{config.model.vit.num_layers} at "
+        f"{config.model.vit.image_size}px/{config.model.vit.patch_size}, llm "
+        f"{config.model.llm.hidden_size}x{config.model.llm.num_layers}; {args.persons} persons")
+  rows = run(config.lock(), args.persons, args.out, args.repeats)
   from kptjax.metrics import markdown_table
   print(markdown_table(rows, digits=2))
 
