@@ -215,16 +215,29 @@ def _camera_3d(rec: Any, xy: np.ndarray, depth_rel: np.ndarray, root: int = 0) -
   return metrics.pixel_to_camera(xy, z, rec.camera["f"], rec.camera["c"])
 
 
-def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: bool) -> list[dict]:
-  """The public predictions.json content (see the module docstring)."""
-  out = []
+def category_ids(coco_gt: Optional[str]) -> dict[int, int]:
+  """{annotation id: category id} of a COCO-format file (AP-10K has one per species)."""
+  if not coco_gt:
+    return {}
+  with open(coco_gt) as f:
+    return {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f).get("annotations", [])}
+
+
+def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: bool,
+                     categories: Optional[dict[int, int]] = None, root: int = 0) -> list[dict]:
+  """The public predictions.json content (see the module docstring).
+
+  categories: {ann_id: category_id} for results on ground-truth boxes (default 1).
+  """
+  out, categories = [], categories or {}
   for e in entries:
     if not is_3d:
-      out.append(metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"]))
+      out.append(metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
+                                     categories.get(int(e["ann_id"]), 1)))
       continue
     rec = records[e["index"]]
     kp = np.array(e["keypoints"])
-    cam = _camera_3d(rec, kp[:, :2], np.array(e["depth_rel"]))
+    cam = _camera_3d(rec, kp[:, :2], np.array(e["depth_rel"]), root)
     out.append({"image_id": e["image_id"], "ann_id": e["ann_id"],
                 "keypoints": kp.reshape(-1).round(3).tolist(),
                 "keypoints_3d": cam.round(2).tolist(), "depth_rel": e["depth_rel"],
@@ -234,7 +247,8 @@ def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: boo
 
 def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequence[str], *,
                     coco_gt: Optional[str] = None, sigmas: Optional[Sequence[float]] = None,
-                    pckh_variant: str = "standard", has_gt: bool = True) -> dict[str, Any]:
+                    pckh_variant: str = "standard", has_gt: bool = True,
+                    root: int = 0) -> dict[str, Any]:
   """Every metric that applies to these records.
 
   Args:
@@ -245,6 +259,10 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
     sigmas: OKS sigmas (the keypoint spec's); AP is skipped without them.
     pckh_variant: 'standard' or 'locllm' (``metrics.pckh``).
     has_gt: whether records carry ground-truth keypoints (False for detection boxes).
+    root: root joint of 3D poses (the spec's ``root_index``).
+
+  PCKh needs head boxes on every record and 16 keypoints in MPII order (its groups and
+  the joints left out of the mean are MPII's).
   """
   ok = np.array([e["ok"] for e in entries], bool).reshape(len(entries), -1)
   out: dict[str, Any] = {
@@ -256,8 +274,9 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
   columns: dict[str, Any] = {"parse_failures": (~ok).sum(0).astype(float),
                              "mean_score": scores.mean(0) if len(entries) else []}
   if coco_gt and sigmas is not None and len(sigmas) == len(names):
-    preds = [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"])
-             for e in entries]
+    cats = category_ids(coco_gt) if has_gt else {}
+    preds = [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
+                                 cats.get(int(e["ann_id"]), 1)) for e in entries]
     image_ids = sorted({int(records[e["index"]].image_id) for e in entries})
     out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids)
   recs = [records[e["index"]] for e in entries]
@@ -274,11 +293,12 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
       columns.update(pckh["per_keypoint"])
     if all(r.keypoints_3d is not None and r.camera is not None for r in recs) and \
         "depth_rel" in entries[0]:
-      cam = np.stack([_camera_3d(r, np.array(e["keypoints"])[:, :2], np.array(e["depth_rel"]))
+      cam = np.stack([_camera_3d(r, np.array(e["keypoints"])[:, :2], np.array(e["depth_rel"]),
+                                 root)
                       for r, e in zip(recs, entries)])
       gt3 = np.stack([r.keypoints_3d[:, :3] for r in recs])
       actions = [r.extra.get("action") or metrics.h36m_action(r.image_path) for r in recs]
-      mp = metrics.mpjpe(cam, gt3, actions)
+      mp = metrics.mpjpe(cam, gt3, actions, root=root)
       columns["MPJPE"] = mp.pop("per_keypoint_MPJPE")
       out["mpjpe"] = mp
   out["per_keypoint"] = metrics.per_keypoint_table(names, columns)
@@ -357,7 +377,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
       records[0].dataset not in ("mpii", "h36m", "mp100") else None
   has_gt = not (dataset and "det_file=" in dataset) and not config.data.eval.get("det_file")
   result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
-                           pckh_variant=pckh_variant, has_gt=has_gt)
+                           pckh_variant=pckh_variant, has_gt=has_gt,
+                           root=getattr(spec, "root_index", None) or 0)
   result.update({
       "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint, "spec": spec.name,
       "decode": {"max_new_tokens": localizer.max_new_tokens, "constrained": localizer.constrained,
@@ -365,7 +386,9 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
       "wall_s": wall, "first_batch_s": first[1] if first else None,
       "persons_per_s": speed,   # after the first batch (compilation) when there are more
   })
-  write_json_atomic(os.path.join(out_dir, PREDICTIONS), predictions_file(records, entries, is_3d))
+  root = getattr(spec, "root_index", None) or 0
+  write_json_atomic(os.path.join(out_dir, PREDICTIONS), predictions_file(
+      records, entries, is_3d, category_ids(coco_gt) if has_gt else {}, root))
   write_json_atomic(metrics_path, result)
   os.remove(partial_path)
   return result

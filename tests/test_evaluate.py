@@ -201,3 +201,23 @@ def test_eval_sweep_tables_and_no_recompute(shared_data, model_params, tokenizer
   again = sweep.run_sweep(_config(), ["runs/a"], [dataset], decodes, str(tmp_path),
                           max_persons=2, progress=False)          # no model: nothing to run
   assert again == rows and cell.stat().st_mtime == stamp
+
+
+@pytest.mark.parametrize("source,folder,ann", [("ap10k", "ap10k", "test_ap10k.json"),
+                                               ("crowdpose", "crowdpose", "test_crowdpose.json")])
+def test_compute_metrics_perfect_coco_format_other_specs(shared_data, source, folder, ann):
+  """Perfect predictions on AP-10K (one category per species) and CrowdPose (14 keypoints,
+  no 'area') score AP 1 with their spec's sigmas: the results carry the annotations'
+  category ids."""
+  from kptjax.keypoints import get_spec
+  d = shared_data / folder
+  records = read_dataset(source, ann_file=str(d / ann), image_root=str(d))
+  spec = get_spec(records[0].spec)
+  entries = [{"index": i, "image_id": r.image_id, "ann_id": r.ann_id,
+              "keypoints": np.c_[r.keypoints[:, :2], np.full(spec.num_keypoints, 0.9)].tolist(),
+              "score": 0.9, "ok": [True] * spec.num_keypoints, "texts": [""] * spec.num_keypoints}
+             for i, r in enumerate(records)]
+  out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(d / ann),
+                                 sigmas=spec.sigmas)
+  assert out["coco"]["AP"] == pytest.approx(1.0)
+  assert out["pck"]["PCK@0.05"] == pytest.approx(1.0)
