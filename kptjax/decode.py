@@ -8,7 +8,12 @@ The fast path (``Decoder.shared``), per batch of P persons and Q keypoint querie
   3. that cache is broadcast to P*Q rows and the Q query suffixes (right-padded) are
      prefilled in one ``extend``;
   4. a ``lax.while_loop`` of ``decode_step`` runs until every row emitted EOS or
-     ``max_new_tokens`` were written (static), with the cache donated.
+     ``max_new_tokens`` were written (static).
+
+Steps 1-4 are one jitted program, so the cache never crosses a jit boundary: XLA
+updates it in place inside the loop (what donation achieves between programs).
+Memory: P*Q cache rows of length Tp + Tq + M (the prefix is copied per query row).
+The image placeholder id is never generated (its embedding is only filled in prompts).
 
 The slow path (``Decoder.rows``) is LocLLM's: one full sequence per (person, keypoint)
 row, the image encoded for every row. ``reference_greedy`` recomputes the full forward
