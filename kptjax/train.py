@@ -8,7 +8,8 @@ Restarting with the same workdir resumes from the latest checkpoint in
 ``WORKDIR/checkpoints`` (params, optimizer state and data-iterator state), so a
 preempted run ends with the same params as an uninterrupted one.
 
-Periodic evaluation: set ``config.train.evaluator = 'package.module:factory'`` and
+Periodic evaluation: set ``config.train.evaluator = 'package.module:factory'`` (the
+keypoint evaluator is ``'kptjax.evaluate:make_train_evaluator'``) and
 ``config.train.eval_every``. The factory is called once as
 ``factory(config, model, mesh) -> eval_fn`` and ``eval_fn(state, step)`` (state: a
 ``TrainState``; step: the number of updates done) returns a mapping of scalar metrics,
@@ -78,15 +79,15 @@ class Trainer:
   init_params: Callable[[jax.Array], Any]
 
 
-def init_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
-  """A batch of the train-batch contract's shapes (zeros) for ``model.init`` and AOT lowering."""
-  side = config.model.vit.image_size
-  t = config.data.max_len
-  return dict(image=np.zeros((batch_size, side, side, 3), np.float32),
-              tokens=np.zeros((batch_size, t), np.int32),
-              targets=np.zeros((batch_size, t), np.int32),
-              loss_mask=np.zeros((batch_size, t), np.float32),
-              input_mask=np.ones((batch_size, t), bool))
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global train batch as sharded ShapeDtypeStructs (for AOT ``step.lower``)."""
+  b, t, side = config.train.batch_size, config.data.max_len, config.model.vit.image_size
+  shapes = dict(image=((b, side, side, 3), jnp.float32), tokens=((b, t), jnp.int32),
+                targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
+                input_mask=((b, t), jnp.bool_))
+  sh = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -322,6 +323,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   data_iter = iter(dataset)
 
   # ------------------------------------------------------- init, or resume the state
+  if tc.stage == 2 and not config.checkpoints.init_from and not resuming:
+    logging.warning("Stage 2 without checkpoints.init_from: the projector is not the "
+                    "stage-1 one")
   if resuming:
     logging.info("Resuming from %s/%d", ckpt.directory, ckpt.latest_step())
     state = ckpt.restore(abstract_state(trainer), data_iter)
