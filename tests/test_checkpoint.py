@@ -115,7 +115,7 @@ def test_init_from_another_model_is_refused(stage1):
 
 
 def _train_cli(workdir, cache, init_from, *extra):
-  """Runs ``python -m kptjax.train`` on one CPU device in a new process."""
+  """Starts ``python -m kptjax.train`` on one CPU device in a new process."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, "-m", "kptjax.train", "--config", "configs/tiny.py:lora",
@@ -123,8 +123,14 @@ def _train_cli(workdir, cache, init_from, *extra):
          f"--config.train.checkpoint_every={N // 2}", "--config.train.log_every=1",
          "--config.model.lora.dropout=0.1", f"--config.checkpoints.init_from={init_from}",
          *extra]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait(*procs):
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
 
 
 def _losses(workdir):
@@ -134,14 +140,15 @@ def _losses(workdir):
 def test_kill_and_resume_in_a_new_process_is_exact(stage1, tmp_path):
   cache = str(tmp_path / "jax_cache")
   full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-  _train_cli(full, cache, stage1["workdir"])
-  _train_cli(resumed, cache, stage1["workdir"], f"--preempt_at_step={N // 2}")
+  # The uninterrupted run and the run that stops at N/2 are independent: run them together.
+  _wait(_train_cli(full, cache, stage1["workdir"]),
+        _train_cli(resumed, cache, stage1["workdir"], f"--preempt_at_step={N // 2}"))
   assert sorted(_losses(resumed)) == list(range(1, N // 2 + 1))
   assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), every=1,
                                 keep=1).all_steps() == [N // 2]
   # Resume with init_from pointing nowhere: the state must come from the resumed
   # workdir only.
-  _train_cli(resumed, cache, str(tmp_path / "no_such_stage1"))
+  _wait(_train_cli(resumed, cache, str(tmp_path / "no_such_stage1")))
 
   want, got = _losses(full), _losses(resumed)
   assert sorted(want) == sorted(got) == list(range(1, N + 1))
