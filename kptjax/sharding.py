@@ -102,8 +102,9 @@ def logical_to_mesh_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
 
   Rules are applied in table order (as ``flax.linen.logical_to_mesh_axes`` does): a rule
   assigns its mesh axes to the first dimension with that logical name if none of those
-  mesh axes is used by the array yet. Unknown names and repeated names (the ViT patch
-  kernel is ``('patch', 'patch', None, 'vit_embed')``) stay replicated.
+  mesh axes is used by the array yet. Unknown names stay replicated; a name that occurs
+  twice (e.g. ``('patch', 'patch', None, 'vit_embed')``) is mapped at its first dimension
+  only, where ``flax.linen.logical_to_mesh_axes`` raises.
   """
   if names is None:
     return P()
@@ -137,7 +138,7 @@ def logical_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules: Rules) ->
     x = nn.unbox(leaf)
     spec = logical_to_mesh_spec(names, rules)
     fitted = fit_spec(spec, x.shape, mesh)
-    if fitted != fit_spec(P(), x.shape, mesh) and fitted != spec:
+    if names is not None and fitted != spec:
       logging.log_first_n(logging.INFO, "Replicating dims of %s%s not divisible by %s",
                           20, x.dtype, x.shape, spec)
     return NamedSharding(mesh, fitted)

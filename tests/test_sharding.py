@@ -115,6 +115,8 @@ def test_logical_to_mesh_spec_follows_rule_order():
   # 'embed' comes before 'vit_embed' in the table, so it takes 'fsdp'.
   assert sharding.logical_to_mesh_spec(("vit_embed", "embed"), rules) == P(None, "fsdp")
   assert sharding.logical_to_mesh_spec(("patch", "patch", None), rules) == P(None, None, None)
+  # A repeated name (flax raises) takes its mesh axis at the first dimension only.
+  assert sharding.logical_to_mesh_spec(("embed", "embed"), rules) == P("fsdp", None)
   assert sharding.logical_to_mesh_spec(("unknown",), rules) == P(None)
   mesh = _mesh((2, 2, 2))
   assert sharding.fit_spec(P("fsdp", "tensor"), (6, 3), mesh) == P("fsdp", None)
