@@ -91,6 +91,7 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=batch, num_steps=steps_for(epochs, COCO_TRAIN_PERSONS, batch),
       log_every=50, checkpoint_every=2000, keep_checkpoints=3, eval_every=0, stage=2,
+      evaluator="",              # e.g. 'kptjax.evaluate:make_train_evaluator' with eval_every > 0
   ))
 
   c.mesh = common.mesh_config(data=-1, fsdp=1, tensor=1)
@@ -98,6 +99,7 @@ def get_config(arg=None):
   c.decode = ml_collections.ConfigDict(dict(
       max_new_tokens=13,         # '[0.xxx,0.yyy]' is 13 Llama tokens
       constrained=False, share_prefix=True, batch_persons=8,
+      eval_persons=0,            # periodic eval during training: first N persons (0 = all)
   ))
 
   if args.get("runlocal"):
