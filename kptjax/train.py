@@ -405,11 +405,15 @@ def _take(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
-flags.DEFINE_integer("preempt_at_step", None,
-                     "Stop after this step as if preempted (checkpoint first); for tests.")
+
+
+def _define_flags() -> None:
+  """Flags of the CLI (defined only when run as a program, so importers may define theirs)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
+  flags.DEFINE_integer("preempt_at_step", None,
+                       "Stop after this step as if preempted (checkpoint first); for tests.")
 
 
 def main(argv):
@@ -420,5 +424,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

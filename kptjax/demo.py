@@ -1,0 +1,223 @@
+"""The main job: train and evaluate a small localizer on synthetic people, on a CPU.
+
+    python -m kptjax.demo [--config configs/demo.py[:long]] [--workdir workdir/demo]
+
+1. generates the synthetic train / held-out sets (cached; ``kptjax.data.synthetic``);
+2. trains with the real pipeline and trainer (``kptjax.train.run``);
+3. evaluates the final checkpoint with the jitted decoder (``kptjax.evaluate.run``) and
+   the no-image mean-position baseline on the same held-out people;
+4. writes ``metrics.json`` (model and baseline: PCK@0.05/0.1/0.2, COCO AP, parse
+   failures, wall times), overlay PNGs (``overlays/``: truth | model | baseline) and
+   prints a summary table.
+
+Workdir layout: ``checkpoints/``, TensorBoard events, ``metrics.jsonl`` (training),
+``model_config.json``, ``eval/`` (predictions + metrics of the model), ``baseline/``,
+``overlays/``, ``metrics.json``. Running again resumes training and reuses finished
+evaluations.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from kptjax import evaluate
+from kptjax.data import pipeline
+from kptjax.data import transforms
+
+SUMMARY_KEYS = ("PCK@0.05", "PCK@0.1", "PCK@0.2", "AP", "parse_failure_rate")
+
+
+# ---------------------------------------------------------------------------
+# The no-image baseline.
+
+
+def _crop_affine(config: Any, record: Any) -> np.ndarray:
+  """f32[2, 3] image -> crop pixels of the un-augmented crop of ``record``."""
+  side = int(config.model.vit.image_size)
+  center, scale = transforms.box_to_center_scale(record.box, 1.0, float(config.data.padding))
+  return transforms.crop_affine(center, scale, 0.0, (side, side))
+
+
+def mean_crop_position(config: Any, records: Sequence[Any]) -> np.ndarray:
+  """f32[K, 2] each keypoint's mean position over ``records``' labelled keypoints, in
+  crop pixels of the un-augmented crop (what a model that ignores the image answers)."""
+  k = records[0].num_keypoints
+  total, count = np.zeros((k, 2)), np.zeros((k, 1))
+  for rec in records:
+    xy = transforms.apply_affine(np.asarray(rec.keypoints)[:, :2], _crop_affine(config, rec))
+    labelled = (np.asarray(rec.keypoints)[:, -1] > 0)[:, None]
+    total += np.where(labelled, xy, 0.0)
+    count += labelled
+  if not count.all():
+    missing = [i for i in range(k) if not count[i, 0]]
+    raise ValueError(f"keypoints {missing} are never labelled in the training records")
+  return (total / count).astype(np.float32)
+
+
+def baseline_entries(config: Any, mean_crop: np.ndarray, records: Sequence[Any]
+                     ) -> list[dict[str, Any]]:
+  """Per-person entries (as ``kptjax.evaluate``'s) that answer ``mean_crop`` mapped
+  into each person's crop."""
+  entries = []
+  for index, rec in enumerate(records):
+    xy = transforms.apply_affine(mean_crop, transforms.invert_affine(_crop_affine(config, rec)))
+    kps = np.concatenate([xy, np.ones((len(xy), 1), np.float32)], axis=1)
+    entries.append({"index": index, "image_id": int(rec.image_id), "ann_id": int(rec.ann_id),
+                    "keypoints": kps.round(3).tolist(), "score": 1.0,
+                    "ok": [True] * len(xy), "texts": []})
+  return entries
+
+
+def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
+                      eval_records: Any) -> dict[str, Any]:
+  """Metrics of the mean-position baseline on ``eval_records`` (written to ``out_dir``)."""
+  from kptjax.keypoints import get_spec
+  spec = get_spec(eval_records[0].spec)
+  mean_crop = mean_crop_position(config, train_records)
+  entries = baseline_entries(config, mean_crop, eval_records)
+  source = str(getattr(eval_records, "source", ""))
+  result = evaluate.compute_metrics(eval_records, entries, spec.names,
+                                    coco_gt=source if source.endswith(".json") else None,
+                                    sigmas=spec.sigmas)
+  result["mean_crop_position"] = mean_crop.round(2).tolist()
+  evaluate.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Pictures.
+
+
+def _panel(image: np.ndarray, keypoints: np.ndarray, spec: Any, title: str,
+           scale: int) -> np.ndarray:
+  from PIL import Image, ImageDraw
+  from kptjax import viz
+  big = np.asarray(Image.fromarray(image).resize(
+      (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST))
+  drawn = viz.draw_keypoints(big, np.asarray(keypoints)[:, :2] * scale + (scale - 1) / 2,
+                             skeleton=spec.skeleton, names=spec.names)
+  img = Image.fromarray(drawn)
+  ImageDraw.Draw(img).text((4, 2), title, fill=(255, 255, 255))
+  return np.asarray(img)
+
+
+def model_entries(eval_dir: str) -> list[dict[str, Any]]:
+  """``predictions.json`` of ``kptjax.evaluate.run`` (one per person, in record order)
+  as entries {'index', 'keypoints' [K, 3]}."""
+  import json
+  with open(os.path.join(eval_dir, evaluate.PREDICTIONS)) as f:
+    preds = json.load(f)
+  return [{"index": i, "keypoints": np.asarray(p["keypoints"]).reshape(-1, 3).tolist()}
+          for i, p in enumerate(preds)]
+
+
+def write_overlays(out_dir: str, records: Sequence[Any], model_entries: Sequence[dict],
+                   baseline: Sequence[dict], count: int = 8, scale: int = 3) -> list[str]:
+  """``out_dir/person_XXX.png``: truth | model | baseline on the held-out image.
+
+  Returns the paths written.
+  """
+  from kptjax import viz
+  from kptjax.keypoints import get_spec
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for entry, base in list(zip(model_entries, baseline))[:count]:
+    rec = records[entry["index"]]
+    spec = get_spec(rec.spec)
+    image = transforms.load_record_image(rec)
+    gt = np.asarray(rec.keypoints)[:, :2].copy()
+    gt[np.asarray(rec.keypoints)[:, -1] <= 0] = np.nan
+    panels = [_panel(image, np.nan_to_num(gt, nan=-1e4), spec, "truth", scale),
+              _panel(image, np.asarray(entry["keypoints"]), spec, "model", scale),
+              _panel(image, np.asarray(base["keypoints"]), spec, "no-image baseline", scale)]
+    path = os.path.join(out_dir, f"person_{entry['index']:03d}.png")
+    viz.save_png(path, np.concatenate(panels, axis=1))
+    paths.append(path)
+  return paths
+
+
+# ---------------------------------------------------------------------------
+# Summary.
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+  """The summary numbers of one metrics dict."""
+  out = dict(result.get("pck", {}))
+  out["AP"] = result.get("coco", {}).get("AP", float("nan"))
+  out["parse_failure_rate"] = result.get("parse_failure_rate", 0.0)
+  return {k: float(out.get(k, float("nan"))) for k in SUMMARY_KEYS}
+
+
+def summary_table(model: dict[str, float], baseline: dict[str, float]) -> str:
+  """Markdown table: model beside the baseline."""
+  rows = ["| metric | model | no-image baseline | model - baseline |", "|---|---|---|---|"]
+  for k in SUMMARY_KEYS:
+    rows.append(f"| {k} | {model[k]:.3f} | {baseline[k]:.3f} | {model[k] - baseline[k]:+.3f} |")
+  return "\n".join(rows)
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+  """The whole job; returns what ``metrics.json`` holds."""
+  from kptjax import train
+  t0 = time.time()
+  logging.info("Synthetic data (generated once, then cached)")
+  train_records = pipeline.load_records(config, "train")
+  eval_records = pipeline.load_records(config, "eval")
+  t_data = time.time() - t0
+
+  train.run(config, workdir)
+  t_train = time.time() - t0 - t_data
+
+  model = evaluate.run(config, os.path.join(workdir, "eval"), checkpoint=workdir)
+  t_eval = time.time() - t0 - t_data - t_train
+  base = evaluate_baseline(config, os.path.join(workdir, "baseline"), train_records,
+                           eval_records)
+  entries = model_entries(os.path.join(workdir, "eval"))
+  overlays = write_overlays(os.path.join(workdir, "overlays"), eval_records, entries,
+                            baseline_entries(config, mean_crop_position(config, train_records),
+                                             eval_records))
+  result = {
+      "model": headline(model), "baseline": headline(base),
+      "num_eval_persons": model["num_persons"], "num_train_images":
+      int(config.data.train.num_images), "train_steps": int(config.train.num_steps),
+      "wall_s": {"data": t_data, "train": t_train, "eval": t_eval,
+                 "total": time.time() - t0},
+      "overlays": [os.path.relpath(p, workdir) for p in overlays],
+      "model_details": os.path.join("eval", evaluate.METRICS),
+      "baseline_details": os.path.join("baseline", evaluate.METRICS),
+  }
+  evaluate.write_json_atomic(os.path.join(workdir, "metrics.json"), result)
+  print(f"\nkptjax demo: {result['num_eval_persons']} held-out synthetic people, "
+        f"{result['train_steps']} steps, {result['wall_s']['total'] / 60:.1f} min "
+        f"(data {t_data:.0f} s, train {t_train:.0f} s, eval {t_eval:.0f} s)\n")
+  print(summary_table(result["model"], result["baseline"]))
+  print(f"\nworkdir: {workdir} (metrics.json, overlays/, TensorBoard: "
+        f"tensorboard --logdir {workdir})")
+  return result
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", "workdir/demo", "Output directory.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
