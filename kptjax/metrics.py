@@ -1,5 +1,5 @@
-"""Keypoint metrics: COCO OKS AP/AR (pycocotools), PCKh (MPII), PCK (box-normalized),
-MPJPE / PA-MPJPE (Human3.6M), and per-keypoint tables.
+"""Keypoint metrics: COCO OKS AP/AR (pycocotools), PCKh (MPII), PCK (box-normalized;
+per category for MP-100), MPJPE / PA-MPJPE (Human3.6M), and per-keypoint tables.
 
 Units: 2D coordinates in original-image pixels; 3D coordinates in millimetres.
 Every function takes numpy arrays and returns plain Python floats / dicts so the
@@ -153,6 +153,37 @@ MPII_GROUPS = {
 # 'locllm' (LocLLM's valid2dmpii.py) also drops upper neck and head top, so the mean is
 # over the 12 limb joints a COCO-trained model knows.
 PCKH_MEAN_EXCLUDE = {"standard": (6, 7), "locllm": (6, 7, 8, 9)}
+
+
+def category_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: np.ndarray,
+                 categories: Sequence[str], threshold: float = 0.2) -> dict[str, Any]:
+  """MP-100's PCK@t (POMNet, KptLLM, CapeLLM): box PCK per category, then the mean
+  over categories (each category weighs the same, however many instances it has).
+
+  Args:
+    pred, gt: float[N, K, 2] pixels (K = the largest category's keypoint count; rows
+      past a category's own count are masked out by ``visible``).
+    visible: bool[N, K] keypoints that count (labeled in the query, and in a support
+      for visual prompts).
+    boxes: float[N, 4] x, y, w, h pixels; the normalizer is max(w, h).
+    categories: N category names.
+    threshold: t (0.2 in the papers).
+
+  Returns:
+    {'PCK@t': mean over categories with a counted keypoint, 'per_category': {name:
+    PCK@t}, 'count': {name: keypoints counted}}.
+  """
+  categories = np.asarray(list(categories), dtype=object)
+  key = f"PCK@{threshold:g}"
+  per, count = {}, {}
+  for name in sorted(set(categories.tolist())):
+    rows = categories == name
+    result = box_pck(np.asarray(pred)[rows], np.asarray(gt)[rows],
+                     np.asarray(visible)[rows], np.asarray(boxes)[rows], (threshold,))
+    if result["count"]:
+      per[str(name)], count[str(name)] = result[key], result["count"]
+  return {key: float(np.mean(list(per.values()))) if per else float("nan"),
+          "per_category": per, "count": count}
 
 
 def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_boxes: np.ndarray,

@@ -14,6 +14,7 @@ PersonRecord / CaptionRecord in original-image pixels, with ``.skipped`` counts)
   mpii        read_mpii_json         spec='mpii16'
   h36m        read_h36m              spec='h36m17'
   mp100       read_mp100             one spec per category
+  ap10k_family read_ap10k_families   spec='ap10k17', ``families='Canidae'`` (sources/ap10k.py)
   llava       read_llava_captions    -
 
 Each reader takes the annotation file and the image root first (positional or
@@ -26,6 +27,7 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from kptjax.data.sources.ap10k import read_ap10k_families
 from kptjax.data.sources.base import CaptionRecord, PersonRecord, Records
 from kptjax.data.sources.coco import read_coco_keypoints, read_mp100, sanitize_box
 from kptjax.data.sources.h36m import read_h36m
@@ -49,6 +51,7 @@ READERS: dict[str, Callable[..., Records]] = {
     "mpii": read_mpii_json,
     "h36m": read_h36m,
     "mp100": read_mp100,
+    "ap10k_family": read_ap10k_families,
     "llava": read_llava_captions,
 }
 

@@ -1,0 +1,160 @@
+"""Category-agnostic protocols: MP-100 category splits, few-shot supports, AP-10K families.
+
+MP-100 (POMNet's protocol, used by KptLLM and CapeLLM): 100 categories, five splits;
+in every split the categories are cut into 70 train / 10 val / 20 test, disjoint, and
+the five test sets are disjoint too (each category is a test category exactly once).
+``category_splits`` makes such splits from any category list (seeded), and
+``write_split_files`` writes them as ``mp100_split{k}_{train,val,test}.json`` (COCO
+subsets read by ``read_mp100``; the names ``configs/capellm_mp100.py`` uses).
+
+Few-shot supports (KptLLM's visual prompts): every query instance gets ``shots``
+support instances of its own category from other images, drawn from
+``np.random.default_rng([seed, query index])`` — the same for the same seed, whatever
+else is in the list. A keypoint counts for a query when it is labeled in the query
+and in at least one support (5-shot: the prompt is the average of the supports where
+the keypoint is labeled; ``support_keypoint_mask``).
+
+AP-10K cross-species (CLAMP's protocol, KptLLM's textual prompts): train on one family,
+test on another. ``family_category_ids`` maps family names (the categories'
+``supercategory``) to category ids for ``read_coco_keypoints(category_ids=...)``;
+``read_ap10k_families`` reads a file keeping only those families (both live in
+``kptjax/data/sources/ap10k.py``; data source ``ap10k_family``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from kptjax.data.sources.ap10k import family_category_ids, read_ap10k_families  # noqa: F401
+from kptjax.data.sources._util import field, load_json
+from kptjax.errors import ConfigError
+
+SPLIT_PARTS = ("train", "val", "test")
+MP100_SPLITS = 5
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------- category splits
+def category_splits(category_ids: Sequence[int], *, num_splits: int = MP100_SPLITS,
+                    num_val: int = 10, num_test: int = 20, seed: int = 0
+                    ) -> list[dict[str, list[int]]]:
+  """Disjoint train / val / test category sets for each of ``num_splits`` splits.
+
+  The categories are shuffled once (``seed``); split k tests on the k-th block of
+  ``num_test`` categories, validates on the ``num_val`` categories after it (cyclic)
+  and trains on the rest. With 100 categories: 70 / 10 / 20, and every category is a
+  test category in exactly one split.
+
+  Returns:
+    [{'train': ids, 'val': ids, 'test': ids}] (sorted ids), one dict per split.
+  """
+  ids = [int(c) for c in category_ids]
+  n = len(ids)
+  if len(set(ids)) != n:
+    raise ConfigError("category_splits: duplicate category ids")
+  if num_splits * num_test > n or num_test + num_val >= n:
+    raise ConfigError(f"category_splits: {n} categories cannot make {num_splits} splits "
+                      f"with {num_test} test and {num_val} val categories each")
+  order = [ids[i] for i in np.random.default_rng(seed).permutation(n)]
+  splits = []
+  for k in range(num_splits):
+    test = order[k * num_test:(k + 1) * num_test]
+    start = (k + 1) * num_test
+    val = [order[(start + j) % n] for j in range(num_val)]
+    train = [c for c in order if c not in set(test) | set(val)]
+    splits.append({"train": sorted(train), "val": sorted(val), "test": sorted(test)})
+  return splits
+
+
+def split_file_name(split: int, part: str) -> str:
+  """'mp100_split{split}_{part}.json' (split counts from 1)."""
+  return f"mp100_split{split}_{part}.json"
+
+
+def subset_by_categories(data: Mapping[str, Any], category_ids: Iterable[int]) -> dict:
+  """The COCO dict restricted to ``category_ids`` (their categories, annotations, and
+  the images that hold at least one of them)."""
+  keep = set(int(c) for c in category_ids)
+  anns = [a for a in data["annotations"] if int(a["category_id"]) in keep]
+  image_ids = {int(a["image_id"]) for a in anns}
+  return {**{k: v for k, v in data.items()
+             if k not in ("images", "annotations", "categories")},
+          "images": [im for im in data["images"] if int(im["id"]) in image_ids],
+          "annotations": anns,
+          "categories": [c for c in data["categories"] if int(c["id"]) in keep]}
+
+
+def write_split_files(ann_file: PathLike, out_dir: PathLike, *, num_splits: int = MP100_SPLITS,
+                      num_val: int = 10, num_test: int = 20, seed: int = 0
+                      ) -> list[dict[str, list[int]]]:
+  """Writes ``out_dir/mp100_split{k}_{train,val,test}.json`` for k = 1..num_splits.
+
+  Args:
+    ann_file: an MP-100-style COCO file holding every category.
+    out_dir: the folder (made when missing); ``annotations/`` of the MP-100 layout.
+
+  Returns:
+    The splits (``category_splits``).
+  """
+  path = os.fspath(ann_file)
+  data = load_json(path)
+  cats = field(data, "categories", path, "", list)
+  ids = [field(c, "id", path, f"categories[{i}]", int) for i, c in enumerate(cats)]
+  splits = category_splits(ids, num_splits=num_splits, num_val=num_val, num_test=num_test,
+                           seed=seed)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  for k, split in enumerate(splits, start=1):
+    for part in SPLIT_PARTS:
+      target = out / split_file_name(k, part)
+      tmp = target.with_suffix(".tmp")
+      tmp.write_text(json.dumps(subset_by_categories(data, split[part])))
+      os.replace(tmp, target)
+  return splits
+
+
+# --------------------------------------------------------------------------- supports
+def sample_supports(records: Sequence[Any], shots: int, seed: int = 0,
+                    queries: Optional[Iterable[int]] = None) -> list[tuple[int, tuple[int, ...]]]:
+  """Support instances for each query: ``shots`` records of the query's category.
+
+  Args:
+    records: PersonRecords (the category is ``record.spec``; MP-100 has one spec per
+      category).
+    shots: supports per query (1 or 5 in the papers).
+    seed: with the query index, seeds the draw (``default_rng([seed, q])``).
+    queries: record indices to draw for (default: all).
+
+  Returns:
+    [(query index, support indices)]: supports come from other images of the same
+    category, without replacement while enough exist (then with replacement; the
+    query itself only when its category has no other instance).
+  """
+  if shots < 1:
+    raise ConfigError(f"shots={shots}: need at least one support")
+  by_spec: dict[str, list[int]] = {}
+  for i, r in enumerate(records):
+    by_spec.setdefault(r.spec, []).append(i)
+  out = []
+  for q in (range(len(records)) if queries is None else queries):
+    q = int(q)
+    record = records[q]
+    pool = [i for i in by_spec[record.spec]
+            if i != q and records[i].image_id != record.image_id]
+    pool = pool or [i for i in by_spec[record.spec] if i != q] or [q]
+    rng = np.random.default_rng([seed, q])
+    chosen = rng.choice(len(pool), shots, replace=len(pool) < shots)
+    out.append((q, tuple(int(pool[j]) for j in chosen)))
+  return out
+
+
+def support_keypoint_mask(query: Any, supports: Sequence[Any]) -> np.ndarray:
+  """bool[K]: keypoints labeled in the query and in at least one support."""
+  labeled = np.asarray(query.keypoints)[:, -1] > 0
+  in_support = np.any([np.asarray(s.keypoints)[:, -1] > 0 for s in supports], axis=0)
+  return labeled & in_support

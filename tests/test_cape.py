@@ -1,0 +1,116 @@
+"""Category-agnostic protocols on a small MP-100-style file the test writes: disjoint
+category splits as five file sets, seeded 1-/5-shot supports, per-category PCK@0.2
+against a hand count, AP-10K family filtering."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kptjax import metrics
+from kptjax.data import cape
+from kptjax.data.sources import read_dataset, read_mp100
+from kptjax.errors import DataError
+
+
+def _mp100_file(path, num_categories=10, per_category=6):
+  """num_categories categories (3 + c % 3 keypoints each), per_category instances each,
+  one instance per image."""
+  images, anns, cats = [], [], []
+  for c in range(1, num_categories + 1):
+    k = 3 + c % 3
+    cats.append({"id": c, "name": f"thing_{c}", "supercategory": f"fam{c % 2}",
+                 "keypoints": [f"point_{j}" for j in range(k)]})
+    for i in range(per_category):
+      image_id = c * 100 + i
+      images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 64,
+                     "height": 64})
+      kp = []
+      for j in range(k):
+        kp += [10 + j, 20 + i, 0 if (i == 1 and j == 0) else 2]
+      anns.append({"id": image_id, "image_id": image_id, "category_id": c,
+                   "bbox": [5, 5, 40, 40], "keypoints": kp})
+  path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+  return path
+
+
+def test_category_splits_are_disjoint_and_cover_each_category_once_as_test():
+  splits = cape.category_splits(range(100), seed=3)
+  assert len(splits) == 5
+  for s in splits:
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (70, 10, 20)
+    assert not set(s["train"]) & set(s["test"]) and not set(s["train"]) & set(s["val"])
+    assert not set(s["val"]) & set(s["test"])
+  tests = [c for s in splits for c in s["test"]]
+  assert sorted(tests) == list(range(100))          # each category tested exactly once
+  assert cape.category_splits(range(100), seed=3) == splits
+  assert cape.category_splits(range(100), seed=4) != splits
+
+
+def test_split_files_hold_disjoint_categories(tmp_path):
+  ann = _mp100_file(tmp_path / "all.json")
+  splits = cape.write_split_files(ann, tmp_path / "annotations", num_val=1, num_test=2)
+  for k in range(1, 6):
+    cats = {}
+    for part in cape.SPLIT_PARTS:
+      records = read_mp100(tmp_path / "annotations" / cape.split_file_name(k, part), tmp_path,
+                           check_images=False)
+      cats[part] = {r.spec for r in records}
+      assert len(records) == 6 * len(splits[k - 1][part])
+    assert (len(cats["train"]), len(cats["val"]), len(cats["test"])) == (7, 1, 2)
+    assert not cats["train"] & cats["test"] and not cats["val"] & (cats["train"] | cats["test"])
+
+
+@pytest.mark.parametrize("shots", [1, 5])
+def test_supports_are_seeded_and_from_the_same_category(tmp_path, shots):
+  records = read_mp100(_mp100_file(tmp_path / "all.json"), tmp_path, check_images=False)
+  first = cape.sample_supports(records, shots, seed=7)
+  assert first == cape.sample_supports(records, shots, seed=7)
+  assert first != cape.sample_supports(records, shots, seed=8)
+  # A query's supports do not depend on which other queries are drawn.
+  assert cape.sample_supports(records, shots, seed=7, queries=[13]) == [first[13]]
+  for q, sup in first:
+    assert len(sup) == shots and len(set(sup)) == shots      # 5 others exist: no repeats
+    assert all(records[s].spec == records[q].spec for s in sup)
+    assert all(records[s].image_id != records[q].image_id for s in sup)
+
+
+def test_support_keypoint_mask_needs_a_labeled_support(tmp_path):
+  records = read_mp100(_mp100_file(tmp_path / "all.json"), tmp_path, check_images=False)
+  query, unlabeled_support, other = records[0], records[1], records[2]   # category 1
+  assert cape.support_keypoint_mask(query, [unlabeled_support]).tolist() == [False, True, True, True]
+  assert cape.support_keypoint_mask(query, [unlabeled_support, other]).all()
+
+
+def test_category_pck_by_hand():
+  # Two categories. Box 100 x 50 -> normalizer 100 -> threshold 20 px.
+  gt = np.zeros((3, 2, 2))
+  pred = gt.copy()
+  pred[0, 0] = (19.0, 0.0)      # cat a: hit
+  pred[0, 1] = (0.0, 21.0)      # cat a: miss
+  pred[1, 0] = (12.0, 16.0)     # cat a: distance 20 -> hit (<= t)
+  pred[1, 1] = (50.0, 50.0)     # cat a: not visible, does not count
+  pred[2] = (30.0, 0.0)         # cat b: both miss ... but only one keypoint is visible
+  pred[2, 1] = (1.0, 1.0)       #        ... and it hits
+  visible = np.array([[1, 1], [1, 0], [0, 1]], bool)
+  boxes = np.tile([0.0, 0.0, 100.0, 50.0], (3, 1))
+  out = metrics.category_pck(pred, gt, visible, boxes, ["a", "a", "b"], 0.2)
+  assert out["per_category"] == {"a": pytest.approx(2 / 3), "b": 1.0}
+  assert out["PCK@0.2"] == pytest.approx((2 / 3 + 1.0) / 2)   # mean of categories,
+  assert out["count"] == {"a": 3, "b": 1}                       # not of keypoints (3/4)
+
+
+def test_ap10k_families(tmp_path):
+  ann = _mp100_file(tmp_path / "all.json")        # supercategory fam0 / fam1 by parity
+  data = json.loads(ann.read_text())
+  for a in data["annotations"]:                   # AP-10K files have 17 keypoints each
+    a["keypoints"] = (a["keypoints"] + [0, 0, 0] * 17)[:51]
+  ann.write_text(json.dumps(data))
+  assert cape.family_category_ids(ann, "fam1") == [1, 3, 5, 7, 9]
+  assert cape.family_category_ids(ann, "FAM0|fam1") == list(range(1, 11))
+  with pytest.raises(DataError, match="Felidae"):
+    cape.family_category_ids(ann, "Felidae")
+  train = read_dataset("ap10k_family", ann, tmp_path, families="fam1", check_images=False)
+  test = read_dataset("ap10k_family", ann, tmp_path, families="fam0", check_images=False)
+  assert len(train) == len(test) == 30
+  assert {r.image_id // 100 for r in train}.isdisjoint({r.image_id // 100 for r in test})
