@@ -219,6 +219,7 @@ class _JsonlWriter:
   def write_scalars(self, step, scalars):
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
 
   def write_summaries(self, step, values, metadata=None): pass
   def write_images(self, step, images): pass
@@ -366,6 +367,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
       else:
         steps_timed += 1
       report(step)
+      if len(history) > 1:   # the bar counts finished steps; one step stays in flight
+        jax.block_until_ready(history[-2][1])
       bar.update(1)
 
       save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)

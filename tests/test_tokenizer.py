@@ -68,3 +68,9 @@ def test_hf_dir_loads_and_gets_location_tokens(tok, tmp_path):
   grown = tokenizer_lib.load_tokenizer(tmp_path, loc_bins=120)
   assert len(grown.encode("<loc_110>", add_special_tokens=False)) == 1
   assert grown.convert_tokens_to_ids("<loc_5>") == tok.convert_tokens_to_ids("<loc_5>")
+
+
+def test_bundled_file_ignores_specs_registered_at_run_time():
+  from kptjax.keypoints import make_spec
+  make_spec("test_tokenizer_extra", [("visual widget tip", "the tip of the widget")])
+  assert build_tiny_tokenizer.build() == tokenizer_lib.TINY_TOKENIZER_FILE.read_text("utf-8")

@@ -7,7 +7,8 @@ A byte-pair encoding (``tokenizers`` library) of at most ``VOCAB_SIZE`` tokens:
 * pre-tokenization: newlines isolated, spaces as ``▁`` attached to the next word
   (never prepended), every digit its own piece (as Llama), so merges never join digits;
 * trained on a weighted corpus: the conversation templates (``conversation.TEMPLATE_TEXT``)
-  many times, then every built-in spec's keypoint names, then their descriptions, so
+  many times, then every built-in spec's (bundled files only, never specs a program
+  registered at run time) keypoint names, then their descriptions, so
   template words and names are single tokens;
 * an alphabet of letters, digits and common punctuation, so English text round-trips.
 
@@ -34,7 +35,7 @@ def corpus() -> list[str]:
   """Training texts, repeated by weight."""
   from kptjax.keypoints import get_spec, list_specs  # pylint: disable=g-import-not-at-top
   names, descriptions, subjects = [], [], set()
-  for spec_name in sorted(list_specs()):
+  for spec_name in list_specs(builtin_only=True):
     spec = get_spec(spec_name)
     names += list(spec.names)
     descriptions += [d for d in spec.descriptions if d]

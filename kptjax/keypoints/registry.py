@@ -266,10 +266,11 @@ def get_spec(name: Union[str, KeypointSpec, os.PathLike]) -> KeypointSpec:
   raise KeyError(f"unknown keypoint spec {key!r}; known: {list_specs()}")
 
 
-def list_specs() -> list[str]:
-  """Names of the built-in and registered specs."""
+def list_specs(builtin_only: bool = False) -> list[str]:
+  """Names of the built-in and registered specs (only the bundled files' with
+  ``builtin_only``: what ships with kptjax, whatever a program registered since)."""
   with _LOCK:
-    return sorted(set(_builtin_files()) | set(_REGISTRY))
+    return sorted(set(_builtin_files()) | (set() if builtin_only else set(_REGISTRY)))
 
 
 def make_spec(name: str, keypoints: Iterable[Union[tuple[str, str], Mapping[str, Any]]], *,
