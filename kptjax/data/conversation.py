@@ -28,6 +28,23 @@ Coordinate text (``config.data.coord_format``), values in normalized crop units:
   token ablation; the bundled tiny tokenizer has ``<loc_0>``..``<loc_99>``, HF
   tokenizers get them from ``load_tokenizer(path, loc_bins=...)``).
 
+* ``keypoint_token``: the ``<keypoint>`` token alone (KptLLM's regression decoding: its
+  final hidden state goes through an FFN head to (x, y); ``kpt_tasks.TaskEncoder`` only).
+
+KptLLM's three tasks (``config.data.tasks``, e.g. ``'visual:1,textual:1'``; encoded by
+``kptjax.data.kpt_tasks.TaskEncoder``)
+share the ``locllm`` prefix; ``<prompt>`` is one keypoint-prompt slot (filled by the
+model with the support keypoint's prompt feature) and ``{coords}`` the answer above:
+
+* ``semantic`` (keypoint semantic understanding; the image is the support image itself):
+  ``Keypoint prompt: <prompt>\nQuestion: What is the keypoint of this {subject} marked by
+  the prompt? Please describe it.\nAnswer: {description}</s>``
+* ``visual`` (visual-prompt detection, identify-then-detect): ``Keypoint prompt:
+  <prompt>\nQuestion: Where is the keypoint marked by the prompt in this image? Please
+  describe it, then provide its coordinates.\nAnswer: {description} Coordinates:
+  {coords}</s>``
+* ``textual`` (textual-prompt detection): LocLLM's round, ``{coords}</s>``.
+
 Values are clipped to [0, 0.999] (and z to [0, 0.999999]) so that they always match
 the parser's ``0\\.\\d+``: LocLLM's own ``{:.3f}`` would write 1.000 for x = 223.9/224.
 
@@ -47,7 +64,8 @@ import numpy as np
 from kptjax.errors import ConfigError
 
 TEMPLATES = ("locllm", "capellm", "chat", "compact")
-COORD_FORMATS = ("decimal2d", "decimal3d", "loc_tokens")
+COORD_FORMATS = ("decimal2d", "decimal3d", "loc_tokens", "keypoint_token")
+TASKS = ("semantic", "visual", "textual")
 DEPTH_RANGE_MM = 2000.0
 DEFAULT_LOC_BINS = 100
 
@@ -73,6 +91,20 @@ TEMPLATE_TEXT: dict[str, dict[str, str]] = {
     "compact": dict(
         image_header="", image_footer="",
         round="{description} {name}?", round_no_description="{name}?"),
+}
+
+_PROMPT_MARK = "{prompt}"
+# KptLLM's tasks: one round's prompt and its answer ({coords}: the coordinate answer).
+TASK_TEXT: dict[str, dict[str, str]] = {
+    "semantic": dict(
+        round="Keypoint prompt: {prompt}\nQuestion: What is the keypoint of this {subject} "
+        "marked by the prompt? Please describe it.\nAnswer: ",
+        answer="{description}"),
+    "visual": dict(
+        round="Keypoint prompt: {prompt}\nQuestion: Where is the keypoint marked by the prompt "
+        "in this image? Please describe it, then provide its coordinates.\nAnswer: ",
+        answer="{description} Coordinates: {coords}"),
+    "textual": dict(round=TEMPLATE_TEXT["locllm"]["round"], answer="{coords}"),
 }
 
 # Sentinels marking the image and the answers in a rendered chat template.
@@ -130,6 +162,9 @@ def format_answer(values: Sequence[float], cfg: Any) -> str:
     bins = int(_get(cfg, "loc_bins", DEFAULT_LOC_BINS))
     i, j = np.clip(np.floor(v[:2] * bins), 0, bins - 1).astype(int)
     return loc_token(i) + loc_token(j)
+  if fmt == "keypoint_token":
+    raise ConfigError("coord_format 'keypoint_token' answers with a token id, not text: "
+                      "use kptjax.data.kpt_tasks.TaskEncoder")
   raise ConfigError(f"unknown coord_format {fmt!r}; known: {COORD_FORMATS}")
 
 

@@ -1,0 +1,117 @@
+"""KptLLM task conversations: golden strings of the three tasks (decimal and <keypoint>
+answers), loss masks on answers and end-of-turn only, per-round prompt / regression slots,
+task mixing."""
+
+import numpy as np
+import pytest
+
+from kptjax.data import conversation as conv
+from kptjax.data import kpt_tasks
+from kptjax.data.tokenizer import load_tokenizer
+from kptjax.errors import ConfigError
+from kptjax.keypoints import get_spec
+
+N_IMAGE = 2
+PROMPT, KEYPOINT = 103, 104          # tiny tokenizer: <loc_98>, <loc_99> (configs/tiny.py)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return load_tokenizer("")
+
+
+def _enc(tok, **kw):
+  cfg = dict(template="locllm", coord_format="decimal2d", use_descriptions=True, rounds=2,
+             max_len=0, loc_bins=100)
+  cfg.update(kw)
+  return kpt_tasks.TaskEncoder(tok, cfg, N_IMAGE, prompt_token_id=PROMPT,
+                               keypoint_token_id=KEYPOINT)
+
+
+def _keypoints():
+  """coco17 in a 100 px crop: only the nose (0) and the left eye (1) are labeled."""
+  kp = np.zeros((17, 3), np.float32)
+  kp[0] = (41.2, 73.3, 2)
+  kp[1] = (10.0, 20.0, 2)
+  return kp
+
+
+def _text(tok, out):
+  n = int(out["input_mask"].sum())
+  return tok.decode([int(i) for i in out["tokens"][:n]], skip_special_tokens=False)
+
+
+PREFIX = "<s>Image: " + "<image>" * N_IMAGE + "\n"
+SEM_Q = ("Keypoint prompt: <loc_98>\nQuestion: What is the keypoint of this person marked by "
+         "the prompt? Please describe it.\nAnswer: ")
+VIS_Q = ("Keypoint prompt: <loc_98>\nQuestion: Where is the keypoint marked by the prompt in "
+         "this image? Please describe it, then provide its coordinates.\nAnswer: ")
+TXT_Q = ("Keypoint: {d}\nQuestion: Where is the {n} of this person in this image? Please "
+         "provide its coordinates.\nAnswer: ")
+
+
+@pytest.mark.parametrize("fmt", ["decimal2d", "keypoint_token"])
+def test_golden_strings(tok, fmt):
+  spec = get_spec("coco17")
+  nose, eye = spec.descriptions[0], spec.descriptions[1]
+  enc = _enc(tok, coord_format=fmt)
+  coords = ("[0.412,0.733]", "[0.100,0.200]") if fmt == "decimal2d" else ("<loc_99>",) * 2
+  kp = _keypoints()
+  sem = enc.encode_task("semantic", kp, 100, spec, None)
+  assert _text(tok, sem) == PREFIX + SEM_Q + nose + "</s>" + SEM_Q + eye + "</s>"
+  vis = enc.encode_task("visual", kp, 100, spec, None)
+  assert _text(tok, vis) == (PREFIX + VIS_Q + nose + " Coordinates: " + coords[0] + "</s>"
+                             + VIS_Q + eye + " Coordinates: " + coords[1] + "</s>")
+  txt = enc.encode_task("textual", kp, 100, spec, None)
+  assert _text(tok, txt) == (PREFIX + TXT_Q.format(d=nose, n="nose") + coords[0] + "</s>"
+                             + TXT_Q.format(d=eye, n="left eye") + coords[1] + "</s>")
+  if fmt == "decimal2d":   # the textual task with decimals is LocLLM's conversation
+    locllm = conv.encode_training_example(kp, 100, spec, tok, dict(enc.cfg), N_IMAGE, None)
+    np.testing.assert_array_equal(locllm["tokens"], txt["tokens"])
+
+
+@pytest.mark.parametrize("task", kpt_tasks.TASKS)
+def test_loss_mask_covers_only_answers(tok, task):
+  spec = get_spec("coco17")
+  enc = _enc(tok, coord_format="keypoint_token", max_len=200)
+  out = enc.encode_task(task, _keypoints(), 100, spec, np.random.default_rng(0))
+  tokens, targets, mask = out["tokens"], out["targets"], out["loss_mask"]
+  n = int(out["input_mask"].sum())
+  assert tokens.shape == (200,) and np.array_equal(targets[:n - 1], tokens[1:n])
+  masked = tok.decode([int(t) for t in targets[mask > 0]], skip_special_tokens=False)
+  answers = {"semantic": "{0}</s>{1}</s>",
+             "visual": "{0} Coordinates: <loc_99></s>{1} Coordinates: <loc_99></s>",
+             "textual": "<loc_99></s><loc_99></s>"}[task]
+  order = [int(i) for i in out["prompt_index"]]
+  assert sorted(order) == [0, 1]
+  assert masked == answers.format(*(spec.descriptions[i] for i in order))
+  assert np.all(mask[n - 1:] == 0)                        # nothing past the end
+  # Per-round slots: one <prompt> per semantic / visual round, one <keypoint> target per
+  # detection round, in order.
+  assert int(np.sum(tokens == PROMPT)) == int(out["prompt_mask"].sum()) == (
+      0 if task == "textual" else 2)
+  assert int(np.sum(tokens == KEYPOINT)) == int(out["kpt_mask"].sum()) == (
+      0 if task == "semantic" else 2)
+  xy = {0: (0.412, 0.733), 1: (0.1, 0.2)}
+  np.testing.assert_allclose(out["kpt_xy"], [xy[i] for i in order], atol=1e-6)
+
+
+def test_prompt_valid_limits_prompted_keypoints(tok):
+  spec = get_spec("coco17")
+  valid = np.zeros(17, bool)
+  valid[1] = True                                     # the support labels only the left eye
+  out = _enc(tok).encode_task("visual", _keypoints(), 100, spec, None, prompt_valid=valid)
+  assert out["num_rounds"] == 1 and out["prompt_index"].tolist() == [1, -1]
+  txt = _enc(tok).encode_task("textual", _keypoints(), 100, spec, None, prompt_valid=valid)
+  assert txt["num_rounds"] == 2                       # text prompts need no support
+
+
+def test_task_mixing():
+  names, probs = kpt_tasks.parse_tasks("visual:3,textual")
+  assert names == ("visual", "textual") and probs.tolist() == [0.75, 0.25]
+  assert kpt_tasks.parse_tasks("")[0] == ()
+  with pytest.raises(ConfigError, match="unknown task"):
+    kpt_tasks.parse_tasks("pose:1")
+  with pytest.raises(ConfigError, match="keypoint_token_id"):
+    kpt_tasks.TaskEncoder(load_tokenizer(""), dict(coord_format="keypoint_token"), 1,
+                          prompt_token_id=PROMPT)
