@@ -17,6 +17,10 @@ the answer tokens), at toy width, with the levers that make it learn on 2 CPU co
 Variants (``--config configs/demo.py:ARG``):
   long     the longer run (at most an hour on 2 cores), for PCK@0.1 >= 0.85.
   smoke    a seconds-long run of the whole job (tests, notebooks).
+  overfit=N  train on N images without augmentation and evaluate on the same people:
+           the check that the image reaches the answer (experiments/demo_overfit.py).
+  width=D,layers=L,image=S,patch=P,batch=B,steps=S,lr=X  override the model width /
+           depth of both towers, the crop and patch side, and the run length (for sweeps and the fast over-fit test).
 """
 
 import ml_collections
@@ -29,12 +33,14 @@ def get_config(arg=None):
   args = common.parse_arg(arg)
   c = tiny.get_config().unlock()
 
-  d = 128
-  c.model.vit = common.vit_config(image_size=64, patch_size=8, hidden_size=d, num_layers=4,
+  d = int(args.get("width", 128))
+  layers = int(args.get("layers", 4))
+  c.model.vit = common.vit_config(image_size=int(args.get("image", 64)),
+                                  patch_size=int(args.get("patch", 8)), hidden_size=d, num_layers=layers,
                                   num_heads=4, intermediate_size=4 * d)
   c.model.vit.pos_embed = "sincos2d"
   c.model.llm = common.llm_config(vocab_size=512, hidden_size=d, intermediate_size=4 * d,
-                                  num_layers=4, num_heads=4, num_kv_heads=4,
+                                  num_layers=layers, num_heads=4, num_kv_heads=4,
                                   max_position_embeddings=512)
   c.model.projector.kind = "linear"
   c.model.remat_policy = "none"
@@ -63,6 +69,18 @@ def get_config(arg=None):
     c.data.train.num_images = 16000
     c.train.num_steps = 2000
     c.train.checkpoint_every = 500
+  if args.get("overfit"):
+    c.data.train.num_images = int(args["overfit"])
+    c.data.eval = ml_collections.ConfigDict(c.data.train.to_dict())
+    c.data.augment.update(rotation=0.0, rotation_prob=0.0, scale_sigma=0.0, scale_min=1.0,
+                          scale_max=1.0)
+    c.train.update(num_steps=300, checkpoint_every=300)
+  for key, field, kind in (("batch", "batch_size", int), ("steps", "num_steps", int)):
+    if key in args:
+      c.train[field] = kind(args[key])
+  c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.num_steps)
+  if "lr" in args:
+    c.optim.lr = float(args["lr"])
   if args.get("smoke"):
     c.data.train.num_images, c.data.eval.num_images = 32, 8
     c.train.update(batch_size=4, num_steps=4, log_every=2, checkpoint_every=4)

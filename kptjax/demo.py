@@ -143,6 +143,23 @@ def write_overlays(out_dir: str, records: Sequence[Any], model_entries: Sequence
   return paths
 
 
+def write_new_person(config: Any, workdir: str, index: int = 0) -> dict[str, Any]:
+  """A synthetic image no split contains (split 'new') for ``kptjax.predict``:
+  ``workdir/new_person.jpg`` and ``new_person.json`` (box, ground-truth keypoints)."""
+  from PIL import Image
+  from kptjax.data import synthetic
+  knobs = synthetic.get_knobs(config.data.eval.preset, config.data.eval.knobs)
+  image, people = synthetic.render_image(int(config.data.eval.seed), "new", index, knobs)
+  path = os.path.join(workdir, "new_person.jpg")
+  tmp = path + ".tmp.jpg"
+  Image.fromarray(image).save(tmp, quality=95)
+  os.replace(tmp, path)
+  info = {"image": path, "box": [round(float(v), 1) for v in people[0]["box"]],
+          "keypoints": people[0]["keypoints"].round(2).tolist()}
+  evaluate.write_json_atomic(os.path.join(workdir, "new_person.json"), info)
+  return info
+
+
 # ---------------------------------------------------------------------------
 # Summary.
 
@@ -183,6 +200,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   overlays = write_overlays(os.path.join(workdir, "overlays"), eval_records, entries,
                             baseline_entries(config, mean_crop_position(config, train_records),
                                              eval_records))
+  new = write_new_person(config, workdir)
   result = {
       "model": headline(model), "baseline": headline(base),
       "num_eval_persons": model["num_persons"], "num_train_images":
@@ -200,6 +218,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   print(summary_table(result["model"], result["baseline"]))
   print(f"\nworkdir: {workdir} (metrics.json, overlays/, TensorBoard: "
         f"tensorboard --logdir {workdir})")
+  box = ",".join(f"{v:g}" for v in new["box"])
+  print(f"Try a new image: python -m kptjax.predict --config configs/demo.py "
+        f"--checkpoint {workdir} --image {new['image']} --box {box} --out {workdir}/predict")
   return result
 
 
