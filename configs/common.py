@@ -89,6 +89,18 @@ def lora_config(rank=8, alpha=16.0, dropout=0.05, vit_targets=("query", "value")
       vit_targets=list(vit_targets), llm_targets=list(llm_targets)))
 
 
+def kpt_config(*, enabled=False, prompt_token_id, keypoint_token_id, extractor_layers=2):
+  """KptLLM's support inputs and regression head (kptjax/models/kptllm.py).
+
+  prompt_token_id: the placeholder a support keypoint's prompt token fills;
+  keypoint_token_id: ``<keypoint>``, whose last hidden state the FFN head regresses to
+  (x, y) (coord_format 'keypoint_token'). enabled: build ``KptLLM`` instead of ``VLM``.
+  """
+  return ml_collections.ConfigDict(dict(
+      enabled=enabled, prompt_token_id=prompt_token_id, keypoint_token_id=keypoint_token_id,
+      extractor_layers=extractor_layers))
+
+
 def mesh_config(data=-1, fsdp=1, tensor=1):
   return ml_collections.ConfigDict(dict(
       shape=dict(data=data, fsdp=fsdp, tensor=tensor),

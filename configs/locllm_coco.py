@@ -45,6 +45,8 @@ def get_config(arg=None):
       lora=common.lora_config(rank=8, alpha=16.0, dropout=0.05,
                               vit_targets=("query", "value"), llm_targets=("q_proj", "v_proj")),
       image_token_id=0,          # '<unk>' of the Llama tokenizer fills the image slots
+      # KptLLM's two added tokens (after Vicuna's 32000); off for LocLLM.
+      kpt=common.kpt_config(prompt_token_id=32000, keypoint_token_id=32001),
       dtype="bfloat16",
       param_dtype="bfloat16",    # frozen towers in bf16; LoRA and projector stay float32
       scan_layers=True,
@@ -79,6 +81,8 @@ def get_config(arg=None):
       read_threads=4,
       loc_bins=100,
       group_size=0,
+      tasks="",
+      shots=1,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -86,6 +90,7 @@ def get_config(arg=None):
       weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0,
       grad_accum_steps=int(args.get("accum", 1)),
       trainable="lora+projector",
+      l1_weight=2.0,
   ))
 
   c.train = ml_collections.ConfigDict(dict(

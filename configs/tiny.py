@@ -24,6 +24,9 @@ def get_config(arg=None):
                             max_position_embeddings=1024),
       lora=common.lora_config(rank=4 if args.get("lora") else 0, alpha=8.0, dropout=0.0),
       image_token_id=4,          # '<image>' of the tiny tokenizer; Llama dirs use 0 ('<unk>')
+      # The tiny tokenizer's vocabulary is full: <loc_98> / <loc_99> stand for the prompt
+      # slot and <keypoint> (so coord_format 'loc_tokens' with them is refused).
+      kpt=common.kpt_config(prompt_token_id=103, keypoint_token_id=104),
       dtype="float32",
       param_dtype="float32",
       scan_layers=True,
@@ -62,12 +65,15 @@ def get_config(arg=None):
       read_threads=2,                    # grain threads per process
       loc_bins=100,                      # coord_format 'loc_tokens': <loc_0>..<loc_99>
       group_size=0,                      # >0: CapeLLM's fixed keypoint groups per item
+      tasks="",                          # KptLLM tasks mixed per item: 'visual:1,textual:1'
+      shots=1,                           # support instances per query (visual prompts)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, warmup_ratio=0.03, schedule="cosine", end_lr_ratio=0.0,
       weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, grad_accum_steps=1,
       trainable="lora+projector" if args.get("lora") else "all",
+      l1_weight=2.0,                     # KptLLM: loss = l1_weight * L1(<keypoint> xy) + LM
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -256,6 +256,15 @@ class Llama(nn.Module):
       return self.embed_tokens.decode(x)
     return self.lm_head(x).astype(jnp.float32)
 
+  def hidden(self, embeds: Array, input_mask: Array, deterministic: bool = True) -> Array:
+    """The last block's output [B,T,D] (before the final norm) for teacher-forced
+    embeds [B,T,D]; ``logits(hidden(...))`` equals ``__call__``'s logits."""
+    b, t = embeds.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, _, _ = self._blocks(embeds.astype(self.dtype), positions, causal_mask(input_mask),
+                           None, deterministic, False)
+    return x
+
   def __call__(self, tokens: Array | None = None, input_mask: Array | None = None, *,
                embeds: Array | None = None, deterministic: bool = True,
                return_attention: bool = False):

@@ -22,6 +22,10 @@ Array = jax.Array
 
 LORA_LEAVES = ("lora_a", "lora_b")
 TRAINABLE_MODES = ("all", "projector", "lora+projector")
+# Top-level modules trained whenever the projector is: the projector and KptLLM's
+# support-prompt modules and regression head (kptjax/models/kptllm.py).
+TRAINED_MODULES = ("projector", "prompt_encoder", "prompt_extractor", "prompt_projector",
+                   "keypoint_head")
 
 # PEFT's lora_A init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)).
 lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -153,8 +157,9 @@ def _path_names(path) -> tuple[str, ...]:
 def trainable_mask(params: Any, mode: str) -> Any:
   """Bool tree (same structure as params): which leaves the optimizer updates.
 
-  mode: 'all' | 'projector' (everything under a 'projector' key) |
-  'lora+projector' (projector plus every lora_a / lora_b leaf).
+  mode: 'all' | 'projector' (everything under a 'projector' key, and under KptLLM's
+  prompt modules and keypoint head: ``TRAINED_MODULES``) |
+  'lora+projector' (those plus every lora_a / lora_b leaf).
   """
   if mode not in TRAINABLE_MODES:
     raise ConfigError(f"optim.trainable={mode!r} (expected one of {TRAINABLE_MODES})")
@@ -163,7 +168,7 @@ def trainable_mask(params: Any, mode: str) -> Any:
     names = _path_names(path)
     if mode == "all":
       return True
-    if "projector" in names:
+    if "projector" in names or (names and names[0] in TRAINED_MODULES):
       return True
     return mode == "lora+projector" and bool(names) and names[-1] in LORA_LEAVES
 
