@@ -28,6 +28,7 @@ of a real person with ``valid=False``) so every process runs the same number of 
 Data sources (``config.data.train`` / ``config.data.eval``): ``source='synthetic'``
 generates (once, cached) ``num_images`` images of ``preset`` with ``seed`` and ``knobs``
 under ``path`` (default ``$KPTJAX_DATA_DIR/synthetic`` or ``~/.cache/kptjax/synthetic``);
+``source='synthetic_objects'`` the non-human categories of ``synthetic_objects`` there;
 any other source is read by ``kptjax.data.sources.read_dataset(source, ann_file,
 image_root, det_file=..., **options)``, where ``ann_file``/``image_root`` default to the
 COCO layout under ``path`` (``annotations/person_keypoints_{split}.json``, ``{split}/``;
@@ -50,6 +51,7 @@ import numpy as np
 
 from kptjax.data import conversation
 from kptjax.data import synthetic
+from kptjax.data import synthetic_objects
 from kptjax.data import transforms
 from kptjax.data.sources import Records, read_dataset
 from kptjax.errors import ConfigError, DataError
@@ -93,6 +95,11 @@ def load_records(config: Any, split: str) -> Records:
         d.path or synthetic.default_root(), d.preset, d.split, int(d.num_images),
         int(d.get("seed", 0)), overrides=d.get("knobs", "") or None)
     return read_dataset("synthetic", ann_file, image_root, **det)
+  if source == "synthetic_objects":      # non-human categories, MP-100 style (one spec each)
+    ann_file, image_root = synthetic_objects.generate_objects(
+        os.path.join(d.path or synthetic.default_root(), f"objects-seed{int(d.get('seed', 0))}"),
+        num_images=int(d.num_images), seed=int(d.get("seed", 0)), split=d.split)
+    return read_dataset("mp100", ann_file, image_root, **det)
   ann_file, image_root = d.get("ann_file", ""), d.get("image_root", "")
   if not ann_file:
     if not d.get("path"):
