@@ -41,7 +41,8 @@ def get_config(arg=None):
   c.model.vit.pos_embed = "sincos2d"
   c.model.llm = common.llm_config(vocab_size=512, hidden_size=d, intermediate_size=4 * d,
                                   num_layers=layers, num_heads=4, num_kv_heads=4,
-                                  max_position_embeddings=512)
+                                  max_position_embeddings=512,
+                                  rope_theta=float(args.get("theta", 1e6)))
   c.model.projector.kind = "linear"
   c.model.remat_policy = "none"
 

@@ -184,7 +184,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   """The whole job; returns what ``metrics.json`` holds."""
   from kptjax import train
   t0 = time.time()
-  logging.info("Synthetic data (generated once, then cached)")
+  print(f"kptjax demo -> {workdir}: synthetic data (generated once, then cached), "
+        f"train {config.train.num_steps} steps, evaluate", flush=True)
   train_records = pipeline.load_records(config, "train")
   eval_records = pipeline.load_records(config, "eval")
   t_data = time.time() - t0
@@ -232,10 +233,13 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config file.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", "workdir/demo", "Output directory.")
+  flags.DEFINE_bool("verbose", False, "Log at INFO (checkpointing, parameter overview).")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  if not FLAGS.verbose:   # progress bars and the summary; warnings and errors still log
+    logging.set_verbosity(logging.WARNING)
   run(FLAGS.config, FLAGS.workdir)
 
 

@@ -93,7 +93,7 @@ def load_records(config: Any, split: str) -> Records:
   if source == "synthetic":
     ann_file, image_root = synthetic.ensure_dataset(
         d.path or synthetic.default_root(), d.preset, d.split, int(d.num_images),
-        int(d.get("seed", 0)), overrides=d.get("knobs", "") or None)
+        int(d.get("seed", 0)), overrides=d.get("knobs", "") or None, progress=True)
     return read_dataset("synthetic", ann_file, image_root, **det)
   if source == "synthetic_objects":      # non-human categories, MP-100 style (one spec each)
     ann_file, image_root = synthetic_objects.generate_objects(
