@@ -30,6 +30,8 @@ def get_config(arg=None):
                         high_freq_factor=4.0, original_max_position_embeddings=8192),
       max_position_embeddings=131072)
   c.model.image_token_id = 128002   # <|reserved_special_token_0|> of the Llama-3 tokenizer
+  # KptLLM's slots if switched on: <|reserved_special_token_1|>, <|reserved_special_token_2|>.
+  c.model.kpt.prompt_token_id, c.model.kpt.keypoint_token_id = 128003, 128005
 
   c.checkpoints.llm_dir = "checkpoints/Llama-3.1-8B"
   c.checkpoints.tokenizer_dir = "checkpoints/Llama-3.1-8B"

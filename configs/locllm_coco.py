@@ -45,8 +45,9 @@ def get_config(arg=None):
       lora=common.lora_config(rank=8, alpha=16.0, dropout=0.05,
                               vit_targets=("query", "value"), llm_targets=("q_proj", "v_proj")),
       image_token_id=0,          # '<unk>' of the Llama tokenizer fills the image slots
-      # KptLLM's two added tokens (after Vicuna's 32000); off for LocLLM.
-      kpt=common.kpt_config(prompt_token_id=32000, keypoint_token_id=32001),
+      # KptLLM's prompt slot and <keypoint>: Llama-2's byte tokens <0x00>, <0x01> (never
+      # in text, so no vocabulary resize); off for LocLLM.
+      kpt=common.kpt_config(prompt_token_id=3, keypoint_token_id=4),
       dtype="bfloat16",
       param_dtype="bfloat16",    # frozen towers in bf16; LoRA and projector stay float32
       scan_layers=True,

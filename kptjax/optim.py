@@ -6,6 +6,8 @@ Trainable modes (``config.optim.trainable``):
   all              every param (the tiny demo)
   projector        only the vision->text projector (stage 1)
   lora+projector   LoRA factors of both towers + the projector (stage 2, the papers)
+  lora+vit+projector  the above + the whole ViT (KptLLM fine-tunes its visual encoder)
+KptLLM's prompt modules and keypoint head train with the projector (lora.TRAINED_MODULES).
 """
 
 from __future__ import annotations

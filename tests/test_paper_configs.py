@@ -6,12 +6,13 @@ import flax.linen as nn
 import jax
 import pytest
 
-from configs import capellm_mp100, locllm_coco, posellm_coco, tiny
-from kptjax.models import vlm
+from configs import capellm_mp100, kptllm_ap10k, kptllm_mp100, locllm_coco, posellm_coco, tiny
+from kptjax.models import kptllm, vlm
 from kptjax.models.lora import count_params, trainable_mask
 
 PAPER_CONFIGS = {"locllm_coco": locllm_coco, "posellm_coco": posellm_coco,
-                 "capellm_mp100": capellm_mp100}
+                 "capellm_mp100": capellm_mp100, "kptllm_mp100": kptllm_mp100,
+                 "kptllm_ap10k": kptllm_ap10k}
 
 
 def _keys(c, prefix=""):
@@ -102,3 +103,39 @@ def test_sweeps_name_existing_fields(name):
         node = node[p]
       assert leaf in node, field
       node[leaf] = value    # locked configs accept only existing fields of the same type
+
+
+def test_kptllm_numbers():
+  c = kptllm_mp100.get_config("split=4,shots=5")
+  m = c.model
+  assert (m.vit.image_size, m.vit.patch_size, m.vit.feature_layer) == (336, 14, -2)
+  assert m.projector.kind == "mlp2x_gelu" and m.kpt.enabled and m.kpt.extractor_layers == 2
+  assert (m.lora.rank, m.lora.alpha) == (128, 256.0) and m.lora.vit_targets == []
+  assert (m.llm.vocab_size, m.kpt.prompt_token_id, m.kpt.keypoint_token_id) == (32000, 3, 4)
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.l1_weight, c.train.batch_size) == (
+      2e-4, 0.0, 2.0, 128)
+  assert c.optim.trainable == "lora+vit+projector"
+  assert c.data.coord_format == "keypoint_token" and c.data.shots == 5
+  assert c.data.train.split == "mp100_split4_train" and c.data.eval.split == "mp100_split4_test"
+  assert c.data.tasks == "visual:1,semantic:1"
+  a = kptllm_ap10k.get_config()
+  assert a.data.tasks == "textual:1" and a.data.train.source == "ap10k_family"
+  assert (a.data.train.options, a.data.eval.options) == ("families=Bovidae", "families=Canidae")
+  assert kptllm_ap10k.get_config("order=same").data.eval.options == "families=Felidae"
+  cape = capellm_mp100.get_config().model
+  assert cape.image_token_id == 128002 and (cape.kpt.prompt_token_id,
+                                            cape.kpt.keypoint_token_id) == (128003, 128005)
+
+
+def test_kptllm_abstract_init_trains_vit_lora_projector_prompt_modules_and_head():
+  c = kptllm_mp100.get_config()
+  params = nn.meta.unbox(kptllm.abstract_params(c.model))
+  trainable = count_params(params, trainable_mask(params, c.optim.trainable))
+  frozen_llm = count_params(params["llm"]) - 32 * 128 * (
+      4 * (4096 + 4096) + 3 * (4096 + 11008))                       # LLM LoRA, 7 targets
+  extra = sum(count_params(params[k]) for k in ("vit", "projector", "prompt_encoder",
+                                                "prompt_extractor", "prompt_projector",
+                                                "keypoint_head"))
+  assert trainable == count_params(params) - frozen_llm
+  assert trainable == extra + (count_params(params["llm"]) - frozen_llm)
+  assert count_params(params["prompt_extractor"]) > 0 and count_params(params["keypoint_head"]) > 0

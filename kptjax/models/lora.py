@@ -21,7 +21,7 @@ from kptjax.models.layers import DType, default_kernel_init, logical_init
 Array = jax.Array
 
 LORA_LEAVES = ("lora_a", "lora_b")
-TRAINABLE_MODES = ("all", "projector", "lora+projector")
+TRAINABLE_MODES = ("all", "projector", "lora+projector", "lora+vit+projector")
 # Top-level modules trained whenever the projector is: the projector and KptLLM's
 # support-prompt modules and regression head (kptjax/models/kptllm.py).
 TRAINED_MODULES = ("projector", "prompt_encoder", "prompt_extractor", "prompt_projector",
@@ -159,7 +159,8 @@ def trainable_mask(params: Any, mode: str) -> Any:
 
   mode: 'all' | 'projector' (everything under a 'projector' key, and under KptLLM's
   prompt modules and keypoint head: ``TRAINED_MODULES``) |
-  'lora+projector' (those plus every lora_a / lora_b leaf).
+  'lora+projector' (those plus every lora_a / lora_b leaf) |
+  'lora+vit+projector' (those plus the whole ViT: KptLLM fine-tunes its visual encoder).
   """
   if mode not in TRAINABLE_MODES:
     raise ConfigError(f"optim.trainable={mode!r} (expected one of {TRAINABLE_MODES})")
@@ -170,7 +171,9 @@ def trainable_mask(params: Any, mode: str) -> Any:
       return True
     if "projector" in names or (names and names[0] in TRAINED_MODULES):
       return True
-    return mode == "lora+projector" and bool(names) and names[-1] in LORA_LEAVES
+    if mode == "lora+vit+projector" and names and names[0] == "vit":
+      return True
+    return mode != "projector" and bool(names) and names[-1] in LORA_LEAVES
 
   return jax.tree_util.tree_map_with_path(
       is_trainable, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
