@@ -59,7 +59,7 @@ def make_kpt_train_step(
   Returns:
     The pure step. Metrics (f32 scalars): loss (the total above), lm_loss (CE per answer
     token), l1 (L1 per keypoint, normalized units), accuracy, lr, grad_norm (before
-    clipping), answer_tokens, keypoints.
+    clipping), answer_tokens, keypoints, input_tokens.
   """
   k = int(grad_accum_steps)
 
@@ -108,6 +108,7 @@ def make_kpt_train_step(
         lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
         grad_norm=optim.global_norm(grads),
         answer_tokens=stats["count"], keypoints=stats["keypoints"],
+        input_tokens=jnp.sum(batch["input_mask"].astype(jnp.float32)),
     )
     return new_state, metrics
 

@@ -51,6 +51,20 @@ EvalFn = Callable[[TrainState, int], Mapping[str, float] | None]
 BATCH_KEYS = ("image", "tokens", "targets", "loss_mask", "input_mask")
 
 
+def is_kptllm(config: ml_collections.ConfigDict) -> bool:
+  """``config.model.kpt.enabled``: KptLLM (support prompts, <keypoint> regression)."""
+  kpt = config.model.get("kpt", None)
+  return bool(kpt is not None and kpt.get("enabled", False))
+
+
+def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The train-batch fields the step reads (KptLLM adds ``kpt_train_step.KPT_BATCH_KEYS``)."""
+  if is_kptllm(config):
+    from kptjax.kpt_train_step import KPT_BATCH_KEYS  # pylint: disable=g-import-not-at-top
+    return BATCH_KEYS + KPT_BATCH_KEYS
+  return BATCH_KEYS
+
+
 @dataclasses.dataclass
 class Trainer:
   """The compiled pieces of a run; ``build`` makes one, ``init_state`` fills it with params.
@@ -86,13 +100,18 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   shapes = dict(image=((b, side, side, 3), jnp.float32), tokens=((b, t), jnp.int32),
                 targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
                 input_mask=((b, t), jnp.bool_))
+  if is_kptllm(config):
+    s, r = config.data.shots, config.data.rounds
+    shapes.update(support_image=((b, s, side, side, 3), jnp.float32),
+                  support_xy=((b, s, r, 2), jnp.float32), support_mask=((b, s, r), jnp.float32),
+                  kpt_xy=((b, r, 2), jnp.float32), kpt_mask=((b, r), jnp.float32))
   sh = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-  from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
-  return vlm.VLM(config.model)
+  from kptjax.models import kptllm, vlm  # pylint: disable=g-import-not-at-top
+  return kptllm.KptLLM(config.model) if is_kptllm(config) else vlm.VLM(config.model)
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
@@ -116,9 +135,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                       f"{jax.process_count()} processes")
 
   def init_boxed(rng):
-    from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
+    from kptjax.models import kptllm, vlm  # pylint: disable=g-import-not-at-top
+    extra = kptllm.dummy_support(config.model) if is_kptllm(config) else {}
     with nn.logical_axis_rules(rules):
-      return model.init(rng, *vlm.dummy_inputs(config.model))["params"]
+      return model.init(rng, *vlm.dummy_inputs(config.model), **extra)["params"]
 
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   param_shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -136,10 +156,16 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
 
-  step_fn = train_step.make_train_step(
-      model, tx, mask, lr_schedule=lr_schedule, rules=rules, grad_accum_steps=k,
-      seed=config.seed)
-  batch_shardings = {key: sharding.batch_sharding(mesh) for key in BATCH_KEYS}
+  if is_kptllm(config):
+    from kptjax import kpt_train_step  # pylint: disable=g-import-not-at-top
+    step_fn = kpt_train_step.make_kpt_train_step(
+        model, tx, mask, lr_schedule=lr_schedule, rules=rules,
+        l1_weight=config.optim.get("l1_weight", 2.0), grad_accum_steps=k, seed=config.seed)
+  else:
+    step_fn = train_step.make_train_step(
+        model, tx, mask, lr_schedule=lr_schedule, rules=rules, grad_accum_steps=k,
+        seed=config.seed)
+  batch_shardings = {key: sharding.batch_sharding(mesh) for key in batch_keys(config)}
   step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, repl), donate_argnums=0)
   init_params = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=param_shardings)
@@ -171,6 +197,10 @@ def init_state(trainer: Trainer, config: ml_collections.ConfigDict,
   if params is None:
     params = trainer.init_params(jax.random.key(config.seed))
   else:
+    missing = set(trainer.abstract_params) - set(params)   # e.g. KptLLM's prompt modules
+    if missing:
+      fresh = trainer.init_params(jax.random.key(config.seed))
+      params = {**{name: fresh[name] for name in missing}, **params}
     params = jax.device_put(params, trainer.state_shardings.params)
   if config.checkpoints.init_from:
     params, _ = checkpoint.load_params(config.checkpoints.init_from, params,
@@ -265,8 +295,9 @@ def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
 def make_dataset(config: ml_collections.ConfigDict):
   """This process's slice of the training data, as a grain IterDataset of batches.
 
-  Person records -> localization conversations (``kptjax.data.pipeline``); caption
-  records (``data.train.source='llava'``, stage 1) -> ``kptjax.captions``.
+  Person records -> localization conversations (``kptjax.data.pipeline``), or KptLLM's
+  task conversations with supports (``kptjax.data.kpt_pipeline``, ``model.kpt.enabled``);
+  caption records (``data.train.source='llava'``, stage 1) -> ``kptjax.captions``.
   """
   from kptjax import captions  # pylint: disable=g-import-not-at-top
   from kptjax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
@@ -276,6 +307,9 @@ def make_dataset(config: ml_collections.ConfigDict):
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if records and isinstance(records[0], CaptionRecord):
     return captions.make_caption_dataset(config, tok, records, **where)
+  if is_kptllm(config):
+    from kptjax.data import kpt_pipeline  # pylint: disable=g-import-not-at-top
+    return kpt_pipeline.make_kpt_train_dataset(config, tok, records=records, **where)
   return pipeline.make_train_dataset(config, tok, records=records, **where)
 
 
@@ -350,13 +384,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
 
   # -------------------------------------------------------------------------- loop
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  keys = batch_keys(config)
   history: list[tuple[int, dict[str, jax.Array]]] = []
   t_last, steps_timed = None, 0
   bar = tqdm(total=tc.num_steps, initial=first_step, desc="train", disable=not is_main)
   logging.info("Training steps %d..%d; compiling the step", first_step + 1, tc.num_steps)
   try:
     for step in range(first_step + 1, tc.num_steps + 1):
-      batch = sharding.shard_batch(_take(next(data_iter)), trainer.mesh)
+      batch = sharding.shard_batch(_take(next(data_iter), keys), trainer.mesh)
       with jax.set_mesh(trainer.mesh):
         state, metrics = trainer.step(state, batch)
       history.append((step, metrics))
@@ -403,8 +438,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   return state
 
 
-def _take(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  return {k: batch[k] for k in BATCH_KEYS}
+def _take(batch: Mapping[str, Any], keys: tuple[str, ...] = BATCH_KEYS
+          ) -> dict[str, np.ndarray]:
+  return {k: batch[k] for k in keys}
 
 
 FLAGS = flags.FLAGS
