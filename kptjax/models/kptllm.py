@@ -209,6 +209,20 @@ class KptLLM(VLM):
     return logits, self.keypoint_head(u)
 
 
+  def extend_keypoints(self, tokens: Array, input_mask: Array, cache: Any, *,
+                       image_embeds: Array | None = None,
+                       prompt_embeds: Array | None = None) -> tuple[Array, Array, Any]:
+    """The cached path with the regression head: like ``VLM.extend`` (image slots from
+    ``image_embeds`` [B,N,D], prompt slots from ``prompt_embeds`` [B,R,D]), returning
+    (logits f32[B,T,V], xy f32[B,T,2] = the head at every new position, cache); the xy
+    of a ``<keypoint>`` input token is its regressed position."""
+    x = self._embed(tokens, image_embeds)
+    if prompt_embeds is not None:
+      x = fill_image_tokens(x, tokens, prompt_embeds, int(self.config.kpt.prompt_token_id))
+    h, cache = self.llm.extend_hidden(input_mask, cache, x)
+    return self.llm.logits(h), self.keypoint_head(self.llm.norm(h)), cache
+
+
 def dummy_support(model_config: ml_collections.ConfigDict, batch: int = 1, shots: int = 1,
                   slots: int = 1) -> dict[str, Array]:
   """Shape-only support inputs: images [B,S,H,W,3], xy [B,S,R,2], mask [B,S,R]."""

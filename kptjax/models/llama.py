@@ -311,6 +311,20 @@ class Llama(nn.Module):
     return self.logits(x), {"k": k, "v": v, "end": new_end}
 
 
+  def extend_hidden(self, input_mask: Array, cache: Cache, embeds: Array
+                    ) -> tuple[Array, Cache]:
+    """``extend`` returning the last block's output [B,T,D] (before the final norm)
+    instead of logits; ``logits(hidden)`` gives ``extend``'s logits."""
+    x = embeds.astype(self.dtype)
+    b, t = x.shape[:2]
+    end = cache["end"].astype(jnp.int32)
+    positions = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    mask = cache_mask(end, t, cache["k"].shape[2])
+    x, (k, v), _ = self._blocks(x, positions, mask, (cache["k"], cache["v"]), True, False)
+    new_end = end + jnp.sum(input_mask, axis=1, dtype=jnp.int32)
+    return x, {"k": k, "v": v, "end": new_end}
+
+
 def init_cache(llm_config: Any, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
   """Empty KV cache {'k','v': zeros [L,B,S,K,H], 'end': zeros i32[B]} (S = max_len)."""
   c = LlamaConfig.from_config(llm_config)
