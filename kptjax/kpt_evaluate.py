@@ -1,0 +1,153 @@
+"""KptLLM under the MP-100 protocol: every query instance, every keypoint labeled in the
+query (and, for visual prompts, in a support), one question each; PCK@0.2 per category
+(normalized by max(box w, h)) and its mean over categories (``metrics.category_pck``).
+
+  task 'visual'   1- or 5-shot: supports from ``cape.sample_supports(records, shots,
+                  seed)`` (seeded: the same supports for every checkpoint); the prompt of
+                  each keypoint averages the shots that label it.
+  task 'textual'  the keypoint's name and description only (CapeLLM's setting, and
+                  KptLLM's on AP-10K).
+
+Answers come from ``kpt_decode.generate_keypoints`` (coord_format 'keypoint_token');
+predictions go back to image pixels through the crop's inverse affine.
+
+    >>> result = evaluate_cape(config, model, params, tokenizer, records, task="visual",
+    ...                        shots=1, seed=0)
+    >>> result["PCK@0.2"], result["per_category"]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kptjax import kpt_decode
+from kptjax import metrics
+from kptjax.data import cape
+from kptjax.data import conversation
+from kptjax.data import kpt_tasks
+from kptjax.data import pipeline
+from kptjax.data import transforms
+from kptjax.errors import ConfigError
+
+
+def _crop(config: Any, record: Any, spec: Any) -> dict[str, np.ndarray]:
+  side = int(config.model.vit.image_size)
+  crop = transforms.crop_person(record, transforms.load_record_image(record), (side, side),
+                                padding=float(config.data.padding), spec=spec)
+  return dict(image=transforms.normalize_image(crop["image"], config.data.normalization)
+              .astype(np.float32), keypoints=crop["keypoints"], affine_inv=crop["affine_inv"])
+
+
+def _questions(config: Any, records: Sequence[Any], task: str, shots: int,
+               seed: int) -> Iterator[dict[str, Any]]:
+  """One dict per (query, keypoint): the query crop, its supports' crops and the
+  keypoint's position in each support (normalized), and what to score it against."""
+  specs = pipeline._specs_for(records)   # pylint: disable=protected-access
+  side = int(config.model.vit.image_size)
+  draws = cape.sample_supports(records, shots, seed) if task == "visual" else \
+      [(q, ()) for q in range(len(records))]
+  for q, support_ids in draws:
+    record = records[q]
+    spec = specs[record.spec]
+    query = _crop(config, record, spec)
+    labeled = np.asarray(record.keypoints)[:, -1] > 0
+    supports = [_crop(config, records[i], specs[records[i].spec]) for i in support_ids]
+    if task == "visual":
+      labeled &= cape.support_keypoint_mask(record, [records[i] for i in support_ids])
+    for k in np.flatnonzero(labeled):
+      xy = np.zeros((max(shots, 1), 2), np.float32)
+      mask = np.zeros((max(shots, 1),), np.float32)
+      images = np.zeros((max(shots, 1), side, side, 3), np.float32)
+      for j, s in enumerate(supports):
+        images[j] = s["image"]
+        if s["keypoints"][k, 2] > 0:          # labeled and inside the support crop
+          xy[j], mask[j] = s["keypoints"][k, :2] / side, 1.0
+      yield dict(index=q, keypoint=int(k), spec=spec, image=query["image"],
+                 affine_inv=query["affine_inv"], support_image=images, support_xy=xy,
+                 support_mask=mask)
+
+
+def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
+                  records: Sequence[Any], *, task: str = "visual", shots: int = 1,
+                  seed: int = 0, rows_per_batch: int = 16, threshold: float = 0.2,
+                  max_new_tokens: Optional[int] = None) -> dict[str, Any]:
+  """PCK@threshold per category and mean (module docstring).
+
+  Args:
+    config: the full config (model.kpt, data: template, padding, normalization, max_len).
+    model, params: ``KptLLM`` and its params; tokenizer: the model's tokenizer.
+    records: the test instances (e.g. ``read_mp100`` of ``mp100_split{k}_test.json``).
+    task: 'visual' or 'textual'.
+    shots: supports per query (visual).
+    seed: the support draw.
+    rows_per_batch: questions decoded together (the last batch is padded).
+    max_new_tokens: default ``config.decode.max_new_tokens``.
+
+  Returns:
+    ``metrics.category_pck``'s dict plus 'questions' (keypoints asked).
+  """
+  if task not in ("visual", "textual"):
+    raise ConfigError(f"evaluate_cape: task {task!r} (expected 'visual' or 'textual')")
+  if config.data.coord_format != "keypoint_token":
+    raise ConfigError("evaluate_cape reads <keypoint> answers: data.coord_format "
+                      "'keypoint_token'")
+  kpt = config.model.kpt
+  enc = kpt_tasks.TaskEncoder(tokenizer, config.data,
+                              conversation.num_image_tokens(config.model),
+                              prompt_token_id=kpt.prompt_token_id,
+                              keypoint_token_id=kpt.keypoint_token_id,
+                              image_token_id=config.model.get("image_token_id", None))
+  prefix = enc.prefix()
+  max_len = int(config.data.max_len) or 512
+  new = int(max_new_tokens or config.decode.max_new_tokens)
+  side = int(config.model.vit.image_size)
+  k_max = max(r.num_keypoints for r in records)
+  pred = np.zeros((len(records), k_max, 2))
+  visible = np.zeros((len(records), k_max), bool)
+  prompts_fn = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m,
+                                                      method="embed_prompts"))
+  batch: list[dict[str, Any]] = []
+
+  def flush():
+    n = len(batch)
+    rows = batch + [batch[-1]] * (rows_per_batch - n)
+    tokens = np.full((rows_per_batch, max_len), enc.pad_id, np.int32)
+    mask = np.zeros((rows_per_batch, max_len), bool)
+    for i, row in enumerate(rows):
+      spec, k = row["spec"], row["keypoint"]
+      ids = prefix + enc.task_query(task, spec.names[k], spec.descriptions[k], spec.subject)
+      if len(ids) > max_len:
+        raise ConfigError(f"data.max_len={max_len} is shorter than a question ({len(ids)})")
+      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
+    stack = lambda key: jnp.asarray(np.stack([r[key] for r in rows]))
+    prompt = None
+    if task == "visual":
+      prompt = prompts_fn(params, stack("support_image"), stack("support_xy")[:, :, None],
+                          stack("support_mask")[:, :, None])
+    xy, _ = kpt_decode.generate_keypoints(
+        model, params, stack("image"), jnp.asarray(tokens), jnp.asarray(mask),
+        prompt_embeds=prompt, max_new_tokens=new, eos_id=enc.eos_id)
+    for row, p in zip(batch, xy[:n]):
+      image_xy = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
+      pred[row["index"], row["keypoint"]] = image_xy
+      visible[row["index"], row["keypoint"]] = True
+    batch.clear()
+
+  for question in _questions(config, records, task, shots, seed):
+    batch.append(question)
+    if len(batch) == rows_per_batch:
+      flush()
+  if batch:
+    flush()
+  gt = np.zeros((len(records), k_max, 2))
+  for i, r in enumerate(records):
+    gt[i, :r.num_keypoints] = np.asarray(r.keypoints)[:, :2]
+  boxes = np.stack([np.asarray(r.box, np.float64) for r in records])
+  result = metrics.category_pck(pred, gt, visible, boxes,
+                                [r.category or r.spec for r in records], threshold)
+  result["questions"] = int(visible.sum())
+  return result
