@@ -28,23 +28,31 @@ Array = jax.Array
 
 class _Programs:
   """Jitted prefill and step of one model (closures over it: Linen modules holding a
-  ConfigDict do not hash, so they cannot be static arguments)."""
+  ConfigDict do not hash, so they cannot be static arguments). A plain ``VLM`` (no
+  head: text answers, e.g. CapeLLM) runs through ``extend`` and reports xy = 0."""
 
   def __init__(self, model):
     self.model = model
+    self.has_head = hasattr(model, "extend_keypoints")
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, donate_argnums=(2,))
 
+  def _extend(self, params, tokens, mask, cache, image_embeds=None, prompt_embeds=None):
+    if self.has_head:
+      return self.model.apply({"params": params}, tokens, mask, cache,
+                              image_embeds=image_embeds, prompt_embeds=prompt_embeds,
+                              method="extend_keypoints")
+    logits, cache = self.model.apply({"params": params}, tokens, mask, cache,
+                                     image_embeds=image_embeds, method="extend")
+    return logits, jnp.zeros(tokens.shape + (2,), jnp.float32), cache
+
   def _prefill(self, params, images, tokens, mask, cache, prompt_embeds):
     image_embeds = self.model.apply({"params": params}, images, method="embed_image")
-    return self.model.apply({"params": params}, tokens, mask, cache,
-                            image_embeds=image_embeds, prompt_embeds=prompt_embeds,
-                            method="extend_keypoints")
+    return self._extend(params, tokens, mask, cache, image_embeds, prompt_embeds)
 
   def _step(self, params, token, cache):
-    logits, xy, cache = self.model.apply({"params": params}, token[:, None],
-                                         jnp.ones((token.shape[0], 1), bool), cache,
-                                         method="extend_keypoints")
+    logits, xy, cache = self._extend(params, token[:, None],
+                                     jnp.ones((token.shape[0], 1), bool), cache)
     return logits[:, 0], xy[:, 0], cache
 
 
@@ -60,7 +68,8 @@ def _programs(model) -> _Programs:
 
 def generate_keypoints(model: Any, params: Any, images: Array, tokens: Array,
                        input_mask: Array, *, prompt_embeds: Optional[Array] = None,
-                       max_new_tokens: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+                       max_new_tokens: int, eos_id: int, force_keypoint: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """Greedy answers with their regressed keypoint.
 
   Args:
@@ -70,12 +79,14 @@ def generate_keypoints(model: Any, params: Any, images: Array, tokens: Array,
     prompt_embeds: f32[B,R,D] from ``KptLLM.embed_prompts`` (None: no prompt slots).
     max_new_tokens: at most this many answer tokens, the last forced to ``<keypoint>``.
     eos_id: end of turn; a row that ends before ``<keypoint>`` is forced at its next step.
+    force_keypoint: False for text answers (coord_format 'decimal2d', or a plain VLM):
+      nothing is forced and decoding stops when every row has ended.
 
   Returns:
     (xy f32[B,2] in normalized crop units, generated i32[B,max_new_tokens]; tokens after
     the row's ``<keypoint>`` or end are the greedy continuation, to be ignored).
   """
-  kpt_id = int(model.config.kpt.keypoint_token_id)
+  kpt_id = int(model.config.kpt.keypoint_token_id) if force_keypoint else -1
   b, t = tokens.shape
   cache = vlm.init_cache(model.config, b, t + max_new_tokens, jnp.float32)
   programs = _programs(model)
@@ -87,7 +98,7 @@ def generate_keypoints(model: Any, params: Any, images: Array, tokens: Array,
   ended = np.zeros((b,), bool)
   for i in range(max_new_tokens):
     token = np.asarray(jnp.argmax(last, axis=-1)).astype(np.int32)
-    force = ~done & (ended | (i == max_new_tokens - 1))
+    force = ~done & (ended | (i == max_new_tokens - 1)) & force_keypoint
     token = np.where(force, kpt_id, token)
     generated[:, i] = token
     last, step_xy, cache = programs.step(params, jnp.asarray(token), cache)
@@ -95,6 +106,6 @@ def generate_keypoints(model: Any, params: Any, images: Array, tokens: Array,
     xy[hit] = np.asarray(step_xy)[hit]
     done |= hit
     ended |= token == eos_id
-    if done.all():
+    if done.all() or (not force_keypoint and ended.all()):
       break
   return xy, generated

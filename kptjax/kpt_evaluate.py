@@ -8,8 +8,12 @@ query (and, for visual prompts, in a support), one question each; PCK@0.2 per ca
   task 'textual'  the keypoint's name and description only (CapeLLM's setting, and
                   KptLLM's on AP-10K).
 
-Answers come from ``kpt_decode.generate_keypoints`` (coord_format 'keypoint_token');
-predictions go back to image pixels through the crop's inverse affine.
+Answers come from ``kpt_decode.generate_keypoints``: the ``<keypoint>`` head (coord_format
+'keypoint_token') or LocLLM's decimal text (``'decimal2d'``, parsed with
+``parsing.parse_values``; an unparseable answer is a miss) — so the two decodings
+compare on one model. A plain ``VLM`` (CapeLLM: textual task, capellm template) is
+evaluated the same way with decimal answers. Predictions go back to image pixels
+through the crop's inverse affine.
 
     >>> result = evaluate_cape(config, model, params, tokenizer, records, task="visual",
     ...                        shots=1, seed=0)
@@ -26,6 +30,7 @@ import numpy as np
 
 from kptjax import kpt_decode
 from kptjax import metrics
+from kptjax import parsing
 from kptjax.data import cape
 from kptjax.data import conversation
 from kptjax.data import kpt_tasks
@@ -71,6 +76,14 @@ def _questions(config: Any, records: Sequence[Any], task: str, shots: int,
                  support_mask=mask)
 
 
+def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> np.ndarray:
+  """(x, y) of a decimal answer (tokens up to the end of turn); inf when unparseable."""
+  ids = [int(t) for t in tokens]
+  ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
+  values, _ = parsing.parse_values(tokenizer.decode(ids, skip_special_tokens=True), 2)
+  return np.full(2, np.inf, np.float32) if values is None else np.asarray(values[:2], np.float32)
+
+
 def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
                   records: Sequence[Any], *, task: str = "visual", shots: int = 1,
                   seed: int = 0, rows_per_batch: int = 16, threshold: float = 0.2,
@@ -78,8 +91,10 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   """PCK@threshold per category and mean (module docstring).
 
   Args:
-    config: the full config (model.kpt, data: template, padding, normalization, max_len).
-    model, params: ``KptLLM`` and its params; tokenizer: the model's tokenizer.
+    config: the full config (model.kpt, data: template, coord_format, padding,
+      normalization, max_len).
+    model, params: ``KptLLM`` (or a ``VLM`` for the textual task) and its params;
+      tokenizer: the model's tokenizer.
     records: the test instances (e.g. ``read_mp100`` of ``mp100_split{k}_test.json``).
     task: 'visual' or 'textual'.
     shots: supports per query (visual).
@@ -92,9 +107,12 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   """
   if task not in ("visual", "textual"):
     raise ConfigError(f"evaluate_cape: task {task!r} (expected 'visual' or 'textual')")
-  if config.data.coord_format != "keypoint_token":
-    raise ConfigError("evaluate_cape reads <keypoint> answers: data.coord_format "
-                      "'keypoint_token'")
+  if task == "visual" and model is not None and not hasattr(model, "embed_prompts"):
+    raise ConfigError("evaluate_cape: visual prompts need a KptLLM model (model.kpt.enabled)")
+  regress = config.data.coord_format == "keypoint_token"
+  if config.data.coord_format not in ("keypoint_token", "decimal2d"):
+    raise ConfigError(f"evaluate_cape: coord_format {config.data.coord_format!r} (expected "
+                      "'keypoint_token' or 'decimal2d')")
   kpt = config.model.kpt
   enc = kpt_tasks.TaskEncoder(tokenizer, config.data,
                               conversation.num_image_tokens(config.model),
@@ -128,9 +146,11 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     if task == "visual":
       prompt = prompts_fn(params, stack("support_image"), stack("support_xy")[:, :, None],
                           stack("support_mask")[:, :, None])
-    xy, _ = kpt_decode.generate_keypoints(
+    xy, generated = kpt_decode.generate_keypoints(
         model, params, stack("image"), jnp.asarray(tokens), jnp.asarray(mask),
-        prompt_embeds=prompt, max_new_tokens=new, eos_id=enc.eos_id)
+        prompt_embeds=prompt, max_new_tokens=new, eos_id=enc.eos_id, force_keypoint=regress)
+    if not regress:
+      xy = np.array([_parse(tokenizer, g, enc.eos_id) for g in np.asarray(generated)[:n]])
     for row, p in zip(batch, xy[:n]):
       image_xy = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
       pred[row["index"], row["keypoint"]] = image_xy

@@ -41,12 +41,19 @@ def test_questions_follow_the_support_protocol(setup):
   np.testing.assert_array_equal(q["support_xy"], again[0]["support_xy"])
 
 
-def test_answers_map_back_to_image_pixels(setup, monkeypatch):
-  """A model answering the crop centre is scored at the box centre of every instance."""
+@pytest.mark.parametrize("coord_format", ["keypoint_token", "decimal2d"])
+def test_answers_map_back_to_image_pixels(setup, monkeypatch, coord_format):
+  """A model answering the crop centre (by the head, or as LocLLM's text) is scored at
+  the box centre of every instance."""
   config, records, tok = setup
+  config = config.unlock()
+  config.data.coord_format = coord_format
+  text = tok.encode("[0.500,0.500]", add_special_tokens=False) + [tok.eos_token_id, 7]
 
-  def centre(model, params, images, tokens, mask, **kw):
-    return np.full((images.shape[0], 2), 0.5, np.float32), None
+  def centre(model, params, images, tokens, mask, force_keypoint=True, **kw):
+    assert force_keypoint == (coord_format == "keypoint_token")
+    xy = np.full((images.shape[0], 2), 0.5 if force_keypoint else 0.0, np.float32)
+    return xy, np.tile(np.asarray(text, np.int32), (images.shape[0], 1))
   monkeypatch.setattr(kpt_decode, "generate_keypoints", centre)
   out = kpt_evaluate.evaluate_cape(config, None, None, tok, records, task="textual",
                                    rows_per_batch=4)
