@@ -7,6 +7,8 @@ query (and, for visual prompts, in a support), one question each; PCK@0.2 per ca
                   each keypoint averages the shots that label it.
   task 'textual'  the keypoint's name and description only (CapeLLM's setting, and
                   KptLLM's on AP-10K).
+  semantic        ``evaluate_semantic``: the keypoint marked on the image itself; the
+                  answer must be its description (accuracy, KptLLM Table 1).
 
 Answers come from ``kpt_decode.generate_keypoints``: the ``<keypoint>`` head (coord_format
 'keypoint_token') or LocLLM's decimal text (``'decimal2d'``, parsed with
@@ -61,6 +63,8 @@ def _questions(config: Any, records: Sequence[Any], task: str, shots: int,
     query = _crop(config, record, spec)
     labeled = np.asarray(record.keypoints)[:, -1] > 0
     supports = [_crop(config, records[i], specs[records[i].spec]) for i in support_ids]
+    if task == "semantic":                   # the model names a keypoint marked on its image
+      shots, supports = 1, [query]
     if task == "visual":
       labeled &= cape.support_keypoint_mask(record, [records[i] for i in support_ids])
     for k in np.flatnonzero(labeled):
@@ -171,3 +175,68 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
                                 [r.category or r.spec for r in records], threshold)
   result["questions"] = int(visible.sum())
   return result
+
+
+def _normalize(text: str) -> str:
+  return " ".join(text.lower().replace(".", " ").split())
+
+
+def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
+                      records: Sequence[Any], *, rows_per_batch: int = 16,
+                      max_new_tokens: Optional[int] = None) -> dict[str, Any]:
+  """Keypoint semantic understanding (KptLLM Table 1): for every labeled keypoint, the
+  image with that keypoint as the prompt; correct when the generated answer is the
+  keypoint's description (case, spaces and full stops aside).
+
+  Returns:
+    {'accuracy': over all questions, 'per_category': {name: accuracy}, 'questions': n}.
+  """
+  if not hasattr(model, "embed_prompts"):
+    raise ConfigError("evaluate_semantic needs a KptLLM model (model.kpt.enabled)")
+  kpt = config.model.kpt
+  enc = kpt_tasks.TaskEncoder(tokenizer, config.data,
+                              conversation.num_image_tokens(config.model),
+                              prompt_token_id=kpt.prompt_token_id,
+                              keypoint_token_id=kpt.keypoint_token_id,
+                              image_token_id=config.model.get("image_token_id", None))
+  prefix, max_len = enc.prefix(), int(config.data.max_len) or 512
+  new = int(max_new_tokens or config.decode.max_new_tokens)
+  prompts_fn = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m,
+                                                      method="embed_prompts"))
+  hits: dict[str, list[bool]] = {}
+  batch: list[dict[str, Any]] = []
+
+  def flush():
+    n = len(batch)
+    rows = batch + [batch[-1]] * (rows_per_batch - n)
+    tokens = np.full((rows_per_batch, max_len), enc.pad_id, np.int32)
+    mask = np.zeros((rows_per_batch, max_len), bool)
+    for i, row in enumerate(rows):
+      spec, k = row["spec"], row["keypoint"]
+      ids = prefix + enc.task_query("semantic", spec.names[k], spec.descriptions[k],
+                                    spec.subject)
+      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
+    stack = lambda key: jnp.asarray(np.stack([r[key] for r in rows]))
+    prompt = prompts_fn(params, stack("support_image"), stack("support_xy")[:, :, None],
+                        stack("support_mask")[:, :, None])
+    _, generated = kpt_decode.generate_keypoints(
+        model, params, stack("image"), jnp.asarray(tokens), jnp.asarray(mask),
+        prompt_embeds=prompt, max_new_tokens=new, eos_id=enc.eos_id, force_keypoint=False)
+    for row, g in zip(batch, np.asarray(generated)[:n]):
+      ids = [int(t) for t in g]
+      ids = ids[:ids.index(enc.eos_id)] if enc.eos_id in ids else ids
+      text = tokenizer.decode(ids, skip_special_tokens=True)
+      truth = row["spec"].descriptions[row["keypoint"]]
+      hits.setdefault(row["spec"].subject, []).append(_normalize(text) == _normalize(truth))
+    batch.clear()
+
+  for question in _questions(config, records, "semantic", 1, 0):
+    batch.append(question)
+    if len(batch) == rows_per_batch:
+      flush()
+  if batch:
+    flush()
+  flat = [h for v in hits.values() for h in v]
+  return {"accuracy": float(np.mean(flat)) if flat else float("nan"),
+          "per_category": {c: float(np.mean(v)) for c, v in sorted(hits.items())},
+          "questions": len(flat)}

@@ -79,3 +79,34 @@ def test_tiny_model_end_to_end(setup):
                                    max_new_tokens=1)
   assert out["questions"] > 0 and 0.0 <= out["PCK@0.2"] <= 1.0
   assert set(out["per_category"]) <= {r.category for r in records}
+
+
+def test_semantic_accuracy_by_exact_description(setup, monkeypatch):
+  """An oracle that always answers the square's top-left description is right exactly on
+  the squares' top-left corners; prompts come from the query image itself."""
+  config, records, tok = setup
+  from kptjax.keypoints import get_spec
+  answer = get_spec("mp100/square").descriptions[0]
+  ids = tok.encode(answer.upper(), add_special_tokens=False) + [tok.eos_token_id]
+  seen = []
+
+  class Fake:
+    def embed_prompts(self):
+      pass
+
+    def apply(self, variables, images, xy, mask, method):
+      seen.append(np.asarray(xy))
+      return np.zeros((images.shape[0], 1, 4), np.float32)
+
+  def oracle(model, params, images, tokens, mask, force_keypoint=True, **kw):
+    assert not force_keypoint
+    return None, np.tile(np.asarray(ids, np.int32), (images.shape[0], 1))
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", oracle)
+  monkeypatch.setattr(jax, "jit", lambda f: f)
+  out = kpt_evaluate.evaluate_semantic(config, Fake(), None, tok, records, rows_per_batch=4)
+  squares = [r for r in records if r.category == "square"]
+  assert out["questions"] == sum(r.num_keypoints for r in records)
+  expected = len(squares) / out["questions"]
+  assert out["accuracy"] == pytest.approx(expected)
+  assert squares and out["per_category"]["square"] == pytest.approx(0.25)   # 1 of 4 corners
+  assert all(x.shape[1:] == (1, 1, 2) for x in seen)
