@@ -20,11 +20,22 @@ through the crop's inverse affine.
     >>> result = evaluate_cape(config, model, params, tokenizer, records, task="visual",
     ...                        shots=1, seed=0)
     >>> result["PCK@0.2"], result["per_category"]
+
+CLI (``config.data.eval`` is the test split; ``--checkpoint`` a training workdir)::
+
+    python -m kptjax.kpt_evaluate --config configs/kptllm_mp100.py:split=1 \
+        --checkpoint WORKDIR --task visual --shots 5 --out WORKDIR/eval_split1_5shot
+
+writes ``OUT/metrics.json`` (an existing one is read, not recomputed).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Iterator, Optional, Sequence
+
+from absl import app, flags, logging
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +251,90 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   return {"accuracy": float(np.mean(flat)) if flat else float("nan"),
           "per_category": {c: float(np.mean(v)) for c, v in sorted(hits.items())},
           "questions": len(flat)}
+
+
+def load_kpt_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
+  """(config, model, params): ``KptLLM`` when ``model.kpt.enabled``, else the ``VLM``
+  of ``kptjax.evaluate.load_model``. From a training workdir (its ``model_config.json``
+  and latest checkpoint), else the Hugging Face dirs (prompt modules and head fresh),
+  else random weights."""
+  from kptjax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from kptjax.models import kptllm  # pylint: disable=g-import-not-at-top
+  if not train.is_kptllm(config):
+    return evaluate.load_model(config, checkpoint)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from kptjax import errors  # pylint: disable=g-import-not-at-top
+  if checkpoint:
+    from kptjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(checkpoint):
+      raise errors.CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    model_file = evaluate._model_config_file(checkpoint)  # pylint: disable=protected-access
+    if model_file:
+      with open(model_file, encoding="utf-8") as f:
+        config = train.with_model_config(config, json.load(f))
+    abstract = nn.meta.unbox(kptllm.abstract_params(config.model))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params, missing = ckpt_lib.load_params(checkpoint, abstract,
+                                           jax.tree.map(lambda _: device, abstract))
+    if missing:
+      raise errors.CheckpointError(f"{checkpoint}: {len(missing)} params are not in the "
+                                   f"checkpoint: {missing[:5]}")
+    return config, kptllm.KptLLM(config.model), params
+  params = kptllm.init_params(config.model, jax.random.key(config.seed))
+  if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
+    from kptjax import convert  # pylint: disable=g-import-not-at-top
+    model_config, loaded = convert.load_vlm(config)
+    config = train.with_model_config(config, model_config)
+    params = {**kptllm.init_params(config.model, jax.random.key(config.seed)), **loaded}
+  else:
+    logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")
+  return config, kptllm.KptLLM(config.model), params
+
+
+def run(config: Any, out_dir: str, *, checkpoint: str = "", task: str = "visual",
+        shots: int = 1, seed: int = 0, rows_per_batch: int = 16) -> dict[str, Any]:
+  """Evaluates ``config.data.eval`` and writes ``out_dir/metrics.json`` (read back when
+  it exists: finished work is not redone)."""
+  from kptjax import evaluate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out_dir, evaluate.METRICS)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  config, model, params = load_kpt_model(config, checkpoint)
+  tokenizer = evaluate.load_tokenizer(config)
+  records = pipeline.load_records(config, "eval")
+  if task == "semantic":
+    result = evaluate_semantic(config, model, params, tokenizer, records,
+                               rows_per_batch=rows_per_batch)
+  else:
+    result = evaluate_cape(config, model, params, tokenizer, records, task=task, shots=shots,
+                           seed=seed, rows_per_batch=rows_per_batch)
+  result.update(task=task, shots=shots, seed=seed, checkpoint=checkpoint,
+                dataset=dict(config.data.eval))
+  evaluate.write_json_atomic(path, result)
+  return result
+
+
+def _define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_string("checkpoint", "", "Training workdir (or its checkpoints dir).")
+  flags.DEFINE_enum("task", "visual", ["visual", "textual", "semantic"], "Which task.")
+  flags.DEFINE_integer("shots", 1, "Supports per query (visual).")
+  flags.DEFINE_integer("seed", 0, "Support draw.")
+  flags.DEFINE_string("out", None, "Output directory (metrics.json).")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  result = run(f.config, f.out, checkpoint=f.checkpoint, task=f.task, shots=f.shots,
+               seed=f.seed)
+  key = "accuracy" if f.task == "semantic" else "PCK@0.2"
+  logging.info("%s: %s = %.4f over %d questions", f.task, key, result[key],
+               result["questions"])
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -46,7 +46,7 @@ def test_answers_map_back_to_image_pixels(setup, monkeypatch, coord_format):
   """A model answering the crop centre (by the head, or as LocLLM's text) is scored at
   the box centre of every instance."""
   config, records, tok = setup
-  config = config.unlock()
+  config = config.copy_and_resolve_references()       # the fixture's config stays as is
   config.data.coord_format = coord_format
   text = tok.encode("[0.500,0.500]", add_special_tokens=False) + [tok.eos_token_id, 7]
 
@@ -110,3 +110,21 @@ def test_semantic_accuracy_by_exact_description(setup, monkeypatch):
   assert out["accuracy"] == pytest.approx(expected)
   assert squares and out["per_category"]["square"] == pytest.approx(0.25)   # 1 of 4 corners
   assert all(x.shape[1:] == (1, 1, 2) for x in seen)
+
+
+def test_run_writes_metrics_and_reads_them_back(setup, monkeypatch, tmp_path):
+  config, _, _ = setup
+  calls = []
+
+  def fake_load(cfg, checkpoint=""):
+    calls.append(checkpoint)
+    return cfg, None, None
+
+  def centre(model, params, images, tokens, mask, **kw):
+    return np.full((images.shape[0], 2), 0.5, np.float32), None
+  monkeypatch.setattr(kpt_evaluate, "load_kpt_model", fake_load)
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", centre)
+  first = kpt_evaluate.run(config, str(tmp_path), task="textual")
+  assert (tmp_path / "metrics.json").exists() and first["task"] == "textual"
+  again = kpt_evaluate.run(config, str(tmp_path), task="textual")
+  assert again["PCK@0.2"] == first["PCK@0.2"] and calls == [""]    # not recomputed
