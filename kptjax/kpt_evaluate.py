@@ -263,6 +263,7 @@ def load_kpt_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
   if not train.is_kptllm(config):
     return evaluate.load_model(config, checkpoint)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from kptjax import errors  # pylint: disable=g-import-not-at-top
   if checkpoint:
     from kptjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -271,7 +272,7 @@ def load_kpt_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
     model_file = evaluate._model_config_file(checkpoint)  # pylint: disable=protected-access
     if model_file:
       with open(model_file, encoding="utf-8") as f:
-        config = train.with_model_config(config, json.load(f))
+        config = train.with_model_config(config, ml_collections.ConfigDict(json.load(f)))
     abstract = nn.meta.unbox(kptllm.abstract_params(config.model))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params, missing = ckpt_lib.load_params(checkpoint, abstract,
