@@ -41,6 +41,31 @@ def test_questions_follow_the_support_protocol(setup):
   np.testing.assert_array_equal(q["support_xy"], again[0]["support_xy"])
 
 
+class _FakeKptLLM:
+  """Stands in for KptLLM's prompt path (``embed_prompts`` under ``apply``)."""
+
+  def embed_prompts(self):
+    pass
+
+  def apply(self, variables, images, xy, mask, method):
+    return np.zeros((images.shape[0], 1, 4), np.float32)
+
+
+def test_visual_answers_map_back_like_textual_ones(setup, monkeypatch):
+  """The crop centre scores the same in both tasks on the keypoints both ask."""
+  config, records, tok = setup
+
+  def centre(model, params, images, tokens, mask, **kw):
+    return np.full((images.shape[0], 2), 0.5, np.float32), None
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", centre)
+  monkeypatch.setattr(jax, "jit", lambda f: f)
+  vis, txt = (kpt_evaluate.evaluate_cape(config, _FakeKptLLM(), None, tok, records, task=t,
+                                         rows_per_batch=4, threshold=0.5)
+              for t in ("visual", "textual"))
+  assert vis["questions"] == txt["questions"]          # synthetic objects: all labeled
+  assert vis["per_category"] == txt["per_category"] and 0 < vis["PCK@0.5"] < 1
+
+
 @pytest.mark.parametrize("coord_format", ["keypoint_token", "decimal2d"])
 def test_answers_map_back_to_image_pixels(setup, monkeypatch, coord_format):
   """A model answering the crop centre (by the head, or as LocLLM's text) is scored at
