@@ -168,7 +168,8 @@ class KptLLM(VLM):
         (normalized support-crop units); support_mask: f32[B,S,R] (1 = labeled).
 
     Returns:
-      f32[B,R,D] (zeros where no shot labels the keypoint).
+      f32[B,R,D] (the projection of zeros where no shot labels the keypoint; such
+      slots are not in the token sequence).
     """
     b, s = support_images.shape[:2]
     feats = self.vit(support_images.reshape(b * s, *support_images.shape[2:]),
@@ -207,7 +208,6 @@ class KptLLM(VLM):
       num_keypoint_slots = support_xy.shape[2] if support_xy is not None else 1
     u = gather_slots(self.llm.norm(h), tokens, int(k.keypoint_token_id), num_keypoint_slots)
     return logits, self.keypoint_head(u)
-
 
   def extend_keypoints(self, tokens: Array, input_mask: Array, cache: Any, *,
                        image_embeds: Array | None = None,
