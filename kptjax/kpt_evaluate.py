@@ -10,6 +10,8 @@ query (and, for visual prompts, in a support), one question each; PCK@0.2 per ca
   semantic        ``evaluate_semantic``: the keypoint marked on the image itself; the
                   answer must be its description (accuracy, KptLLM Table 1).
 
+On AP-10K (``kptllm_ap10k.py``) the CLI adds OKS AP (CLAMP's and KptLLM's metric).
+
 Answers come from ``kpt_decode.generate_keypoints``: the ``<keypoint>`` head (coord_format
 'keypoint_token') or LocLLM's decimal text (``'decimal2d'``, parsed with
 ``parsing.parse_values``; an unparseable answer is a miss) — so the two decodings
@@ -102,7 +104,8 @@ def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> np.ndarray:
 def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
                   records: Sequence[Any], *, task: str = "visual", shots: int = 1,
                   seed: int = 0, rows_per_batch: int = 16, threshold: float = 0.2,
-                  max_new_tokens: Optional[int] = None) -> dict[str, Any]:
+                  max_new_tokens: Optional[int] = None,
+                  coco_gt: Optional[str] = None) -> dict[str, Any]:
   """PCK@threshold per category and mean (module docstring).
 
   Args:
@@ -116,9 +119,12 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     seed: the support draw.
     rows_per_batch: questions decoded together (the last batch is padded).
     max_new_tokens: default ``config.decode.max_new_tokens``.
+    coco_gt: the records' COCO file, for OKS AP too (AP-10K: one keypoint spec with OKS
+      sigmas; only the records' images are evaluated, so a family split scores alone).
 
   Returns:
-    ``metrics.category_pck``'s dict plus 'questions' (keypoints asked).
+    ``metrics.category_pck``'s dict plus 'questions' (keypoints asked), and with
+    ``coco_gt`` the COCO AP/AR names (``metrics.COCO_AP_NAMES``).
   """
   if task not in ("visual", "textual"):
     raise ConfigError(f"evaluate_cape: task {task!r} (expected 'visual' or 'textual')")
@@ -185,7 +191,26 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   result = metrics.category_pck(pred, gt, visible, boxes,
                                 [r.category or r.spec for r in records], threshold)
   result["questions"] = int(visible.sum())
+  if coco_gt:
+    result.update(_coco_ap(coco_gt, records, pred))
   return result
+
+
+def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray) -> dict[str, float]:
+  """OKS AP of the predictions, one result per instance (score 1) on its own image."""
+  specs = pipeline._specs_for(records)   # pylint: disable=protected-access
+  names = {records[0].spec} | {r.spec for r in records}
+  if len(names) != 1 or specs[records[0].spec].sigmas is None:
+    raise ConfigError(f"OKS AP needs one keypoint spec with sigmas; got {sorted(names)}")
+  spec = specs[records[0].spec]
+  with open(coco_gt, encoding="utf-8") as f:
+    category = {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f)["annotations"]}
+  k = spec.num_keypoints
+  results = [metrics.coco_result(r.image_id, np.concatenate([pred[i, :k], np.ones((k, 1))], 1),
+                                 1.0, category.get(int(r.ann_id), 1))
+             for i, r in enumerate(records)]
+  return metrics.coco_keypoint_ap(coco_gt, results, spec.sigmas,
+                                  image_ids=sorted({int(r.image_id) for r in records}))
 
 
 def _normalize(text: str) -> str:
@@ -308,8 +333,10 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", task: str = "visual"
     result = evaluate_semantic(config, model, params, tokenizer, records,
                                rows_per_batch=rows_per_batch)
   else:
+    source = str(getattr(records, "source", ""))
+    ap_gt = source if records and records[0].dataset == "ap10k" else None
     result = evaluate_cape(config, model, params, tokenizer, records, task=task, shots=shots,
-                           seed=seed, rows_per_batch=rows_per_batch)
+                           seed=seed, rows_per_batch=rows_per_batch, coco_gt=ap_gt)
   result.update(task=task, shots=shots, seed=seed, checkpoint=checkpoint,
                 dataset=dict(config.data.eval))
   evaluate.write_json_atomic(path, result)

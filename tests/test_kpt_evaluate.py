@@ -153,3 +153,34 @@ def test_run_writes_metrics_and_reads_them_back(setup, monkeypatch, tmp_path):
   assert (tmp_path / "metrics.json").exists() and first["task"] == "textual"
   again = kpt_evaluate.run(config, str(tmp_path), task="textual")
   assert again["PCK@0.2"] == first["PCK@0.2"] and calls == [""]    # not recomputed
+
+
+def test_ap10k_family_perfect_answers_score_ap_one(shared_data, monkeypatch):
+  """CLAMP's split on the real AP-10K sample: the Felidae family holds the jaguar only;
+  answering its ground truth (through the crop) gives OKS AP 1 and PCK 1."""
+  from kptjax.data import transforms
+  from kptjax.data.sources import read_dataset
+  from kptjax.keypoints import get_spec
+  folder = shared_data / "ap10k"
+  records = read_dataset("ap10k_family", folder / "test_ap10k.json", folder,
+                         families="Felidae")
+  assert len(records) == 1 and records[0].category == "jaguar"
+  c = tiny.get_config().unlock()
+  c.model.kpt.enabled = True
+  c.data.update(coord_format="keypoint_token", max_len=160)
+  side = c.model.vit.image_size
+  crop = transforms.crop_person(records[0], transforms.load_record_image(records[0]),
+                                (side, side), padding=c.data.padding, spec=get_spec("ap10k17"))
+  labeled = np.flatnonzero(records[0].keypoints[:, 2] > 0)
+  truth = crop["keypoints"][labeled, :2] / side
+
+  def oracle(model, params, images, tokens, mask, **kw):
+    out = np.zeros((images.shape[0], 2), np.float32)
+    out[:len(truth)] = truth
+    return out, None
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", oracle)
+  out = kpt_evaluate.evaluate_cape(c, None, None, load_tokenizer(""), records, task="textual",
+                                   rows_per_batch=len(labeled),
+                                   coco_gt=str(folder / "test_ap10k.json"))
+  assert out["questions"] == len(labeled) == 16
+  assert out["PCK@0.2"] == 1.0 and out["AP"] == pytest.approx(1.0)
