@@ -112,6 +112,9 @@ def test_task_mixing():
   assert kpt_tasks.parse_tasks("")[0] == ()
   with pytest.raises(ConfigError, match="unknown task"):
     kpt_tasks.parse_tasks("pose:1")
+  with pytest.raises(ConfigError, match="location token"):
+    kpt_tasks.TaskEncoder(load_tokenizer(""), dict(coord_format="loc_tokens", loc_bins=100), 1,
+                          prompt_token_id=PROMPT, keypoint_token_id=KEYPOINT)
   with pytest.raises(ConfigError, match="keypoint_token_id"):
     kpt_tasks.TaskEncoder(load_tokenizer(""), dict(coord_format="keypoint_token"), 1,
                           prompt_token_id=PROMPT)

@@ -69,6 +69,13 @@ class TaskEncoder(ConversationEncoder):
     self.prompt_token_id = int(prompt_token_id)
     self.keypoint_token_id = None if keypoint_token_id is None else int(keypoint_token_id)
     self.max_rounds = int(_get(cfg, "rounds", 5))
+    if self.coord_format == "loc_tokens":   # the tiny tokenizer lends <loc_98>, <loc_99>
+      bins = int(_get(cfg, "loc_bins", 100))
+      locs = {f"<loc_{i}>" for i in range(bins)}
+      for i in (self.prompt_token_id, self.keypoint_token_id):
+        if i is not None and tokenizer.convert_ids_to_tokens(i) in locs:
+          raise ConfigError(f"model.kpt token id {i} is a location token of coord_format "
+                            "'loc_tokens': give the prompt / <keypoint> their own ids")
 
   def task_query(self, task: str, name: str, description: str = "",
                  subject: str = "person") -> list[int]:
