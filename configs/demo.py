@@ -19,7 +19,7 @@ Variants (``--config configs/demo.py:ARG``):
   smoke    a seconds-long run of the whole job (tests, notebooks).
   overfit=N  train on N images without augmentation and evaluate on the same people:
            the check that the image reaches the answer (experiments/demo_overfit.py).
-  width=D,layers=L,image=S,patch=P,batch=B,steps=S,lr=X  override the model width /
+  width=D,layers=L,image=S,patch=P,rounds=R,batch=B,steps=S,lr=X  override the model width /
            depth of both towers, the crop and patch side, and the run length (for sweeps and the fast over-fit test).
 """
 
@@ -44,6 +44,7 @@ def get_config(arg=None):
                                   max_position_embeddings=512,
                                   rope_theta=float(args.get("theta", 1e6)))
   c.model.projector.kind = "linear"
+  c.model.init = "fan_in"    # from scratch at width 128: unit-scale init (vlm.rescale_init)
   c.model.remat_policy = "none"
 
   knobs = "people=1:1,marker_size=0.07,occluder_prob=0.0"
@@ -54,8 +55,10 @@ def get_config(arg=None):
                         scale_min=0.85, scale_max=1.15)
   c.data.template = "compact"
   c.data.use_descriptions = False
-  c.data.rounds = 17
-  c.data.max_len = 384
+  c.data.rounds = int(args.get("rounds", 17))
+  num_image_tokens = (c.model.vit.image_size // c.model.vit.patch_size) ** 2
+  # <s> + image + rounds of 'right shoulder?[0.412,0.733]</s>' (at most 20 tokens each)
+  c.data.max_len = -(-(1 + num_image_tokens + 20 * c.data.rounds) // 16) * 16
   c.data.num_workers = 0
   c.data.read_threads = 2
 

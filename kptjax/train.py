@@ -168,7 +168,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   batch_shardings = {key: sharding.batch_sharding(mesh) for key in batch_keys(config)}
   step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, repl), donate_argnums=0)
-  init_params = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=param_shardings)
+  init_params = jax.jit(lambda rng: vlm.rescale_init(nn.unbox(init_boxed(rng)), config.model),
+                        out_shardings=param_shardings)
   return Trainer(model=model, mesh=mesh, rules=rules, mask=mask, tx=tx,
                  lr_schedule=lr_schedule, abstract_params=abstract_params,
                  state_shardings=state_shardings, step=step, init_params=init_params)

@@ -140,3 +140,27 @@ def test_attention_output_and_cached_path_match_forward(composites):
     logits, cache = step(params, tokens[np.arange(2), pos], cache)
     np.testing.assert_allclose(np.asarray(logits), full[np.arange(2), pos], atol=TOL, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache["end"]), prompt_len + 3)
+
+
+def test_fan_in_init_rescales_tower_kernels_and_embeddings():
+  import ml_collections
+  from configs import tiny
+  cfg = tiny.get_config("lora")
+  model_config = ml_collections.ConfigDict(cfg.model.to_dict())
+  hf = vlm.init_params(model_config, jax.random.key(0))
+  model_config.init = "fan_in"
+  scaled = vlm.init_params(model_config, jax.random.key(0))
+  q = scaled["llm"]["layers"]["self_attn"]["q_proj"]
+  d = model_config.llm.hidden_size
+  np.testing.assert_allclose(q["kernel"], hf["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]
+                             * (d ** -0.5 / 0.02), rtol=1e-5)
+  assert abs(float(np.std(scaled["llm"]["embed_tokens"]["embedding"])) - 1.0) < 0.05
+  down = scaled["llm"]["layers"]["mlp"]["down_proj"]["kernel"]
+  assert abs(float(np.std(down)) - model_config.llm.intermediate_size ** -0.5) < 0.2 * \
+      model_config.llm.intermediate_size ** -0.5
+  # LoRA factors and norms keep their draw.
+  np.testing.assert_array_equal(q["lora_a"], hf["llm"]["layers"]["self_attn"]["q_proj"]["lora_a"])
+  np.testing.assert_array_equal(scaled["llm"]["norm"]["scale"], hf["llm"]["norm"]["scale"])
+  model_config.init = "xavier"
+  with pytest.raises(Exception, match="model.init"):
+    vlm.init_params(model_config, jax.random.key(0))

@@ -25,10 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from kptjax.errors import ConfigError
 from kptjax.models import llama as llama_lib
 from kptjax.models.layers import to_dtype
 from kptjax.models.llama import Cache, Llama, LlamaConfig
@@ -165,4 +167,38 @@ def init_params(model_config: ml_collections.ConfigDict, rng: Array) -> Any:
   """Randomly initialized VLM params (unboxed) — for tests and tiny configs."""
   model = VLM(model_config)
   variables = jax.jit(lambda key: model.init(key, *dummy_inputs(model_config)))(rng)
-  return nn.meta.unbox(variables["params"])
+  return rescale_init(nn.meta.unbox(variables["params"]), model_config)
+
+
+INIT_KINDS = ("hf", "fan_in")
+_TOWERS = ("llm", "vit", "projector")
+
+
+def rescale_init(params: Any, model_config: ml_collections.ConfigDict) -> Any:
+  """Applies ``model_config.init`` to freshly initialized (unboxed) params.
+
+  'hf' (default): as the modules draw them, normal(0.02) weights (the Hugging Face
+  ``initializer_range`` of Llama / DINOv2; pretrained towers replace them anyway).
+  'fan_in': for towers trained from scratch at small width (the CPU demo): every
+  kernel of the ViT, projector and LLM rescaled to std 1/sqrt(fan in) (fan in = the
+  kernel's second-to-last axis: kernels are [layers?, in, out]) and the token
+  embeddings to std 1, so that attention logits and residual branches start at unit
+  scale (0.02 at width 128 starts every attention nearly uniform). LoRA factors,
+  norms, biases and other modules' params are left as drawn. Works under jit.
+  """
+  kind = model_config.get("init", "hf")
+  if kind not in INIT_KINDS:
+    raise ConfigError(f"model.init={kind!r}; expected one of {INIT_KINDS}")
+  if kind == "hf":
+    return params
+  flat = traverse_util.flatten_dict(params, sep="/")
+  out = {}
+  for path, value in flat.items():
+    parts = path.split("/")
+    if parts[0] in _TOWERS and "lora" not in path:
+      if parts[-1] in ("kernel", "patch_kernel"):
+        value = value * ((value.shape[-2] ** -0.5) / 0.02)
+      elif parts[-1] == "embedding":
+        value = value * (1.0 / 0.02)
+    out[path] = value
+  return traverse_util.unflatten_dict(out, sep="/")
