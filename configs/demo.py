@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.model.init = "fan_in"    # from scratch at width 128: unit-scale init (vlm.rescale_init)
   c.model.remat_policy = "none"
 
-  knobs = "people=1:1,marker_size=0.07,occluder_prob=0.0"
+  knobs = args.get("knobs", "people=1:1,marker_size=0.07,occluder_prob=0.0").replace(";", ",")
   c.data.train.update(num_images=4000, knobs=knobs, seed=0)
   c.data.eval.update(num_images=200, knobs=knobs, seed=1)
   c.data.padding = 1.25

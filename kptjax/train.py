@@ -134,8 +134,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                       f"size {dp} x optim.grad_accum_steps={k} and by the "
                       f"{jax.process_count()} processes")
 
+  from kptjax.models import kptllm, vlm  # pylint: disable=g-import-not-at-top
+
   def init_boxed(rng):
-    from kptjax.models import kptllm, vlm  # pylint: disable=g-import-not-at-top
     extra = kptllm.dummy_support(config.model) if is_kptllm(config) else {}
     with nn.logical_axis_rules(rules):
       return model.init(rng, *vlm.dummy_inputs(config.model), **extra)["params"]

@@ -58,6 +58,10 @@ _MARKER_COLORS = np.array([
     (255, 140, 0), (255, 140, 0),    # knees: orange
     (20, 20, 20), (20, 20, 20),      # ankles: black
 ], np.uint8)
+# 'per_joint' palette: the right joints' own colours (eyes .. ankles, right side).
+_RIGHT_MARKER_COLORS = {
+    2: (128, 128, 0), 4: (0, 128, 128), 6: (128, 0, 0), 8: (0, 100, 0), 10: (0, 0, 128),
+    12: (128, 0, 128), 14: (140, 70, 0), 16: (128, 128, 128)}
 _LEFT = (1, 3, 5, 7, 9, 11, 13, 15)
 _FACE = (0, 1, 2)                    # unlabeled when the figure is seen from the back
 # Limbs drawn as thick lines: (joint a, joint b, side) with side 0 = left, 1 = right.
@@ -77,6 +81,9 @@ class Knobs:
   back_prob: float = 0.0                    # probability a figure faces away
   thickness: tuple[float, float] = (0.035, 0.065)   # limb width / h
   markers: bool = True                      # per-joint visual markers
+  # 'pairs': left and right joints share a colour (disk vs square); 'per_joint': the
+  # right joints get a darker colour of their own (_RIGHT_MARKER_COLORS)
+  marker_palette: str = "pairs"
   marker_size: float = 0.035                # marker radius / h
   clutter: int = 6                          # background shapes per image
   clutter_saturation: float = 0.3           # max HSV saturation of clutter colours
@@ -133,7 +140,11 @@ def get_knobs(preset: str = "easy", overrides: Union[str, Mapping[str, Any], Non
     elif isinstance(default, tuple):
       value = tuple(value)
     values[key] = value
-  return dataclasses.replace(knobs, **values)
+  knobs = dataclasses.replace(knobs, **values)
+  if knobs.marker_palette not in ("pairs", "per_joint"):
+    raise ConfigError(f"synthetic knob marker_palette={knobs.marker_palette!r}; expected "
+                      "'pairs' or 'per_joint'")
+  return knobs
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,6 +285,8 @@ def _draw_figure(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, pid: int,
       continue
     x, y = j[i]
     color = tuple(int(c) for c in _MARKER_COLORS[i])
+    if k.marker_palette == "per_joint" and i in _RIGHT_MARKER_COLORS:
+      color = _RIGHT_MARKER_COLORS[i]
     outline = (0, 0, 0) if sum(color) > 200 else (255, 255, 255)
     rr = r * (0.7 if i < 5 else 1.0)
     box = [x - rr, y - rr, x + rr, y + rr]
