@@ -80,3 +80,15 @@ def test_demo_job_writes_metrics_overlays_and_resumes(data_dir, tmp_path, capsys
   again = demo.run(config, workdir)
   assert again["model"] == result["model"]
   assert os.path.getmtime(os.path.join(workdir, "eval", "predictions.json")) == mtime
+
+
+def test_demo_model_overfits_a_handful_of_images(data_dir, tmp_path):
+  """The image reaches the answer: trained on 4 images (all 17 keypoints each), the demo
+  architecture (narrower) locates their keypoints, far above the no-image baseline."""
+  config = demo_config.get_config(OVERFIT)
+  result = demo.run(config, str(tmp_path / "overfit"))
+  assert result["model"]["PCK@0.1"] >= 0.95, result
+  assert result["model"]["AP"] >= result["baseline"]["AP"] + 0.5, result   # baseline: the mean of these 4
+
+
+OVERFIT = "overfit=4,width=64,layers=2,rounds=1,batch=16,steps=400,lr=3e-3"
