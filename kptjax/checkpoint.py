@@ -56,7 +56,9 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
                async_save: bool = True):
-    self.directory = epath.Path(directory)
+    # Orbax writes OCDBT stores, which need absolute paths ('runs/x' is the usual CLI input).
+    d = os.fspath(directory)
+    self.directory = epath.Path(d if "://" in d else os.path.abspath(d))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -122,7 +124,8 @@ class Checkpointer:
 
 def _manager_root(path: str | os.PathLike) -> epath.Path:
   """A stage-1 workdir or its ``checkpoints`` dir -> the CheckpointManager root."""
-  path = epath.Path(path)
+  path = os.fspath(path)
+  path = epath.Path(path if "://" in path else os.path.abspath(path))
   if (path / CHECKPOINT_SUBDIR).is_dir():
     return path / CHECKPOINT_SUBDIR
   if path.is_dir():

@@ -333,6 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   # ------------------------------------------------------------------------ logging
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
+  workdir = workdir if "://" in workdir else os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -171,3 +171,21 @@ def test_kill_and_resume_in_a_new_process_is_exact(stage1, tmp_path):
   assert adapter.keys() == {k for k in final if k[0] == "projector" or k[-1].startswith("lora_")}
   for key, value in adapter.items():
     np.testing.assert_array_equal(value, final[key])
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  """'--workdir runs/x' is the usual CLI input; Orbax's OCDBT needs absolute paths."""
+  import jax.numpy as jnp
+  from kptjax import checkpoint as ckpt_lib
+  monkeypatch.chdir(tmp_path)
+  params = {"w": jnp.arange(4.0)}
+  ck = ckpt_lib.Checkpointer("runs/x/checkpoints", every=1, keep=1)
+  assert ck.directory.is_absolute()
+  from kptjax.train_step import TrainState
+  state = TrainState(step=jnp.ones((), jnp.int32), params=params, opt_state={"mu": params})
+  ck.save(1, state, None, force=True)
+  ck.wait()
+  ck.close()
+  loaded, _ = ckpt_lib.load_params("runs/x", {"w": jnp.zeros(4)},
+                                   {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+  np.testing.assert_array_equal(loaded["w"], params["w"])
