@@ -19,7 +19,7 @@ measured on 2 CPU cores (README, "What the demo does and what it reaches"):
 * AdamW 2e-3, constant after warmup (no flip: the markers are chiral).
 
 Variants (``--config configs/demo.py:ARG``, comma separated):
-  long     4x the data and steps (about an hour on 2 cores).
+  long     3x the data and 3.2x the steps (about 45 minutes on 2 cores).
   smoke    a minute-long run of the whole job (tests, notebooks).
   overfit=N  train on N images without augmentation and evaluate on the same people:
            the check that the image reaches the answer.
@@ -76,8 +76,8 @@ def get_config(arg=None):
   c.decode.update(max_new_tokens=14, batch_persons=50)
 
   if args.get("long"):
-    c.data.train.num_images = 16000
-    c.train.num_steps = 3200
+    c.data.train.num_images = 12000
+    c.train.num_steps = 2400
     c.train.checkpoint_every = 500
   if args.get("overfit"):
     c.data.train.num_images = int(args["overfit"])
