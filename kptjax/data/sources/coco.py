@@ -75,6 +75,29 @@ def _parse_keypoints(ann: Mapping[str, Any], key: str, num: int, path: str, wher
   return np.asarray(values, np.float32).reshape(num, 3)
 
 
+def _add_ground_truth(records: Records, image: Mapping[str, Any], raw_box: Sequence[float],
+                      keypoints: np.ndarray, *, area: Optional[float], min_keypoints: int,
+                      exists: Optional[ExistsCache], **fields: Any) -> None:
+  """Appends one ground-truth person to ``records``, or counts why it is skipped.
+
+  Skips: 'zero_area' (the box is empty once sanitized, or ``area`` <= 0),
+  'no_keypoints' (fewer than ``min_keypoints`` labeled), 'missing_image' (``exists``
+  says the image file is missing; None: not checked). ``fields``: the PersonRecord's
+  remaining fields (spec, image_id, ann_id, dataset, category).
+  """
+  box = sanitize_box(raw_box, *image["size"])
+  if box is None or (area is not None and area <= 0):
+    records.skipped["zero_area"] += 1
+  elif int(np.sum(keypoints[:, 2] > 0)) < min_keypoints:
+    records.skipped["no_keypoints"] += 1
+  elif exists is not None and not exists(image["path"]):
+    records.skipped["missing_image"] += 1
+  else:
+    records.append(PersonRecord(
+        image_path=image["path"], image_size=image["size"], box=box, keypoints=keypoints,
+        extra={"bbox_raw": np.asarray(raw_box, np.float32)}, **fields))
+
+
 def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], *,
                         spec: Union[str, KeypointSpec] = "coco17", dataset: str = "coco",
                         det_file: Union[str, os.PathLike, None] = None,
@@ -167,23 +190,11 @@ def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str
       continue
     keypoints = _parse_keypoints(ann, keypoints_field, num, path, where, ann_id)
     raw_box = numbers(ann, "bbox", path, where, 4, record=ann_id)
-    image = images[image_id]
-    box = sanitize_box(raw_box, *image["size"])
     area = field(ann, "area", path, where, (int, float), record=ann_id, default=None)
-    if box is None or (area is not None and area <= 0):
-      records.skipped["zero_area"] += 1
-      continue
-    if int(np.sum(keypoints[:, 2] > 0)) < min_keypoints:
-      records.skipped["no_keypoints"] += 1
-      continue
-    if check_images and not exists(image["path"]):
-      records.skipped["missing_image"] += 1
-      continue
-    records.append(PersonRecord(
-        image_path=image["path"], image_size=image["size"], box=box, keypoints=keypoints,
-        spec=spec.name, image_id=image_id, ann_id=ann_id, dataset=dataset,
-        category=categories.get(category),
-        extra={"bbox_raw": np.asarray(raw_box, np.float32)}))
+    _add_ground_truth(records, images[image_id], raw_box, keypoints, area=area,
+                      min_keypoints=min_keypoints, exists=exists if check_images else None,
+                      spec=spec.name, image_id=image_id, ann_id=ann_id, dataset=dataset,
+                      category=categories.get(category))
   records.log_summary(f"read_coco_keypoints[{dataset}]")
   return records
 
@@ -281,20 +292,9 @@ def read_mp100(ann_file: Union[str, os.PathLike], image_root: Union[str, os.Path
       continue
     keypoints = _parse_keypoints(ann, "keypoints", spec.num_keypoints, path, where, ann_id)
     raw_box = numbers(ann, "bbox", path, where, 4, record=ann_id)
-    image = images[image_id]
-    box = sanitize_box(raw_box, *image["size"])
-    if box is None:
-      records.skipped["zero_area"] += 1
-      continue
-    if int(np.sum(keypoints[:, 2] > 0)) < min_keypoints:
-      records.skipped["no_keypoints"] += 1
-      continue
-    if check_images and not exists(image["path"]):
-      records.skipped["missing_image"] += 1
-      continue
-    records.append(PersonRecord(
-        image_path=image["path"], image_size=image["size"], box=box, keypoints=keypoints,
-        spec=spec.name, image_id=image_id, ann_id=ann_id, dataset=dataset,
-        category=spec.subject, extra={"bbox_raw": np.asarray(raw_box, np.float32)}))
+    _add_ground_truth(records, images[image_id], raw_box, keypoints, area=None,
+                      min_keypoints=min_keypoints, exists=exists if check_images else None,
+                      spec=spec.name, image_id=image_id, ann_id=ann_id, dataset=dataset,
+                      category=spec.subject)
   records.log_summary("read_mp100")
   return records
