@@ -93,12 +93,57 @@ def _questions(config: Any, records: Sequence[Any], task: str, shots: int,
                  support_mask=mask)
 
 
-def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> np.ndarray:
-  """(x, y) of a decimal answer (tokens up to the end of turn); inf when unparseable."""
+def _answer_text(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> str:
+  """The generated answer's text: its tokens up to the end of turn."""
   ids = [int(t) for t in tokens]
   ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
-  values, _ = parsing.parse_values(tokenizer.decode(ids, skip_special_tokens=True), 2)
+  return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> np.ndarray:
+  """(x, y) of a decimal answer (tokens up to the end of turn); inf when unparseable."""
+  values, _ = parsing.parse_values(_answer_text(tokenizer, tokens, eos_id), 2)
   return np.full(2, np.inf, np.float32) if values is None else np.asarray(values[:2], np.float32)
+
+
+def _task_encoder(config: Any, tokenizer: Any) -> kpt_tasks.TaskEncoder:
+  kpt = config.model.kpt
+  return kpt_tasks.TaskEncoder(tokenizer, config.data,
+                               conversation.num_image_tokens(config.model),
+                               prompt_token_id=kpt.prompt_token_id,
+                               keypoint_token_id=kpt.keypoint_token_id,
+                               image_token_id=config.model.get("image_token_id", None))
+
+
+def _stack(rows: Sequence[dict[str, Any]], key: str) -> jax.Array:
+  return jnp.asarray(np.stack([r[key] for r in rows]))
+
+
+def _encode_batch(batch: Sequence[dict[str, Any]], rows_per_batch: int,
+                  enc: kpt_tasks.TaskEncoder, prefix: list[int], task: str,
+                  max_len: int) -> tuple[list[dict[str, Any]], jax.Array, jax.Array]:
+  """The questions of ``batch`` padded to ``rows_per_batch`` (the last one repeated):
+  (rows, tokens i32[rows_per_batch, max_len], mask bool[rows_per_batch, max_len])."""
+  rows = list(batch) + [batch[-1]] * (rows_per_batch - len(batch))
+  tokens = np.full((rows_per_batch, max_len), enc.pad_id, np.int32)
+  mask = np.zeros((rows_per_batch, max_len), bool)
+  for i, row in enumerate(rows):
+    spec, k = row["spec"], row["keypoint"]
+    ids = prefix + enc.task_query(task, spec.names[k], spec.descriptions[k], spec.subject)
+    if len(ids) > max_len:
+      raise ConfigError(f"data.max_len={max_len} is shorter than a question ({len(ids)})")
+    tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
+  return rows, jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _prompt_embedder(model: Any) -> Any:
+  """(params, rows) -> the supports' keypoint prompt embeddings (KptLLM
+  ``embed_prompts``, jitted; traced at the first call)."""
+  embed = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m,
+                                                 method="embed_prompts"))
+  return lambda params, rows: embed(params, _stack(rows, "support_image"),
+                                    _stack(rows, "support_xy")[:, :, None],
+                                    _stack(rows, "support_mask")[:, :, None])
 
 
 def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
@@ -134,12 +179,7 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   if config.data.coord_format not in ("keypoint_token", "decimal2d"):
     raise ConfigError(f"evaluate_cape: coord_format {config.data.coord_format!r} (expected "
                       "'keypoint_token' or 'decimal2d')")
-  kpt = config.model.kpt
-  enc = kpt_tasks.TaskEncoder(tokenizer, config.data,
-                              conversation.num_image_tokens(config.model),
-                              prompt_token_id=kpt.prompt_token_id,
-                              keypoint_token_id=kpt.keypoint_token_id,
-                              image_token_id=config.model.get("image_token_id", None))
+  enc = _task_encoder(config, tokenizer)
   prefix = enc.prefix()
   max_len = int(config.data.max_len) or 512
   new = int(max_new_tokens or config.decode.max_new_tokens)
@@ -147,29 +187,16 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   k_max = max(r.num_keypoints for r in records)
   pred = np.zeros((len(records), k_max, 2))
   visible = np.zeros((len(records), k_max), bool)
-  prompts_fn = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m,
-                                                      method="embed_prompts"))
+  embed_prompts = _prompt_embedder(model)
   batch: list[dict[str, Any]] = []
 
   def flush():
     n = len(batch)
-    rows = batch + [batch[-1]] * (rows_per_batch - n)
-    tokens = np.full((rows_per_batch, max_len), enc.pad_id, np.int32)
-    mask = np.zeros((rows_per_batch, max_len), bool)
-    for i, row in enumerate(rows):
-      spec, k = row["spec"], row["keypoint"]
-      ids = prefix + enc.task_query(task, spec.names[k], spec.descriptions[k], spec.subject)
-      if len(ids) > max_len:
-        raise ConfigError(f"data.max_len={max_len} is shorter than a question ({len(ids)})")
-      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
-    stack = lambda key: jnp.asarray(np.stack([r[key] for r in rows]))
-    prompt = None
-    if task == "visual":
-      prompt = prompts_fn(params, stack("support_image"), stack("support_xy")[:, :, None],
-                          stack("support_mask")[:, :, None])
+    rows, tokens, mask = _encode_batch(batch, rows_per_batch, enc, prefix, task, max_len)
+    prompt = embed_prompts(params, rows) if task == "visual" else None
     xy, generated = kpt_decode.generate_keypoints(
-        model, params, stack("image"), jnp.asarray(tokens), jnp.asarray(mask),
-        prompt_embeds=prompt, max_new_tokens=new, eos_id=enc.eos_id, force_keypoint=regress)
+        model, params, _stack(rows, "image"), tokens, mask, prompt_embeds=prompt,
+        max_new_tokens=new, eos_id=enc.eos_id, force_keypoint=regress)
     if not regress:
       xy = np.array([_parse(tokenizer, g, enc.eos_id) for g in np.asarray(generated)[:n]])
     for row, p in zip(batch, xy[:n]):
@@ -229,39 +256,23 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   """
   if not hasattr(model, "embed_prompts"):
     raise ConfigError("evaluate_semantic needs a KptLLM model (model.kpt.enabled)")
-  kpt = config.model.kpt
-  enc = kpt_tasks.TaskEncoder(tokenizer, config.data,
-                              conversation.num_image_tokens(config.model),
-                              prompt_token_id=kpt.prompt_token_id,
-                              keypoint_token_id=kpt.keypoint_token_id,
-                              image_token_id=config.model.get("image_token_id", None))
+  enc = _task_encoder(config, tokenizer)
   prefix, max_len = enc.prefix(), int(config.data.max_len) or 512
   new = int(max_new_tokens or config.decode.max_new_tokens)
-  prompts_fn = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, m,
-                                                      method="embed_prompts"))
+  embed_prompts = _prompt_embedder(model)
   hits: dict[str, list[bool]] = {}
   batch: list[dict[str, Any]] = []
 
   def flush():
     n = len(batch)
-    rows = batch + [batch[-1]] * (rows_per_batch - n)
-    tokens = np.full((rows_per_batch, max_len), enc.pad_id, np.int32)
-    mask = np.zeros((rows_per_batch, max_len), bool)
-    for i, row in enumerate(rows):
-      spec, k = row["spec"], row["keypoint"]
-      ids = prefix + enc.task_query("semantic", spec.names[k], spec.descriptions[k],
-                                    spec.subject)
-      tokens[i, :len(ids)], mask[i, :len(ids)] = ids, True
-    stack = lambda key: jnp.asarray(np.stack([r[key] for r in rows]))
-    prompt = prompts_fn(params, stack("support_image"), stack("support_xy")[:, :, None],
-                        stack("support_mask")[:, :, None])
+    rows, tokens, mask = _encode_batch(batch, rows_per_batch, enc, prefix, "semantic",
+                                       max_len)
     _, generated = kpt_decode.generate_keypoints(
-        model, params, stack("image"), jnp.asarray(tokens), jnp.asarray(mask),
-        prompt_embeds=prompt, max_new_tokens=new, eos_id=enc.eos_id, force_keypoint=False)
+        model, params, _stack(rows, "image"), tokens, mask,
+        prompt_embeds=embed_prompts(params, rows), max_new_tokens=new, eos_id=enc.eos_id,
+        force_keypoint=False)
     for row, g in zip(batch, np.asarray(generated)[:n]):
-      ids = [int(t) for t in g]
-      ids = ids[:ids.index(enc.eos_id)] if enc.eos_id in ids else ids
-      text = tokenizer.decode(ids, skip_special_tokens=True)
+      text = _answer_text(tokenizer, g, enc.eos_id)
       truth = row["spec"].descriptions[row["keypoint"]]
       hits.setdefault(row["spec"].subject, []).append(_normalize(text) == _normalize(truth))
     batch.clear()
