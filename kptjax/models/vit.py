@@ -130,20 +130,27 @@ def _layer_norm(config, param_dtype, name):
                       bias_init=logical_init(nn.initializers.zeros, ("vit_embed",)), name=name)
 
 
-def _dense(lora, dtype, param_dtype, features, axes, name, use_bias=True) -> LoraDense:
-  rank = int(lora.rank) if lora is not None and name in list(lora.vit_targets) else 0
-  return LoraDense(features=features, use_bias=use_bias, rank=rank,
-                   alpha=float(lora.alpha) if rank else 1.0,
-                   dropout=float(lora.dropout) if rank else 0.0,
-                   kernel_axes=axes, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-class Attention(nn.Module):
-  """Bidirectional multi-head self-attention, q/k/v/out as separate LoraDense layers."""
+class _Sublayer(nn.Module):
+  """What Attention, Mlp and Block are built from: the ViT config (config.model.vit),
+  the LoRA settings (config.model.lora or None) and the compute / storage dtypes."""
   config: ml_collections.ConfigDict
   lora: Any = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+
+  def _dense(self, features, axes, name, use_bias=True) -> LoraDense:
+    """A LoraDense child named ``name``, with LoRA when ``name`` is in lora.vit_targets."""
+    lora = self.lora
+    rank = int(lora.rank) if lora is not None and name in list(lora.vit_targets) else 0
+    return LoraDense(features=features, use_bias=use_bias, rank=rank,
+                     alpha=float(lora.alpha) if rank else 1.0,
+                     dropout=float(lora.dropout) if rank else 0.0,
+                     kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=name)
+
+
+class Attention(_Sublayer):
+  """Bidirectional multi-head self-attention, q/k/v/out as separate LoraDense layers."""
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -151,26 +158,22 @@ class Attention(nn.Module):
     c = self.config
     b, t, d = x.shape
     n = c.num_heads
-    dense = functools.partial(_dense, self.lora, self.dtype, self.param_dtype)
+    dense = self._dense
     q, k, v = (dense(d, ("vit_embed", "heads"), name, use_bias=c.qkv_bias)(x, deterministic)
                .reshape(b, t, n, d // n) for name in ("query", "key", "value"))
     out, _ = layers.attention(q, k, v)
     return dense(d, ("heads", "vit_embed"), "out")(out.reshape(b, t, d), deterministic)
 
 
-class Mlp(nn.Module):
+class Mlp(_Sublayer):
   """fc1 -> activation -> fc2, or the SwiGLU FFN (down(silu(gate(x)) * up(x))) of DINOv2-g."""
-  config: ml_collections.ConfigDict
-  lora: Any = None
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     """x [B,T,D] -> [B,T,D]; hidden width F = config.intermediate_size."""
     c = self.config
     d, f = x.shape[-1], c.intermediate_size
-    dense = functools.partial(_dense, self.lora, self.dtype, self.param_dtype)
+    dense = self._dense
     if c.use_swiglu_ffn:
       h = (nn.silu(dense(f, ("vit_embed", "mlp"), "gate")(x, deterministic))
            * dense(f, ("vit_embed", "mlp"), "up")(x, deterministic))
@@ -182,15 +185,11 @@ class Mlp(nn.Module):
     return dense(d, ("mlp", "vit_embed"), "fc2")(h, deterministic)
 
 
-class Block(nn.Module):
+class Block(_Sublayer):
   """Pre-norm block: x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)). Written for nn.scan.
 
   ``keep_layer`` >= 0 makes the carry ``(x, kept)`` where kept is the output of that layer.
   """
-  config: ml_collections.ConfigDict
-  lora: Any = None
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
   keep_layer: int = -1
 
   @nn.compact
