@@ -25,3 +25,19 @@ def shared_data() -> pathlib.Path:
     raise FileNotFoundError(
         f"dataset samples not found at {path}; set KPTJAX_TEST_DATA to shared/data")
   return path
+
+
+@pytest.fixture(scope="module")
+def model_params():
+  """(VLM, params) of configs/tiny.py with random weights drawn with numpy on the params'
+  shapes (no init compilation)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  rng = np.random.default_rng(3)
+  shapes = nn.meta.unbox(vlm.abstract_params(config.model))
+  params = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype), shapes)
+  return vlm.VLM(config.model), params

@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from configs import tiny
 from kptjax import evaluate, metrics
 from kptjax.data import tokenizer as tok_lib
 from kptjax.data.sources import read_dataset
-from kptjax.models import vlm
 
 
 def _config(**decode):
@@ -28,16 +26,6 @@ def _config(**decode):
     else:
       config.data[k] = v
   return config.lock()
-
-
-@pytest.fixture(scope="module")
-def model_params():
-  """Random weights drawn with numpy on the params' shapes (no init compilation)."""
-  config = tiny.get_config()
-  rng = np.random.default_rng(3)
-  shapes = nn.meta.unbox(vlm.abstract_params(config.model))
-  params = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype), shapes)
-  return vlm.VLM(config.model), params
 
 
 @pytest.fixture(scope="module")

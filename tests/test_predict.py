@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +11,6 @@ from PIL import Image
 from configs import tiny
 from kptjax import errors, predict, viz
 from kptjax.data import tokenizer as tok_lib
-from kptjax.models import vlm
 from tests.conftest import REPO_ROOT
 
 
@@ -22,16 +19,6 @@ def config():
   c = tiny.get_config().unlock()
   c.decode.constrained = True
   return c.lock()
-
-
-@pytest.fixture(scope="module")
-def model_params():
-  """Random weights drawn with numpy on the params' shapes (no init compilation)."""
-  config = tiny.get_config()
-  rng = np.random.default_rng(3)
-  shapes = nn.meta.unbox(vlm.abstract_params(config.model))
-  params = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype), shapes)
-  return vlm.VLM(config.model), params
 
 
 def test_predict_writes_png_and_json(shared_data, config, model_params, tmp_path):
