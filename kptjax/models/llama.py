@@ -74,31 +74,35 @@ class LlamaConfig:
     return dict(self.rope_scaling)
 
 
-class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)). x [B,T,D] -> [B,T,D]."""
+class _Sublayer(nn.Module):
+  """What MLP, Attention and DecoderBlock are built from: the LlamaConfig, the tower's
+  LoraSpec and the compute / storage dtypes."""
   config: LlamaConfig
   lora: LoraSpec = LoraSpec()
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
+  def _dense(self, name: str, features: int, axes: tuple[str, str]) -> LoraDense:
+    """A LoraDense child named ``name``, with LoRA when ``name`` is a lora target."""
+    return LoraDense(features, rank=self.lora.rank_for(name), alpha=self.lora.alpha,
+                     dropout=self.lora.dropout, kernel_axes=axes, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)
+
+
+class MLP(_Sublayer):
+  """SwiGLU: down(silu(gate(x)) * up(x)). x [B,T,D] -> [B,T,D]."""
+
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    def dense(name, features, axes):
-      return LoraDense(features, rank=self.lora.rank_for(name), alpha=self.lora.alpha,
-                       dropout=self.lora.dropout, kernel_axes=axes, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=name)
+    dense = self._dense
     f, d = self.config.intermediate_size, self.config.hidden_size
     gate = dense("gate_proj", f, ("embed", "mlp"))(x, deterministic)
     up = dense("up_proj", f, ("embed", "mlp"))(x, deterministic)
     return dense("down_proj", d, ("mlp", "embed"))(nn.silu(gate) * up, deterministic)
 
 
-class Attention(nn.Module):
+class Attention(_Sublayer):
   """Grouped-query self-attention with RoPE, over the new tokens or a KV cache."""
-  config: LlamaConfig
-  lora: LoraSpec = LoraSpec()
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
@@ -111,11 +115,7 @@ class Attention(nn.Module):
     """
     c = self.config
     n, kv, h = c.num_heads, c.num_kv_heads, c.head_dim
-
-    def dense(name, features, axes):
-      return LoraDense(features, rank=self.lora.rank_for(name), alpha=self.lora.alpha,
-                       dropout=self.lora.dropout, kernel_axes=axes, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name=name)
+    dense = self._dense
     b, t, _ = x.shape
     q = dense("q_proj", n * h, ("embed", "heads"))(x, deterministic).reshape(b, t, n, h)
     k = dense("k_proj", kv * h, ("embed", "kv_heads"))(x, deterministic).reshape(b, t, kv, h)
@@ -136,13 +136,9 @@ class Attention(nn.Module):
     return out, kv_cache, probs
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(_Sublayer):
   """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). Scan-shaped: returns
   (x, (kv_cache, attention probs))."""
-  config: LlamaConfig
-  lora: LoraSpec = LoraSpec()
-  dtype: DType = jnp.float32
-  param_dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, mask, kv_cache, deterministic, return_attention):
