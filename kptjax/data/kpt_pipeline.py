@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from absl import logging
 import grain
 import numpy as np
 
@@ -103,26 +102,7 @@ def make_kpt_train_dataset(config: Any, tokenizer: Any, *,
                            process_count: int = 1) -> grain.IterDataset:
   """The KptLLM training stream for this process (``pipeline.make_train_dataset``'s
   order, seeding and batching, with ``KptTrainTransform``)."""
-  if records is None:
-    records = pipeline.load_records(config, "train")
-  if not records:
-    raise ConfigError("no training records")
-  if config.train.batch_size % process_count:
-    raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by "
-                      f"{process_count} processes")
-  batch = config.train.batch_size // process_count
-  items = pipeline._items(records, int(config.data.get("group_size", 0)), int(config.seed))
-  items = items[process_index::process_count]
-  logging.info("kptllm train pipeline: %d items, tasks %s, %d shots", len(items),
-               config.data.tasks, config.data.shots)
-  ds = (grain.MapDataset.source(items)
-        .shuffle(seed=int(config.seed))
-        .repeat()
-        .random_map(KptTrainTransform(config, tokenizer, records), seed=int(config.seed)))
-  it = ds.to_iter_dataset(pipeline._read_options(config, batch)).batch(batch,
-                                                                        drop_remainder=True)
-  workers = int(config.data.get("num_workers", 0))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=2))
-  return it
+  return pipeline._train_stream(  # pylint: disable=protected-access
+      config, records, lambda r: KptTrainTransform(config, tokenizer, r), process_index,
+      process_count, f"kptllm train pipeline (tasks {config.data.tasks}, "
+      f"{config.data.shots} shots)")

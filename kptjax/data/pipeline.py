@@ -43,7 +43,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 import grain
@@ -215,6 +215,17 @@ def make_train_dataset(config: Any, tokenizer: Any, *, records: Optional[Sequenc
     records: person records (default ``load_records(config, 'train')``).
     process_index, process_count: this process's slice of the records.
   """
+  return _train_stream(config, records, lambda r: TrainTransform(config, tokenizer, r),
+                       process_index, process_count, "train pipeline")
+
+
+def _train_stream(config: Any, records: Optional[Sequence[Any]],
+                  make_transform: Callable[[Sequence[Any]], Any], process_index: int,
+                  process_count: int, name: str) -> grain.IterDataset:
+  """This process's training batches: its slice of the items of ``records`` (default
+  ``load_records(config, 'train')``), shuffled, repeated, each made an example by
+  ``make_transform(records)`` (a grain random map), batched (``make_train_dataset`` and
+  ``kpt_pipeline.make_kpt_train_dataset``; ``name`` begins the log line)."""
   if records is None:
     records = load_records(config, "train")
   if not records:
@@ -225,12 +236,12 @@ def make_train_dataset(config: Any, tokenizer: Any, *, records: Optional[Sequenc
   batch = config.train.batch_size // process_count
   items = _items(records, int(config.data.get("group_size", 0)), int(config.seed))
   items = items[process_index::process_count]
-  logging.info("train pipeline: %d items for process %d/%d, batch %d", len(items),
+  logging.info("%s: %d items for process %d/%d, batch %d", name, len(items),
                process_index, process_count, batch)
   ds = (grain.MapDataset.source(items)
         .shuffle(seed=int(config.seed))
         .repeat()
-        .random_map(TrainTransform(config, tokenizer, records), seed=int(config.seed)))
+        .random_map(make_transform(records), seed=int(config.seed)))
   it = ds.to_iter_dataset(_read_options(config, batch)).batch(batch, drop_remainder=True)
   workers = int(config.data.get("num_workers", 0))
   if workers > 0:
