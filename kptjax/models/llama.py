@@ -298,21 +298,19 @@ class Llama(nn.Module):
       Padding slots are written beyond the new end and overwritten by the next call.
     """
     x = self.embed(tokens) if embeds is None else embeds.astype(self.dtype)
-    b, t = x.shape[:2]
-    end = cache["end"].astype(jnp.int32)
-    positions = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    mask = cache_mask(end, t, cache["k"].shape[2])
-    x, (k, v), _ = self._blocks(x, positions, mask, (cache["k"], cache["v"]), True, False)
-    new_end = end + jnp.sum(input_mask, axis=1, dtype=jnp.int32)
-    return self.logits(x), {"k": k, "v": v, "end": new_end}
-
+    x, cache = self._extend_blocks(x, input_mask, cache)
+    return self.logits(x), cache
 
   def extend_hidden(self, input_mask: Array, cache: Cache, embeds: Array
                     ) -> tuple[Array, Cache]:
     """``extend`` returning the last block's output [B,T,D] (before the final norm)
     instead of logits; ``logits(hidden)`` gives ``extend``'s logits."""
-    x = embeds.astype(self.dtype)
-    b, t = x.shape[:2]
+    return self._extend_blocks(embeds.astype(self.dtype), input_mask, cache)
+
+  def _extend_blocks(self, x: Array, input_mask: Array, cache: Cache) -> tuple[Array, Cache]:
+    """The blocks over x [B,T,D] written into the cache at each row's end: (the last
+    block's output [B,T,D], the cache with the new keys/values and end += sum(input_mask))."""
+    t = x.shape[1]
     end = cache["end"].astype(jnp.int32)
     positions = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     mask = cache_mask(end, t, cache["k"].shape[2])
