@@ -32,7 +32,9 @@ LOGICAL_AXIS_RULES = (
 
 def vit_config(*, image_size, patch_size, hidden_size, num_layers, num_heads,
                intermediate_size, num_register_tokens=0, pretrained_image_size=None):
-  """DINOv2-style ViT fields (names follow transformers.Dinov2Config where they exist)."""
+  """DINOv2-style ViT fields (names follow transformers.Dinov2Config where they exist);
+  CLIP's differences are the patch_bias / pre_layernorm / layerscale / final_layernorm
+  flags and hidden_act='quick_gelu'."""
   return ml_collections.ConfigDict(dict(
       image_size=image_size,            # input crop side, pixels
       patch_size=patch_size,
@@ -54,6 +56,11 @@ def vit_config(*, image_size, patch_size, hidden_size, num_layers, num_heads,
       # Resize the learned embeddings with torch's antialiased bicubic
       # (Dinov2WithRegistersModel) instead of plain bicubic (Dinov2Model).
       interpolate_antialias=False,
+      # CLIP (kptjax/convert/clip.py) sets the next four to the opposite values.
+      patch_bias=True,                  # bias on the patch-embedding conv
+      pre_layernorm=False,              # LayerNorm on the embeddings (CLIP's pre_layrnorm)
+      layerscale=True,                  # per-channel LayerScale (layer_scale1/2) in blocks
+      final_layernorm=True,             # LayerNorm on the output tokens ('norm')
   ))
 
 

@@ -15,8 +15,8 @@ the task mix.
 
 Variants: ``split=K`` (1..5), ``shots=N`` (1 or 5), ``tasks=visual:1+semantic:1`` ('+'
 for ',' on the command line), ``epochs=N``, ``batch=N``, ``accum=N``, ``runlocal``.
-The kptjax ViT is DINOv2-shaped: a CLIP checkpoint has no converter yet, so
-``checkpoints.vit_dir`` must be a DINOv2-format dir (see the issue notes).
+``checkpoints.vit_dir`` is a Hugging Face CLIP dir (CLIPVisionModel / CLIPModel, or a
+llava-hf LLaVA dir), loaded by ``kptjax.convert.load_clip_vision`` via ``load_vlm``.
 """
 
 from configs import common
@@ -33,7 +33,13 @@ def get_config(arg=None):
   m = c.model
   m.vit = common.vit_config(image_size=336, patch_size=14, hidden_size=1024, num_layers=24,
                             num_heads=16, intermediate_size=4096)
+  # CLIP ViT-L/14-336 (what kptjax.convert.clip returns for it).
   m.vit.hidden_act = "quick_gelu"
+  m.vit.layer_norm_eps = 1e-5
+  m.vit.patch_bias = False
+  m.vit.pre_layernorm = True
+  m.vit.layerscale = False
+  m.vit.final_layernorm = False      # LLaVA: raw block output, no post_layernorm
   m.vit.feature_layer = -2           # LLaVA: the penultimate layer's patch tokens
   m.projector.kind = "mlp2x_gelu"    # LLaVA-1.5's connector
   m.lora = common.lora_config(rank=128, alpha=256.0, dropout=0.05, vit_targets=(),

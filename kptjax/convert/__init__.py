@@ -5,6 +5,7 @@ Notebook API:
     >>> from kptjax import convert
     >>> llm_config, llm_params = convert.load_llama("/ckpt/vicuna-7b-v1.5", param_dtype="bfloat16")
     >>> vit_config, vit_params = convert.load_dinov2("/ckpt/dinov2-large", image_size=224)
+    >>> vit_config, vit_params = convert.load_clip_vision("/ckpt/clip-vit-large-patch14-336")
     >>> model_config, params = convert.load_vlm(config)   # both towers + fresh LoRA/projector
     >>> convert.export_adapter(params, "adapter.safetensors")
     >>> convert.export_llama_hf(params, model_config.llm, "out/llama-merged",
@@ -34,7 +35,8 @@ from kptjax.models.lora import lora_a_init
 from kptjax.models.projector import Projector
 
 __all__ = [
-    "load_llama", "llm_config_from_hf", "load_dinov2", "load_vlm", "export_llama_hf",
+    "load_llama", "llm_config_from_hf", "load_dinov2", "load_clip_vision", "load_vit",
+    "load_vlm", "export_llama_hf",
     "export_adapter", "apply_adapter", "adapter_params", "save_params", "load_params",
     "read_config", "load_tensors", "CheckpointError",
 ]
@@ -48,6 +50,20 @@ def load_dinov2(ckpt_dir, *, param_dtype=None, image_size=None):
   """See kptjax.convert.dinov2.load_dinov2."""
   from kptjax.convert import dinov2  # pylint: disable=g-import-not-at-top
   return dinov2.load_dinov2(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
+
+
+def load_clip_vision(ckpt_dir, *, param_dtype=None, image_size=None):
+  """See kptjax.convert.clip.load_clip_vision."""
+  from kptjax.convert import clip  # pylint: disable=g-import-not-at-top
+  return clip.load_clip_vision(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
+
+
+def load_vit(ckpt_dir, *, param_dtype=None, image_size=None):
+  """A vision tower dir by its config.json ``model_type``: 'clip_vision_model', 'clip' or
+  'llava' (load_clip_vision), else DINOv2 (load_dinov2, which rejects other types)."""
+  model_type = read_config(ckpt_dir).get("model_type", "dinov2")
+  load = load_clip_vision if model_type in ("clip_vision_model", "clip", "llava") else load_dinov2
+  return load(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
 
 
 def _report_changes(section: str, old: ml_collections.ConfigDict, new: ml_collections.ConfigDict,
@@ -77,6 +93,7 @@ def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
   """Builds VLM params from ``config.checkpoints.llm_dir`` / ``vit_dir``.
 
   The towers come from the checkpoints (their config.json decide the architecture numbers;
+  the ViT dir may be DINOv2 or CLIP, picked by its model_type;
   differences from config.model are logged), LoRA leaves are freshly initialized (B = 0),
   the projector randomly. An empty dir means that tower is randomly initialized.
 
@@ -102,13 +119,14 @@ def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
                                              mc.llm.max_position_embeddings)
     mc.llm = llm_config
   if vit_dir:
-    vit_config, loaded["vit"] = load_dinov2(vit_dir, param_dtype=param_dtype,
-                                            image_size=mc.vit.image_size)
+    vit_config, loaded["vit"] = load_vit(vit_dir, param_dtype=param_dtype,
+                                         image_size=mc.vit.image_size)
     for k in ("feature_layer",):   # choices of the experiment, not of the checkpoint
       vit_config[k] = mc.vit[k]
     _report_changes("vit", mc.vit, vit_config,
                     ("hidden_size", "num_layers", "num_heads", "patch_size",
-                     "num_register_tokens"))
+                     "num_register_tokens", "hidden_act", "patch_bias", "pre_layernorm",
+                     "layerscale", "final_layernorm"))
     mc.vit = vit_config
   mc.lock()
 

@@ -23,7 +23,7 @@ from kptjax.errors import ConfigError
 from kptjax.models.lora import count_params
 
 _LLM_DIR = flags.DEFINE_string("llm_dir", "", "Hugging Face Llama checkpoint dir.")
-_VIT_DIR = flags.DEFINE_string("vit_dir", "", "Hugging Face DINOv2 checkpoint dir.")
+_VIT_DIR = flags.DEFINE_string("vit_dir", "", "Hugging Face DINOv2 or CLIP (vision) checkpoint dir.")
 _OUT = flags.DEFINE_string("out", None, "Output .safetensors file.", required=True)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "ViT input side, pixels.")
 _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "", "Storage dtype; '' keeps the stored one.")
@@ -42,8 +42,8 @@ def main(argv):
     metadata["llm_config"] = json.dumps(llm_config.to_dict())
     logging.info("llm: %s params from %s", f"{count_params(params['llm']):,}", _LLM_DIR.value)
   if _VIT_DIR.value:
-    vit_config, params["vit"] = convert.load_dinov2(_VIT_DIR.value, param_dtype=dtype,
-                                                    image_size=_IMAGE_SIZE.value)
+    vit_config, params["vit"] = convert.load_vit(_VIT_DIR.value, param_dtype=dtype,
+                                                 image_size=_IMAGE_SIZE.value)
     metadata["vit_config"] = json.dumps(vit_config.to_dict())
     logging.info("vit: %s params from %s", f"{count_params(params['vit']):,}", _VIT_DIR.value)
   path = convert.save_params(params, _OUT.value, metadata)

@@ -85,6 +85,10 @@ def vit_config_from_hf(hf_config: dict, image_size: int | None = None
       feature_layer=-1,
       pos_embed="learned",
       interpolate_antialias=model_type == "dinov2_with_registers",
+      patch_bias=True,
+      pre_layernorm=False,
+      layerscale=True,
+      final_layernorm=True,
   ))
 
 

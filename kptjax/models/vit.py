@@ -1,7 +1,14 @@
-"""ViT image encoder, DINOv2-compatible (transformers' Dinov2Model / Dinov2WithRegistersModel).
+"""ViT image encoder, DINOv2- and CLIP-compatible (transformers' Dinov2Model /
+Dinov2WithRegistersModel / CLIPVisionModel).
 
     image [B,H,W,3] -> patches (conv p x p, stride p) -> [cls, patches] + position embeddings
     -> [cls, registers, patches] -> L pre-norm blocks with LayerScale -> final LayerNorm.
+
+CLIP (``kptjax.convert.clip``) differs by config fields whose defaults are DINOv2's:
+``patch_bias=False`` (bias-free patch conv), ``pre_layernorm=True`` (LayerNorm 'pre_norm'
+on the embeddings, CLIP's ``pre_layrnorm``), ``layerscale=False`` (no LayerScale params),
+``final_layernorm=False`` (CLIP's post_layernorm only touches the pooled class token, so
+LLaVA's features are a block's raw output) and ``hidden_act='quick_gelu'``.
 
 Axis letters (see kptjax.models.layers): B batch, T tokens (1 + R registers + P patches),
 D width, N heads, H head dim, F mlp width.
@@ -15,11 +22,13 @@ reproduced exactly here (``torch_bicubic_matrix``): Dinov2Model uses
 
 Params (blocks stacked on a leading 'layers' axis by ``nn.scan``)::
 
-  embeddings/{patch_kernel [p*p*3,D], patch_bias [D], cls_token [D],
+  embeddings/{patch_kernel [p*p*3,D], patch_bias [D] (patch_bias only), cls_token [D],
               pos_embed [1+G*G, D] ('learned' only), register_tokens [R,D] (R > 0 only)}
+  pre_norm/{scale, bias}    (pre_layernorm only)
   layers/{norm1/{scale,bias}, attention/{query,key,value,out}/{kernel,bias},
           layer_scale1 [D], norm2, mlp/{fc1,fc2} or mlp/{gate,up,down}, layer_scale2 [D]}
-  norm/{scale, bias}
+          (layer_scale1/2 only with layerscale)
+  norm/{scale, bias}        (final_layernorm only)
 
 Linear layers are ``LoraDense``; the ones named in ``lora.vit_targets`` (e.g. 'query',
 'value') carry an adapter when ``lora.rank > 0``.
@@ -186,7 +195,8 @@ class Mlp(_Sublayer):
 
 
 class Block(_Sublayer):
-  """Pre-norm block: x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)). Written for nn.scan.
+  """Pre-norm block: x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)) (ls = 1 without
+  ``layerscale``). Written for nn.scan.
 
   ``keep_layer`` >= 0 makes the carry ``(x, kept)`` where kept is the output of that layer.
   """
@@ -198,16 +208,19 @@ class Block(_Sublayer):
     x = carry[0] if self.keep_layer >= 0 else carry
     d = x.shape[-1]
     kw = dict(config=c, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-    scale_init = logical_init(nn.initializers.constant(c.layerscale_value), ("vit_embed",))
-    ls1 = self.param("layer_scale1", scale_init, (d,), self.param_dtype)
-    ls2 = self.param("layer_scale2", scale_init, (d,), self.param_dtype)
+    if c.get("layerscale", True):
+      scale_init = logical_init(nn.initializers.constant(c.layerscale_value), ("vit_embed",))
+      ls1 = self.param("layer_scale1", scale_init, (d,), self.param_dtype).astype(self.dtype)
+      ls2 = self.param("layer_scale2", scale_init, (d,), self.param_dtype).astype(self.dtype)
+    else:   # CLIP: no LayerScale
+      ls1 = ls2 = None
 
     h = _layer_norm(c, self.param_dtype, "norm1")(x).astype(self.dtype)
     h = Attention(**kw, name="attention")(h, deterministic)
-    x = x + h * ls1.astype(self.dtype)
+    x = x + (h if ls1 is None else h * ls1)
     h = _layer_norm(c, self.param_dtype, "norm2")(x).astype(self.dtype)
     h = Mlp(**kw, name="mlp")(h, deterministic)
-    x = x + h * ls2.astype(self.dtype)
+    x = x + (h if ls2 is None else h * ls2)
     if self.keep_layer >= 0:
       return (x, jnp.where(index == self.keep_layer, x, carry[1])), None
     return x, None
@@ -251,11 +264,13 @@ class Embeddings(nn.Module):
     kernel = self.param("patch_kernel", logical_init(layers.default_kernel_init,
                                                      ("patch", "vit_embed")),
                         (p * p * ch, d), self.param_dtype)
-    bias = self.param("patch_bias", logical_init(nn.initializers.zeros, ("vit_embed",)), (d,),
-                      self.param_dtype)
     x = images[:, :gh * p, :gw * p].astype(self.dtype).reshape(b, gh, p, gw, p, ch)
     x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * ch)
-    x = jnp.einsum("BPK,KD->BPD", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    x = jnp.einsum("BPK,KD->BPD", x, kernel.astype(self.dtype))
+    if c.get("patch_bias", True):   # CLIP's patch conv has no bias
+      bias = self.param("patch_bias", logical_init(nn.initializers.zeros, ("vit_embed",)),
+                        (d,), self.param_dtype)
+      x = x + bias.astype(self.dtype)
 
     cls = self.param("cls_token", logical_init(nn.initializers.truncated_normal(0.02),
                                                ("vit_embed",)), (d,), self.param_dtype)
@@ -307,9 +322,11 @@ class ViT(nn.Module):
 
     Returns:
       f32[B,P,D], P = (H/p)*(W/p): the patch tokens of block ``config.feature_layer``
-      (Python-style index over blocks; -1 = last), normalized by the final LayerNorm;
+      (Python-style index over blocks; -1 = last), normalized by the final LayerNorm
+      (unless ``final_layernorm`` is False: CLIP / LLaVA take the raw block output);
       class and register tokens dropped (LocLLM). With return_all, all 1+R+P tokens of
-      that block, normalized; with feature_layer=-1 this is HF's ``last_hidden_state``.
+      that block; with feature_layer=-1 this is HF's ``last_hidden_state`` (DINOv2 and
+      CLIP); CLIP's ``hidden_states[k]`` is feature_layer=k-1 (hidden_states[-2] = -2).
     """
     c = self.config
     keep = self._feature_layer()
@@ -319,6 +336,8 @@ class ViT(nn.Module):
         raise ConfigError(f"model.lora.vit_targets: {unknown} name no ViT layer "
                           f"(expected some of {LINEAR_NAMES})")
     x = Embeddings(c, self.dtype, self.param_dtype, name="embeddings")(images)
+    if c.get("pre_layernorm", False):   # CLIP's pre_layrnorm
+      x = _layer_norm(c, self.param_dtype, "pre_norm")(x).astype(self.dtype)
     block = layers.maybe_remat(Block, self.remat_policy, static_argnums=(3,))
     stack = layers.scan_blocks(block, c.num_layers, in_axes=(0, nn.broadcast))(
         config=c, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -326,5 +345,8 @@ class ViT(nn.Module):
     carry = x if keep == c.num_layers - 1 else (x, jnp.zeros_like(x))
     carry, _ = stack(carry, jnp.arange(c.num_layers), deterministic)
     x = carry if keep == c.num_layers - 1 else carry[1]
-    x = _layer_norm(c, self.param_dtype, "norm")(x)
+    if c.get("final_layernorm", True):
+      x = _layer_norm(c, self.param_dtype, "norm")(x)
+    else:   # float32 either way (the LayerNorm computes in float32)
+      x = x.astype(jnp.float32)
     return x if return_all else x[:, 1 + c.num_register_tokens:]
