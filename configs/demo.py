@@ -93,6 +93,6 @@ def get_config(arg=None):
     c.optim.lr = float(args["lr"])
   if args.get("smoke"):
     c.data.train.num_images, c.data.eval.num_images = 32, 8
-    c.train.update(batch_size=4, num_steps=4, log_every=2, checkpoint_every=4)
+    c.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=4)
     c.decode.batch_persons = 8
   return c.lock()
