@@ -75,6 +75,7 @@ def get_config(arg=None):
                  keep_checkpoints=1)
   c.decode.update(max_new_tokens=14, batch_persons=50)
 
+  c.data.curriculum = args.get("cur", "").replace(";", ",")
   if args.get("long"):
     c.data.train.num_images = 12000
     c.train.num_steps = 2400

@@ -65,6 +65,9 @@ def get_config(arg=None):
       read_threads=2,                    # grain threads per process
       loc_bins=100,                      # coord_format 'loc_tokens': <loc_0>..<loc_99>
       group_size=0,                      # >0: CapeLLM's fixed keypoint groups per item
+      # warm start on a few items: '64:500' = the first 64 items for 500 steps, then all
+      # ('64:300,512:300' adds a middle stage); kptjax.data.pipeline.CurriculumItems
+      curriculum="",
       tasks="",                          # KptLLM tasks mixed per item: 'visual:1,textual:1'
       shots=1,                           # support instances per query (visual prompts)
   ))

@@ -70,6 +70,9 @@ def test_cached_and_regenerated_on_change(tmp_path):
   plain = synthetic.dataset_dir(tmp_path, "easy", 0)
   tuned = synthetic.dataset_dir(tmp_path, "easy", 0, "image_size=96,people=1:1")
   assert plain != tuned
+  # Sizes are cached side by side (ensure_dataset names the size).
+  assert synthetic.dataset_dir(tmp_path, "easy", 0, num_images=64) != \
+      synthetic.dataset_dir(tmp_path, "easy", 0, num_images=4000)
   assert synthetic.get_knobs("easy", "image_size=96,people=1:1,markers=false") == \
       synthetic.Knobs(image_size=96, people=(1, 1), markers=False)
   with pytest.raises(ConfigError, match="unknown synthetic knob"):

@@ -6,6 +6,10 @@ Train::
       load image, crop_person (augmented), conversation) -> to_iter_dataset -> batch(B)
       [-> mp_prefetch(num_workers)]
 
+With ``data.curriculum`` (e.g. ``'64:500'``) the stream starts with stages drawn from
+the first N items only (``CurriculumItems``): a model trained from scratch first learns
+to read a few images, then all of them (the CPU demo).
+
 Every element's randomness (augmentation, round order) comes from grain's
 ``random_map`` generator, seeded by ``config.seed`` and the element's index in the
 repeated stream, so batches are deterministic, each epoch differs, and an iterator
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -200,6 +205,59 @@ def _items(records: Sequence[Any], group_size: int, seed: int
   return items
 
 
+def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
+  """``'64:500,512:300'`` -> ((64, 500), (512, 300)): (first N items, steps) stages."""
+  stages = []
+  for part in (text or "").split(","):
+    if not part.strip():
+      continue
+    try:
+      n, steps = (int(v) for v in part.split(":"))
+    except ValueError:
+      raise ConfigError(f"data.curriculum: {part!r} is not 'items:steps'") from None
+    if n < 1 or steps < 1:
+      raise ConfigError(f"data.curriculum: {part!r} needs items >= 1 and steps >= 1")
+    stages.append((n, steps))
+  return tuple(stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumItems:
+  """The repeated, shuffled item stream with a small-set warm start (random access).
+
+  Element i of stage k (``stages[k] = (n, steps)``, ``steps * batch`` elements) is one
+  of the first ``n`` items, each epoch of them in a fresh permutation; after the stages,
+  every item, epoch by epoch. Deterministic in ``seed`` and i, so a restored iterator
+  continues exactly.
+  """
+  items: tuple
+  stages: tuple[tuple[int, int], ...]
+  batch: int
+  seed: int
+
+  def __len__(self) -> int:
+    return 2**62
+
+  def __getitem__(self, i: int) -> Any:
+    start = 0
+    for k, (n, steps) in enumerate(self.stages):
+      size = steps * self.batch
+      if i < start + size:
+        return self._pick(k, min(n, len(self.items)), i - start)
+      start += size
+    return self._pick(len(self.stages), len(self.items), i - start)
+
+  def _pick(self, stage: int, n: int, j: int) -> Any:
+    epoch, pos = divmod(j, n)
+    order = _permutation(self.seed, stage, epoch, n)
+    return self.items[int(order[pos])]
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(seed: int, stage: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, stage, epoch]).permutation(n)
+
+
 def _read_options(config: Any, batch_size: int) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(config.data.get("read_threads", 2)),
                            prefetch_buffer_size=max(2 * batch_size, 8))
@@ -238,10 +296,13 @@ def _train_stream(config: Any, records: Optional[Sequence[Any]],
   items = items[process_index::process_count]
   logging.info("%s: %d items for process %d/%d, batch %d", name, len(items),
                process_index, process_count, batch)
-  ds = (grain.MapDataset.source(items)
-        .shuffle(seed=int(config.seed))
-        .repeat()
-        .random_map(make_transform(records), seed=int(config.seed)))
+  stages = parse_curriculum(config.data.get("curriculum", ""))
+  if stages:
+    logging.info("%s: curriculum %s (first items: steps), then all", name, stages)
+    ds = grain.MapDataset.source(CurriculumItems(tuple(items), stages, batch, int(config.seed)))
+  else:
+    ds = grain.MapDataset.source(items).shuffle(seed=int(config.seed)).repeat()
+  ds = ds.random_map(make_transform(records), seed=int(config.seed))
   it = ds.to_iter_dataset(_read_options(config, batch)).batch(batch, drop_remainder=True)
   workers = int(config.data.get("num_workers", 0))
   if workers > 0:

@@ -463,12 +463,19 @@ def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_imag
 
 
 def dataset_dir(root: Union[str, os.PathLike], preset: str, seed: int,
-                overrides: Union[str, Mapping[str, Any], None] = None) -> pathlib.Path:
-  """``root/{preset}-seed{seed}[-{hash of the overridden knobs}]``."""
+                overrides: Union[str, Mapping[str, Any], None] = None,
+                num_images: Optional[int] = None) -> pathlib.Path:
+  """``root/{preset}-seed{seed}[-{hash of the overridden knobs}][-n{num_images}]``.
+
+  With ``num_images`` in the name, sets of different sizes are cached side by side (the
+  demo's 4,000 images survive an ``overfit=64`` run).
+  """
   name = f"{preset}-seed{seed}"
   if overrides:
     knobs = dataclasses.asdict(get_knobs(preset, overrides))
     name += "-" + hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
+  if num_images is not None:
+    name += f"-n{int(num_images)}"
   return pathlib.Path(root).expanduser() / name
 
 
@@ -481,7 +488,7 @@ def ensure_dataset(root: Union[str, os.PathLike], preset: str = "easy", split: s
   Returns:
     (ann_file, image_root) for ``kptjax.data.sources.read_coco_keypoints``.
   """
-  out = dataset_dir(root, preset, seed, overrides)
+  out = dataset_dir(root, preset, seed, overrides, num_images)
   ann_file = generate(out, preset=preset, num_images=num_images, seed=seed, split=split,
                       overrides=overrides, progress=progress)
   return ann_file, str(out / split)
