@@ -68,12 +68,14 @@ def get_config(arg=None):
       # warm start on a few items: '64:500' = the first 64 items for 500 steps, then all
       # ('64:300,512:300' adds a middle stage); kptjax.data.pipeline.CurriculumItems
       curriculum="",
+      curriculum_augment=False,          # augment the curriculum stages too
       tasks="",                          # KptLLM tasks mixed per item: 'visual:1,textual:1'
       shots=1,                           # support instances per query (visual prompts)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, warmup_ratio=0.03, schedule="cosine", end_lr_ratio=0.0,
+      decay_ratio=0.2,                   # schedule 'wsd': the last 20% of steps decay
       weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, grad_accum_steps=1,
       trainable="lora+projector" if args.get("lora") else "all",
       l1_weight=2.0,                     # KptLLM: loss = l1_weight * L1(<keypoint> xy) + LM

@@ -59,12 +59,23 @@ def count(tree: Any) -> int:
 
 
 def schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warmup over ``warmup_ratio * num_steps`` steps, then cosine (or constant) decay.
+  """Linear warmup over ``warmup_ratio * num_steps`` steps, then ``optim.schedule``:
+
+  ``cosine`` down to ``end_lr_ratio * lr`` at ``num_steps``; ``constant``; ``wsd``
+  (warmup-stable-decay): constant, then linear down to ``end_lr_ratio * lr`` over the
+  last ``decay_ratio * num_steps`` steps.
 
   Returns:
     step (int) -> learning rate.
   """
   warmup = int(round(optim.warmup_ratio * num_steps))
+  if optim.schedule == "wsd":
+    decay = max(1, int(round(optim.get("decay_ratio", 0.2) * num_steps)))
+    stable_end = max(num_steps - decay, warmup)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr),
+         optax.linear_schedule(optim.lr, optim.lr * optim.end_lr_ratio, decay)],
+        [warmup, stable_end])
   if optim.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
@@ -73,7 +84,7 @@ def schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule
     return optax.join_schedules(
         [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)],
         [warmup])
-  raise ConfigError(f"optim.schedule={optim.schedule!r}; expected 'cosine' or 'constant'")
+  raise ConfigError(f"optim.schedule={optim.schedule!r}; expected 'cosine', 'constant' or 'wsd'")
 
 
 def _decay_mask(params: Params) -> Params:

@@ -51,6 +51,26 @@ def test_mean_crop_position_is_the_mean_over_labelled_keypoints():
   np.testing.assert_allclose(np.asarray(entries[0]["keypoints"])[3, :2], [70, 70], atol=1e-2)
 
 
+def test_demo_max_len_fits_every_round_of_every_keypoint():
+  from kptjax.data import conversation
+  from kptjax.data.tokenizer import load_tokenizer
+  from kptjax.keypoints import get_spec
+  config = demo_config.get_config()
+  spec, tok = get_spec("coco17"), load_tokenizer("")
+  side = config.model.vit.image_size
+  kp = np.full((17, 3), side / 2, np.float32)
+  kp[:, 2] = 2
+  n = conversation.num_image_tokens(config.model)
+  # The longest names, with 3-digit coordinates everywhere.
+  longest = sorted(range(17), key=lambda i: -len(tok.encode(spec.names[i])))
+  for ids in (longest[:config.data.rounds], list(range(config.data.rounds))):
+    ex = conversation.encode_training_example(kp, side, spec, tok, config.data, n, None,
+                                              image_token_id=config.model.image_token_id,
+                                              keypoint_ids=ids)
+    assert int(ex["num_rounds"]) == config.data.rounds
+    assert ex["tokens"].shape == (config.data.max_len,)
+
+
 def test_summary_table_sets_model_beside_baseline():
   model = dict.fromkeys(demo.SUMMARY_KEYS, 0.5)
   base = dict.fromkeys(demo.SUMMARY_KEYS, 0.25)

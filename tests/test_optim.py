@@ -129,6 +129,16 @@ def test_schedule_warmup_then_cosine():
   assert lrs[100] == pytest.approx(1e-4, rel=1e-4)
 
 
+def test_schedule_warmup_stable_decay():
+  config = _config(lr=1e-3, warmup_ratio=0.1, end_lr_ratio=0.0, schedule="wsd",
+                   decay_ratio=0.2)
+  fn = optim.schedule(config.optim, 100)
+  lrs = np.array([float(fn(s)) for s in range(101)])
+  np.testing.assert_allclose(lrs[:11], np.linspace(0, 1e-3, 11), rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(lrs[10:81], 1e-3, rtol=1e-6)          # stable
+  np.testing.assert_allclose(lrs[80:], np.linspace(1e-3, 0, 21), rtol=1e-5, atol=1e-9)
+
+
 def test_split_merge_roundtrip():
   params = {"projector": {"kernel": np.ones((2, 3))},
             "llm": {"q": {"kernel": np.zeros((3, 3)), "lora_a": np.ones((3, 1)),

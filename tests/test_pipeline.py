@@ -157,25 +157,30 @@ def test_real_source_and_groups(config, tok, shared_data):
 def test_curriculum_stages_draw_from_the_first_items():
   items = tuple(range(10))
   cur = pipeline.CurriculumItems(items, ((2, 3), (5, 2)), batch=4, seed=0)
-  stage1 = [cur[i] for i in range(12)]                 # 3 steps of 4
-  stage2 = [cur[i] for i in range(12, 20)]             # 2 steps of 4
-  rest = [cur[i] for i in range(20, 40)]               # then every item, epoch by epoch
+  tagged = [cur[i] for i in range(40)]
+  assert [t for _, t in tagged] == [True] * 20 + [False] * 20
+  stage1 = [x for x, _ in tagged[:12]]                 # 3 steps of 4
+  stage2 = [x for x, _ in tagged[12:20]]               # 2 steps of 4
+  rest = [x for x, _ in tagged[20:]]                   # then every item, epoch by epoch
   assert set(stage1) == {0, 1} and stage1.count(0) == 6
   assert sorted(stage2[:5]) == list(range(5)) and set(stage2) <= set(range(5))
   assert sorted(rest[:10]) == sorted(rest[10:]) == list(items) and rest[:10] != rest[10:]
   again = pipeline.CurriculumItems(items, ((2, 3), (5, 2)), batch=4, seed=0)
-  assert [again[i] for i in range(40)] == stage1 + stage2 + rest
+  assert [again[i] for i in range(40)] == tagged
   assert pipeline.parse_curriculum("64:500, 512:300") == ((64, 500), (512, 300))
   for bad in ("64", "a:b", "0:5"):
     with pytest.raises(ConfigError, match="data.curriculum"):
       pipeline.parse_curriculum(bad)
 
 
-def test_curriculum_stream_repeats_the_first_images(config, tok, train_records):
-  c = _no_augment(config)
+def test_curriculum_stream_repeats_the_first_images_unaugmented(config, tok, train_records):
+  c = config.copy_and_resolve_references()       # augmentation on, as in training
+  c.train.batch_size = 2
   c.data.curriculum = "1:2"
-  crops = pipeline.make_eval_dataset(c, records=train_records)
-  first = crops[0]["image"]
+  first = pipeline.make_eval_dataset(c, records=train_records)[0]["image"]
   batches, _ = _take(pipeline.make_train_dataset(c, tok, records=train_records), 3)
   assert all(np.allclose(img, first) for b in batches[:2] for img in b["image"])
-  assert not all(np.allclose(img, first) for img in batches[2]["image"])
+  assert not any(np.allclose(img, first) for img in batches[2]["image"])
+  c.data.curriculum_augment = True
+  batches, _ = _take(pipeline.make_train_dataset(c, tok, records=train_records), 2)
+  assert not all(np.allclose(img, first) for b in batches for img in b["image"])

@@ -7,8 +7,9 @@ Train::
       [-> mp_prefetch(num_workers)]
 
 With ``data.curriculum`` (e.g. ``'64:500'``) the stream starts with stages drawn from
-the first N items only (``CurriculumItems``): a model trained from scratch first learns
-to read a few images, then all of them (the CPU demo).
+the first N items only (``CurriculumItems``), not augmented unless
+``data.curriculum_augment``: a model trained from scratch first learns to read a few
+images, then all of them (the CPU demo).
 
 Every element's randomness (augmentation, round order) comes from grain's
 ``random_map`` generator, seeded by ``config.seed`` and the element's index in the
@@ -45,6 +46,7 @@ flags parsed, so run under ``absl.app.run`` (the train and bench entry points do
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import functools
 import os
@@ -225,10 +227,10 @@ def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
 class CurriculumItems:
   """The repeated, shuffled item stream with a small-set warm start (random access).
 
-  Element i of stage k (``stages[k] = (n, steps)``, ``steps * batch`` elements) is one
-  of the first ``n`` items, each epoch of them in a fresh permutation; after the stages,
-  every item, epoch by epoch. Deterministic in ``seed`` and i, so a restored iterator
-  continues exactly.
+  Element i of stage k (``stages[k] = (n, steps)``, ``steps * batch`` elements) is
+  ``(item, True)`` for one of the first ``n`` items, each epoch of them in a fresh
+  permutation; after the stages, ``(item, False)`` for every item, epoch by epoch.
+  Deterministic in ``seed`` and i, so a restored iterator continues exactly.
   """
   items: tuple
   stages: tuple[tuple[int, int], ...]
@@ -243,9 +245,9 @@ class CurriculumItems:
     for k, (n, steps) in enumerate(self.stages):
       size = steps * self.batch
       if i < start + size:
-        return self._pick(k, min(n, len(self.items)), i - start)
+        return self._pick(k, min(n, len(self.items)), i - start), True
       start += size
-    return self._pick(len(self.stages), len(self.items), i - start)
+    return self._pick(len(self.stages), len(self.items), i - start), False
 
   def _pick(self, stage: int, n: int, j: int) -> Any:
     epoch, pos = divmod(j, n)
@@ -256,6 +258,26 @@ class CurriculumItems:
 @functools.lru_cache(maxsize=8)
 def _permutation(seed: int, stage: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, stage, epoch]).permutation(n)
+
+
+NO_AUGMENT = transforms.AugmentConfig(scale_sigma=0.0, scale_min=1.0, scale_max=1.0,
+                                      rotation_max=0.0, rotation_prob=0.0, flip_prob=0.0)
+
+
+class CurriculumTransform:
+  """``(item, in_stage)`` -> ``transform(item)``; without augmentation in the curriculum
+  stages unless ``augment_stages`` (the transform's ``augment`` field is swapped)."""
+
+  def __init__(self, transform: Any, augment_stages: bool):
+    self.transform = transform
+    self.plain = transform
+    if not augment_stages:
+      self.plain = copy.copy(transform)
+      self.plain.augment = NO_AUGMENT
+
+  def __call__(self, element: tuple[Any, bool], rng: np.random.Generator) -> Any:
+    item, in_stage = element
+    return (self.plain if in_stage else self.transform)(item, rng)
 
 
 def _read_options(config: Any, batch_size: int) -> grain.ReadOptions:
@@ -296,13 +318,17 @@ def _train_stream(config: Any, records: Optional[Sequence[Any]],
   items = items[process_index::process_count]
   logging.info("%s: %d items for process %d/%d, batch %d", name, len(items),
                process_index, process_count, batch)
+  transform = make_transform(records)
   stages = parse_curriculum(config.data.get("curriculum", ""))
   if stages:
-    logging.info("%s: curriculum %s (first items: steps), then all", name, stages)
+    augment = bool(config.data.get("curriculum_augment", False))
+    logging.info("%s: curriculum %s (first items: steps; augmented: %s), then all", name,
+                 stages, augment)
     ds = grain.MapDataset.source(CurriculumItems(tuple(items), stages, batch, int(config.seed)))
+    transform = CurriculumTransform(transform, augment)
   else:
     ds = grain.MapDataset.source(items).shuffle(seed=int(config.seed)).repeat()
-  ds = ds.random_map(make_transform(records), seed=int(config.seed))
+  ds = ds.random_map(transform, seed=int(config.seed))
   it = ds.to_iter_dataset(_read_options(config, batch)).batch(batch, drop_remainder=True)
   workers = int(config.data.get("num_workers", 0))
   if workers > 0:
