@@ -32,7 +32,7 @@ import numpy as np
 
 from kptjax.convert import hf_io
 from kptjax.convert.dinov2 import (Rule, _abstract_params, _conv_shape, _flatten, _linear,
-                                   _same, _side, _unflatten)
+                                   _same, _side, _unflatten, place_tensor)
 from kptjax.errors import CheckpointError
 from kptjax.models.layers import to_dtype
 
@@ -179,19 +179,8 @@ def load_clip_vision(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       continue
     path, convert, hf_shape = rule
     path = ("layers",) + path if layer is not None else path
-    want = expected[path][1:] if layer is not None else expected[path]
-    if tuple(tensor.shape) != hf_shape(tuple(want)):
-      raise CheckpointError(
-          f"{ckpt_dir}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected "
-          f"{hf_shape(tuple(want))} (from config.json)")
-    value = convert(tensor)
-    if layer is None:
-      arrays[path] = np.asarray(value, dtype=target_dtype or value.dtype)
-    else:
-      if path not in arrays:
-        arrays[path] = np.empty(expected[path], target_dtype or value.dtype)
-      arrays[path][layer] = value
-      filled.setdefault(path, set()).add(layer)
+    place_tensor(arrays, filled, expected, path, layer, tensor, (convert, hf_shape),
+                 target_dtype, f"{ckpt_dir}: tensor {raw_name!r}")
   unused = [n for n in skipped if not any(n.endswith(u) for u in _UNUSED)]
   if unused:
     logging.info("load_clip_vision(%s): %d tensors not used: %s", ckpt_dir, len(unused),

@@ -198,6 +198,37 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
   return out
 
 
+def place_tensor(arrays: dict, filled: dict, expected: dict, path: tuple[str, ...],
+                 layer: int | None, tensor: np.ndarray, rule: tuple[Callable, Callable],
+                 target_dtype: Any, what: str) -> None:
+  """Checks one Hugging Face tensor's shape, converts it and stores it at ``path``.
+
+  Args:
+    arrays: flat kptjax params being filled ({path: array}); a scanned param
+      (``layer`` not None) is allocated once as ``expected[path]`` (layers first).
+    filled: {path: set of layers stored}, for the missing-tensor check.
+    expected: {path: kptjax shape} of the model built from config.json.
+    rule: (convert: HF tensor -> kptjax value, hf_shape: kptjax shape -> HF shape).
+    what: the tensor in messages, e.g. ``"DIR: tensor 'encoder.layer.0.norm1.weight'"``.
+
+  Raises:
+    CheckpointError: the tensor's shape is not the one config.json implies.
+  """
+  convert, hf_shape = rule
+  want = expected[path][1:] if layer is not None else expected[path]
+  if tuple(tensor.shape) != hf_shape(tuple(want)):
+    raise CheckpointError(f"{what} has shape {tuple(tensor.shape)}, expected "
+                          f"{hf_shape(tuple(want))} (from config.json)")
+  value = convert(tensor)
+  if layer is None:
+    arrays[path] = np.asarray(value, dtype=target_dtype or value.dtype)
+    return
+  if path not in arrays:
+    arrays[path] = np.empty(expected[path], target_dtype or value.dtype)
+  arrays[path][layer] = value
+  filled.setdefault(path, set()).add(layer)
+
+
 def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
                 image_size: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
   """Loads a DINOv2 (with or without registers) Hugging Face checkpoint directory.
@@ -246,19 +277,8 @@ def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       if path not in expected:
         skipped.append(raw_name)   # e.g. fc1 in a SwiGLU model: reported below as missing
         continue
-      want = expected[path][1:] if layer is not None else expected[path]
-      if tuple(tensor.shape) != hf_shape(tuple(want)):
-        raise CheckpointError(
-            f"{ckpt_dir}: tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected "
-            f"{hf_shape(tuple(want))} (from config.json)")
-      value = convert(tensor)
-      if layer is None:
-        arrays[path] = np.asarray(value, dtype=target_dtype or value.dtype)
-      else:
-        if path not in arrays:
-          arrays[path] = np.empty(expected[path], target_dtype or value.dtype)
-        arrays[path][layer] = value
-        filled.setdefault(path, set()).add(layer)
+      place_tensor(arrays, filled, expected, path, layer, tensor, (convert, hf_shape),
+                   target_dtype, f"{ckpt_dir}: tensor {raw_name!r}")
   unused = [n for n in skipped if not any(n.endswith(u) for u in _UNUSED)]
   if unused:
     logging.info("load_dinov2(%s): %d tensors not used: %s", ckpt_dir, len(unused),
