@@ -82,12 +82,15 @@ def get_config(arg=None):
       read_threads=4,
       loc_bins=100,
       group_size=0,
+      curriculum="",
+      curriculum_augment=False,
       tasks="",
       shots=1,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=5e-4, warmup_ratio=0.03, schedule="cosine", end_lr_ratio=0.0,
+      decay_ratio=0.2,
       weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0,
       grad_accum_steps=int(args.get("accum", 1)),
       trainable="lora+projector",
