@@ -2,7 +2,6 @@
 (keypoints labeled in the query and a support; supports seeded), answers mapped back to
 image pixels through the crop, PCK per category; a real tiny model runs end to end."""
 
-import os
 
 import jax
 import numpy as np
@@ -94,8 +93,6 @@ def test_answers_map_back_to_image_pixels(setup, monkeypatch, coord_format):
                                               abs=1e-6)
 
 
-@pytest.mark.skipif(not os.environ.get("KPTJAX_SLOW_TESTS"),
-                    reason="~12 s on 2 CPU cores (three compiles); set KPTJAX_SLOW_TESTS=1")
 def test_tiny_model_end_to_end(setup):
   config, records, tok = setup
   params = kptllm.init_params(config.model, jax.random.key(0, impl="unsafe_rbg"))

@@ -2,8 +2,6 @@
 pipeline over the synthetic objects; the step lowers against the abstract batch, and a
 two-step run trains and checkpoints."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -41,8 +39,6 @@ def test_build_dispatches_and_step_lowers_on_the_pipeline_batch(tmp_path):
   assert "keypoints" in lowered.out_info[1] and "l1" in lowered.out_info[1]
 
 
-@pytest.mark.skipif(not os.environ.get("KPTJAX_SLOW_TESTS"),
-                    reason="~30 s on 2 CPU cores; set KPTJAX_SLOW_TESTS=1")
 def test_two_step_run_trains_and_checkpoints(tmp_path):
   config = _config(tmp_path / "data").unlock()
   config.data.tasks = "visual:1,textual:1"         # every row has a <keypoint> target
