@@ -67,7 +67,7 @@ def get_config(arg=None):
   c.data.rounds = int(args.get("rounds", 4))
   num_image_tokens = (c.model.vit.image_size // c.model.vit.patch_size) ** 2
   # <s> + image + rounds of 'right shoulder?[0.412,0.733]</s>' (16 tokens each with the
-  # bundled tokenizer; a round that does not fit is dropped whole)
+  # bundled tokenizer, plus one spare; a round that does not fit is dropped whole)
   c.data.max_len = -(-(1 + num_image_tokens + 17 * c.data.rounds) // 16) * 16
   c.data.num_workers = 0
   c.data.read_threads = 2

@@ -70,8 +70,8 @@ def schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule
   """
   warmup = int(round(optim.warmup_ratio * num_steps))
   if optim.schedule == "wsd":
-    decay = max(1, int(round(optim.get("decay_ratio", 0.2) * num_steps)))
-    stable_end = max(num_steps - decay, warmup)
+    decay = max(1, min(int(round(optim.decay_ratio * num_steps)), num_steps - warmup))
+    stable_end = num_steps - decay
     return optax.join_schedules(
         [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr),
          optax.linear_schedule(optim.lr, optim.lr * optim.end_lr_ratio, decay)],

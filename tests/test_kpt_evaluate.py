@@ -2,7 +2,6 @@
 (keypoints labeled in the query and a support; supports seeded), answers mapped back to
 image pixels through the crop, PCK per category; a real tiny model runs end to end."""
 
-
 import jax
 import numpy as np
 import pytest
