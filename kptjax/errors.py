@@ -29,6 +29,10 @@ class DataError(KptjaxError, ValueError):
     super().__init__(text)
 
 
+class ImageError(DataError):
+  """An image file is missing or cannot be decoded (a DataError with field 'image')."""
+
+
 class CheckpointError(KptjaxError, ValueError):
   """A checkpoint is missing a tensor, has one of the wrong shape, or cannot be read."""
 

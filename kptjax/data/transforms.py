@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 from PIL import Image
 
-from kptjax.errors import DataError
+from kptjax.errors import DataError, ImageError
 from kptjax.keypoints import KeypointSpec, get_spec
 
 # CLIP (LocLLM's default) and ImageNet (DINOv2, `dino_norm`) RGB mean / std.
@@ -72,7 +72,7 @@ def load_image(source: Union[str, os.PathLike, bytes]) -> np.ndarray:
   try:
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
   except OSError as e:
-    raise DataError(name, f"cannot open image: {e.strerror or e}", field="image") from e
+    raise ImageError(name, f"cannot open image: {e.strerror or e}", field="image") from e
   try:
     with fp, Image.open(fp) as img:
       img.load()
@@ -80,7 +80,7 @@ def load_image(source: Union[str, os.PathLike, bytes]) -> np.ndarray:
         img = img.convert("RGB")
       return np.asarray(img, dtype=np.uint8)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise DataError(name, f"cannot decode image: {e}", field="image",
+    raise ImageError(name, f"cannot decode image: {e}", field="image",
                     expected="a readable JPEG/PNG") from e
 
 
@@ -90,7 +90,7 @@ def load_record_image(record: Any) -> np.ndarray:
     try:
       return load_image(record.image_bytes)
     except DataError as e:
-      raise DataError(record.image_path or "<image_bytes>", str(e), field="image_bytes",
+      raise ImageError(record.image_path or "<image_bytes>", str(e), field="image_bytes",
                       record=record.ann_id) from e
   return load_image(record.image_path)
 
