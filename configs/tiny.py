@@ -85,6 +85,11 @@ def get_config(arg=None):
       batch_size=4, num_steps=10, log_every=5, checkpoint_every=10, keep_checkpoints=2,
       eval_every=0, stage=2,
       evaluator="",   # 'package.module:factory' -> eval_fn(state, step) every eval_every steps
+      # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
+      # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's
+      # model_config.json stops the run (kptjax.preflight). optim.* / train.* are not
+      # model fields: they may always change.
+      resume_may_change="",
   ))
 
   c.mesh = common.mesh_config()

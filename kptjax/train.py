@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from kptjax import checkpoint, optim, sharding, train_step
+from kptjax import checkpoint, optim, preflight, sharding, train_step
 from kptjax.errors import ConfigError
 from kptjax.train_step import TrainState
 
@@ -219,26 +219,29 @@ def with_model_config(config: ml_collections.ConfigDict,
   return config.lock()
 
 
-def _pretrained(config: ml_collections.ConfigDict, workdir: str, resuming: bool
-                ) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config with the model section the HF checkpoints decide, their params or None).
+def _requested_model(config: ml_collections.ConfigDict, workdir: str, resuming: bool
+                     ) -> ml_collections.ConfigDict:
+  """``config`` with the model section the run builds, checked before anything is written.
 
-  The resolved model section is kept in ``WORKDIR/model_config.json`` so a resumed run
-  builds the same model without reading the checkpoints again.
+  The Hugging Face checkpoints' config.json decide the architecture numbers
+  (``kptjax.convert.model_config``: no tensor is read). The result must agree with the
+  tokenizer and the data (``preflight.check_agreement``) and, on resume, with the
+  workdir's ``model_config.json`` (``preflight.check_workdir_model``; the fields in
+  ``train.resume_may_change`` may differ).
+
+  Raises:
+    ConfigError / CheckpointError naming the field or file.
   """
-  path = os.path.join(workdir, "model_config.json")
-  if resuming and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return with_model_config(config, ml_collections.ConfigDict(json.load(f))), None
-  params = None
-  if not resuming and (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
-    from kptjax import convert  # pylint: disable=g-import-not-at-top
-    model_config, params = convert.load_vlm(config)
-    config = with_model_config(config, model_config)
-  if jax.process_index() == 0:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(config.model.to_json(indent=2))
-  return config, params
+  from kptjax import convert, evaluate  # pylint: disable=g-import-not-at-top
+  if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
+    config = with_model_config(config, convert.model_config(config))
+  preflight.check_agreement(config, evaluate.load_tokenizer(config))
+  if resuming:
+    changed = preflight.check_workdir_model(workdir, config.model, preflight.may_change(config))
+    if changed:
+      logging.warning("Resuming %s with changed model fields (train.resume_may_change): %s",
+                      workdir, changed)
+  return config
 
 
 class _JsonlWriter:
@@ -274,12 +277,47 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-  for step, m in history:
-    if not np.isfinite(m["loss"]):
-      raise FloatingPointError(
-          f"loss is {m['loss']} at step {step} (grad_norm {m['grad_norm']}, lr {m['lr']}); "
-          "stopping. Lower optim.lr, check the data, or use float32 (model.dtype).")
+def inspect_batch(batch: Mapping[str, np.ndarray], vocab_size: int) -> dict[str, Any]:
+  """What a NaN loss would need to know about one host batch (cheap: one pass).
+
+  Returns:
+    ``nonfinite``: {field: count of NaN/inf values} of the float fields that have any;
+    ``bad_ids``: {field: (count of ids outside [0, vocab_size), min, max)} of
+    ``tokens`` / ``targets`` where any id is outside.
+  """
+  nonfinite = {k: int(v.size - np.isfinite(v).sum()) for k, v in batch.items()
+               if np.issubdtype(v.dtype, np.floating)}
+  bad_ids = {}
+  for k in ("tokens", "targets"):
+    if k in batch:
+      v = batch[k]
+      n = int(((v < 0) | (v >= vocab_size)).sum())
+      if n:
+        bad_ids[k] = (n, int(v.min()), int(v.max()))
+  return dict(nonfinite={k: n for k, n in nonfinite.items() if n}, bad_ids=bad_ids)
+
+
+def _check_finite(history: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]],
+                  vocab_size: int) -> None:
+  """Raises FloatingPointError at the first non-finite loss, saying what its batch held."""
+  for step, m, facts in history:
+    if np.isfinite(m["loss"]):
+      continue
+    found = []
+    if facts["nonfinite"]:
+      found.append("the batch has non-finite inputs: " + ", ".join(
+          f"{k} {n} NaN/inf values" for k, n in facts["nonfinite"].items()))
+    if facts["bad_ids"]:
+      found.append(f"token ids outside the vocabulary [0, {vocab_size}) "
+                   "(model.llm.vocab_size; the embedding lookup reads NaN past the table): "
+                   + ", ".join(f"{k} {n} ids (min {lo}, max {hi})"
+                               for k, (n, lo, hi) in facts["bad_ids"].items()))
+    if not found:
+      found.append("its inputs were finite and every token id was in the vocabulary, so "
+                   "the update itself diverged: lower optim.lr, or use float32 (model.dtype)")
+    raise FloatingPointError(
+        f"loss is {m['loss']} at step {step}, on the batch of step {step} (grad_norm "
+        f"{m['grad_norm']}, lr {m['lr']}); stopping: " + "; ".join(found))
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
@@ -330,24 +368,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
     trainer: reuse the compiled pieces of an earlier ``build(config, mesh)`` (notebooks,
       tests); it must come from the same config.
   """
-  # ------------------------------------------------------------------------ logging
+  # -------------------------------------- checks: before anything is read or written
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
+  from kptjax import convert  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   workdir = workdir if "://" in workdir else os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+  resuming = bool(checkpoint.saved_steps(ckpt_dir))
+  config = _requested_model(config, workdir, resuming)
+  tc = config.train
+
+  # ------------------------------------------------------------------------ logging
+  # Creating the checkpointer checks that the workdir can be written (one line if not)
+  # and removes the unfinished saves of a killed run.
+  ckpt = checkpoint.Checkpointer(ckpt_dir, every=tc.checkpoint_every,
+                                 keep=tc.keep_checkpoints)
   logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform, workdir)
+  has_model_config = os.path.exists(os.path.join(workdir, preflight.MODEL_CONFIG_FILE))
+  if is_main and (not resuming or has_model_config):
+    preflight.write_model_config(workdir, config.model)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if is_main:
     writer = metric_writers.MultiWriter(
         [writer, _JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
-                                 every=config.train.checkpoint_every,
-                                 keep=config.train.keep_checkpoints)
-  resuming = ckpt.latest_step() is not None
-  config, hf_params = _pretrained(config, workdir, resuming)
-  tc = config.train
+  hf_params = None
+  if not resuming and (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
+    _, hf_params = convert.load_vlm(config)
 
   # --------------------------------------------------------------- mesh, model, step
   trainer = trainer or build(config, mesh)
@@ -367,6 +415,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   if resuming:
     logging.info("Resuming from %s/%d", ckpt.directory, ckpt.latest_step())
     state = ckpt.restore(abstract_state(trainer), data_iter)
+    if is_main and not has_model_config:   # a workdir of an older kptjax: now it has one
+      logging.warning("%s had no %s: only the param shapes were checked", workdir,
+                      preflight.MODEL_CONFIG_FILE)
+      preflight.write_model_config(workdir, config.model)
   else:
     state = init_state(trainer, config, params=hf_params)
     del hf_params
@@ -394,10 +446,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   logging.info("Training steps %d..%d; compiling the step", first_step + 1, tc.num_steps)
   try:
     for step in range(first_step + 1, tc.num_steps + 1):
-      batch = sharding.shard_batch(_take(next(data_iter), keys), trainer.mesh)
+      host_batch = _take(next(data_iter), keys)
+      facts = inspect_batch(host_batch, config.model.llm.vocab_size)
+      batch = sharding.shard_batch(host_batch, trainer.mesh)
       with jax.set_mesh(trainer.mesh):
         state, metrics = trainer.step(state, batch)
-      history.append((step, metrics))
+      history.append((step, metrics, facts))
+      ckpt.check()   # a failed background save stops the run now, naming its step
       if t_last is None:  # The first step includes compilation: time from its end.
         history = jax.device_get(history)
         logging.info("First step (with compilation) done")
@@ -412,11 +467,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
       save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)
       if step % tc.log_every == 0 or save_now:   # never checkpoint a NaN state
         history = jax.device_get(history)
-        _check_finite(history)
+        _check_finite(history, config.model.llm.vocab_size)
         scalars = {k: float(v) for k, v in history[-1][1].items()}
         now = time.perf_counter()
         if steps_timed:
-          tokens = sum(float(m["input_tokens"]) for s, m in history[-steps_timed:])
+          tokens = sum(float(m["input_tokens"]) for _, m, _ in history[-steps_timed:])
           scalars.update(step_time=(now - t_last) / steps_timed,
                          tokens_per_sec=tokens / (now - t_last))
         writer.write_scalars(step, scalars)
