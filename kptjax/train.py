@@ -20,6 +20,14 @@ step, appended across restarts), ``checkpoints/``, and ``adapter.safetensors`` (
 trained LoRA + projector weights, ``kptjax.convert.export_adapter``, when not every param
 is trained). ``model_config.json`` holds the model section actually built
 (Hugging Face checkpoints decide the architecture numbers).
+
+Before anything is loaded, compiled or written, the run checks (``_requested_model``):
+the checkpoint dirs are of a supported type, the model agrees with the tokenizer and
+the data (``kptjax.preflight.check_agreement``), and on resume the model is the one the
+workdir holds (``model_config.json``; fields in ``train.resume_may_change`` may differ).
+Then the workdir is checked writable (``checkpoint.Checkpointer``). A failed background
+save stops the run at the next step, naming its step; a non-finite loss names what its
+batch held (``kptjax.divergence``).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from kptjax import checkpoint, optim, preflight, sharding, train_step
+from kptjax import checkpoint, divergence, optim, preflight, sharding, train_step
 from kptjax.errors import ConfigError
 from kptjax.train_step import TrainState
 
@@ -277,49 +285,6 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def inspect_batch(batch: Mapping[str, np.ndarray], vocab_size: int) -> dict[str, Any]:
-  """What a NaN loss would need to know about one host batch (cheap: one pass).
-
-  Returns:
-    ``nonfinite``: {field: count of NaN/inf values} of the float fields that have any;
-    ``bad_ids``: {field: (count of ids outside [0, vocab_size), min, max)} of
-    ``tokens`` / ``targets`` where any id is outside.
-  """
-  nonfinite = {k: int(v.size - np.isfinite(v).sum()) for k, v in batch.items()
-               if np.issubdtype(v.dtype, np.floating)}
-  bad_ids = {}
-  for k in ("tokens", "targets"):
-    if k in batch:
-      v = batch[k]
-      n = int(((v < 0) | (v >= vocab_size)).sum())
-      if n:
-        bad_ids[k] = (n, int(v.min()), int(v.max()))
-  return dict(nonfinite={k: n for k, n in nonfinite.items() if n}, bad_ids=bad_ids)
-
-
-def _check_finite(history: list[tuple[int, dict[str, np.ndarray], dict[str, Any]]],
-                  vocab_size: int) -> None:
-  """Raises FloatingPointError at the first non-finite loss, saying what its batch held."""
-  for step, m, facts in history:
-    if np.isfinite(m["loss"]):
-      continue
-    found = []
-    if facts["nonfinite"]:
-      found.append("the batch has non-finite inputs: " + ", ".join(
-          f"{k} {n} NaN/inf values" for k, n in facts["nonfinite"].items()))
-    if facts["bad_ids"]:
-      found.append(f"token ids outside the vocabulary [0, {vocab_size}) "
-                   "(model.llm.vocab_size; the embedding lookup reads NaN past the table): "
-                   + ", ".join(f"{k} {n} ids (min {lo}, max {hi})"
-                               for k, (n, lo, hi) in facts["bad_ids"].items()))
-    if not found:
-      found.append("its inputs were finite and every token id was in the vocabulary, so "
-                   "the update itself diverged: lower optim.lr, or use float32 (model.dtype)")
-    raise FloatingPointError(
-        f"loss is {m['loss']} at step {step}, on the batch of step {step} (grad_norm "
-        f"{m['grad_norm']}, lr {m['lr']}); stopping: " + "; ".join(found))
-
-
 def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
                  mesh: jax.sharding.Mesh) -> EvalFn | None:
   """``config.train.evaluator`` ('module:factory') -> ``factory(config, model, mesh)``."""
@@ -447,7 +412,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   try:
     for step in range(first_step + 1, tc.num_steps + 1):
       host_batch = _take(next(data_iter), keys)
-      facts = inspect_batch(host_batch, config.model.llm.vocab_size)
+      facts = divergence.inspect_batch(host_batch, config.model.llm.vocab_size)
       batch = sharding.shard_batch(host_batch, trainer.mesh)
       with jax.set_mesh(trainer.mesh):
         state, metrics = trainer.step(state, batch)
@@ -467,7 +432,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
       save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)
       if step % tc.log_every == 0 or save_now:   # never checkpoint a NaN state
         history = jax.device_get(history)
-        _check_finite(history, config.model.llm.vocab_size)
+        divergence.check_finite(history, config.model.llm.vocab_size)
         scalars = {k: float(v) for k, v in history[-1][1].items()}
         now = time.perf_counter()
         if steps_timed:
