@@ -217,13 +217,19 @@ def _restored_w(directory, step):
     with_ck.close()
 
 
-def test_full_disk_fails_at_its_step_and_keeps_the_earlier_checkpoint(mount_tmpfs):
+def _saved_once(mount_tmpfs):
+  """(tmpfs, its checkpoints dir, a Checkpointer on it, the state saved there as step 1)."""
   disk = mount_tmpfs("disk", "8m")
   directory = disk / "checkpoints"
   ck = checkpoint.Checkpointer(directory, every=1, keep=5)
   first = _random_state(0)
   ck.save(1, first, force=True)
   ck.wait()
+  return disk, directory, ck, first
+
+
+def test_full_disk_fails_at_its_step_and_keeps_the_earlier_checkpoint(mount_tmpfs):
+  disk, directory, ck, first = _saved_once(mount_tmpfs)
   # Fill the disk up to half a checkpoint's size: the 4 KiB write probe still passes, the
   # background save of step 2 cannot.
   used = shutil.disk_usage(disk).used
@@ -254,12 +260,7 @@ def test_full_disk_fails_at_its_step_and_keeps_the_earlier_checkpoint(mount_tmpf
 
 
 def test_read_only_workdir_fails_in_one_line_at_once(mount_tmpfs):
-  disk = mount_tmpfs("disk", "8m")
-  directory = disk / "checkpoints"
-  ck = checkpoint.Checkpointer(directory, every=1, keep=5)
-  first = _random_state(0)
-  ck.save(1, first, force=True)
-  ck.wait()
+  disk, directory, ck, first = _saved_once(mount_tmpfs)
   subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
   t0 = time.perf_counter()
   with pytest.raises(CheckpointError, match=rf"^{directory}: cannot write checkpoints: "
