@@ -250,6 +250,7 @@ def test_full_disk_fails_at_its_step_and_keeps_the_earlier_checkpoint(mount_tmpf
   assert "removed the partial 2.orbax-checkpoint-tmp" in message
   assert message.endswith("earlier checkpoints untouched: [1]")
   assert sorted(os.listdir(directory)) == ["1"]
+  ck.wait()   # the error was raised once
   ck.close()
 
   # A killed run's unfinished save is removed when the next run starts; step 1 restores.
