@@ -14,8 +14,9 @@ visibility flags 0 / 1 / 2, detection scores in [0, 1]). Anything else is a
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 from PIL import Image
@@ -113,22 +114,40 @@ def checked_array(values: Any, path, name: str, *, record: Any = None,
   return array
 
 
-def _is_number(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _floats(values: Any) -> Optional[list[float]]:
+  """The JSON numbers ``values`` as floats, or None when one is not a number (bools, text
+  and ints too large for a float are not)."""
+  if not all(type(v) in (int, float) for v in values):   # pylint: disable=unidiomatic-typecheck
+    return None
+  try:
+    return [float(v) for v in values]
+  except OverflowError:
+    return None
+
+
+def _in_range(values: list[float], low: Optional[float], high: Optional[float],
+              allowed: Optional[Iterable[float]]) -> bool:
+  """All finite and in [low, high] (or in ``allowed``): the fast path before the
+  vectorized check that names the bad entry."""
+  if allowed is not None:
+    return all(v in allowed for v in values)
+  return all(math.isfinite(v) and (low is None or v >= low) and (high is None or v <= high)
+             for v in values)
 
 
 def numbers(obj: Any, key: str, path, where: str, length: Optional[int] = None, *,
-            record: Any = None, low: Optional[float] = None, high: Optional[float] = None,
-            allowed: Optional[Iterable[float]] = None) -> list[float]:
-  """A list of finite numbers in [low, high] (or in ``allowed``; of ``length`` when
-  given) at ``obj[key]``."""
+            record: Any = None, allowed: Optional[Iterable[float]] = None) -> list[float]:
+  """A list of finite numbers (in ``allowed`` when given; of ``length`` when given) at
+  ``obj[key]``, else DataError."""
   value = field(obj, key, path, where, (list, tuple), record=record)
   name = f"{where}.{key}"
-  if (length is not None and len(value) != length) or not all(_is_number(v) for v in value):
+  floats = _floats(value)
+  if floats is None or (length is not None and len(value) != length):
     raise DataError(path, f"bad value {str(value)[:80]!r}", field=name, record=record,
                     expected=f"{length} numbers" if length is not None else "numbers")
-  return [float(v) for v in checked_array(value, path, name, record=record, low=low, high=high,
-                                          allowed=allowed)]
+  if not _in_range(floats, None, None, allowed):
+    checked_array(floats, path, name, record=record, allowed=allowed)   # raises
+  return floats
 
 
 def number(obj: Any, key: str, path, where: str, *, record: Any = None,
@@ -139,24 +158,26 @@ def number(obj: Any, key: str, path, where: str, *, record: Any = None,
   if default is not ... and value is default:
     return value
   name = f"{where}.{key}"
-  value = float(checked_array(value, path, name, record=record, low=low, high=high))
+  floats = _floats([value])
+  if floats is None or not _in_range(floats, low, high, None):
+    checked_array(value, path, name, record=record, low=low, high=high)   # raises
   if integer:
-    if value != int(value):
+    if floats[0] != int(floats[0]):
       raise DataError(path, f"bad value {value!r}", field=name, record=record,
                       expected="a whole number")
-    return int(value)
-  return value
+    return int(floats[0])
+  return floats[0]
 
 
 def keypoint_rows(obj: Any, key: str, path, where: str, num: int, dims: int = 3, *,
                   record: Any = None) -> np.ndarray:
   """f32[num, dims] from the flat list ``obj[key]`` (x, y[, z], visibility per keypoint):
   finite coordinates, visibility in ``VISIBILITY``."""
-  values = np.asarray(numbers(obj, key, path, where, dims * num, record=record),
-                      np.float32).reshape(num, dims)
-  checked_array(values[:, -1], path, f"{where}.{key}[visibility]", record=record,
-                allowed=VISIBILITY)
-  return values
+  values = numbers(obj, key, path, where, dims * num, record=record)
+  if not _in_range(values[dims - 1::dims], None, None, VISIBILITY):
+    checked_array(values[dims - 1::dims], path, f"{where}.{key}[visibility]", record=record,
+                  allowed=VISIBILITY)   # raises
+  return np.asarray(values, np.float32).reshape(num, dims)
 
 
 class UniqueIds:
@@ -171,6 +192,19 @@ class UniqueIds:
       raise DataError(path, f"duplicate {self.what} {value!r} (also at {self._seen[value]})",
                       field=name, record=record, expected=f"unique {self.what}s")
     self._seen[value] = name
+
+
+def annotation_ids(ann: Any, index: int, ids: UniqueIds, images: Mapping[int, Any], path: str,
+                   where: str) -> tuple[int, int]:
+  """(``id`` (default: its index), ``image_id``) of an annotation: the id unique, the
+  image one of ``images``."""
+  ann_id = field(ann, "id", path, where, int, default=index)
+  ids.add(ann_id, path, f"{where}.id", record=ann_id)
+  image_id = field(ann, "image_id", path, where, int, record=ann_id)
+  if image_id not in images:
+    raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id",
+                    record=ann_id)
+  return ann_id, image_id
 
 
 def image_table(data: Any, path) -> dict[int, tuple[str, tuple[int, int]]]:

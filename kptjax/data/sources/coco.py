@@ -37,9 +37,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import (ExistsCache, UniqueIds, category_table, field,
-                                      image_table, keypoint_rows, known_category, load_json,
-                                      number, numbers)
+from kptjax.data.sources._util import (ExistsCache, UniqueIds, annotation_ids, category_table,
+                                      field, image_table, keypoint_rows, known_category,
+                                      load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec, register_spec, spec_from_dict
@@ -87,19 +87,6 @@ def _add_ground_truth(records: Records, image: Mapping[str, Any], raw_box: Seque
     records.append(PersonRecord(
         image_path=image["path"], image_size=image["size"], box=box, keypoints=keypoints,
         extra={"bbox_raw": np.asarray(raw_box, np.float32)}, **fields))
-
-
-def _annotation_id(ann: Any, index: int, ids: UniqueIds, images: Mapping[int, Any], path: str,
-                   where: str) -> tuple[int, int]:
-  """(``id`` (default: its index), ``image_id``) of an annotation: the id unique, the
-  image one of ``images``."""
-  ann_id = field(ann, "id", path, where, int, default=index)
-  ids.add(ann_id, path, f"{where}.id", record=ann_id)
-  image_id = field(ann, "image_id", path, where, int, record=ann_id)
-  if image_id not in images:
-    raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id",
-                    record=ann_id)
-  return ann_id, image_id
 
 
 def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], *,
@@ -181,7 +168,7 @@ def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str
   ann_ids = UniqueIds("annotation id")
   for i, ann in enumerate(annotations):
     where = f"annotations[{i}]"
-    ann_id, image_id = _annotation_id(ann, i, ann_ids, images, path, where)
+    ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
     category = known_category(
         field(ann, "category_id", path, where, int, record=ann_id, default=1), categories,
         path, f"{where}.category_id", record=ann_id)
@@ -280,7 +267,7 @@ def read_mp100(ann_file: Union[str, os.PathLike], image_root: Union[str, os.Path
   ann_ids = UniqueIds("annotation id")
   for i, ann in enumerate(field(data, "annotations", path, "", list)):
     where = f"annotations[{i}]"
-    ann_id, image_id = _annotation_id(ann, i, ann_ids, images, path, where)
+    ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
     category = known_category(field(ann, "category_id", path, where, int, record=ann_id),
                               specs, path, f"{where}.category_id", record=ann_id)
     spec = specs[category]

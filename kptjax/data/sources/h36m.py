@@ -36,8 +36,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import (VISIBILITY, ExistsCache, UniqueIds, checked_array, field,
-                                      image_size, image_table, keypoint_rows, load_json, numbers)
+from kptjax.data.sources._util import (VISIBILITY, ExistsCache, UniqueIds, annotation_ids,
+                                      checked_array, field, image_size, image_table,
+                                      keypoint_rows, load_json, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec
@@ -143,12 +144,7 @@ def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Recor
   ann_ids = UniqueIds("annotation id")
   for i, ann in enumerate(field(data, "annotations", path, "", list)):
     where = f"annotations[{i}]"
-    ann_id = field(ann, "id", path, where, int, default=i)
-    ann_ids.add(ann_id, path, f"{where}.id", record=ann_id)
-    image_id = field(ann, "image_id", path, where, int, record=ann_id)
-    if image_id not in images:
-      raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id",
-                      record=ann_id)
+    ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
     name, size = images[image_id]
     kpts = keypoint_rows(ann, "keypoints", path, where, num, record=ann_id)
     kpts[:, 2] = np.where(kpts[:, 2] > 0, 2.0, 0.0)
