@@ -209,13 +209,25 @@ def test_shared_prefix_is_stored_once_and_never_per_row(setup, decoder):
   assert len(cache["k"]) == len(cache["prefix"]["k"]) == c.num_layers
   assert cache["prefix"]["k"][0].shape == (p, heads[0], tp, heads[1])
   assert cache["k"][0].shape == (p * q, heads[0], tq + MAX_NEW, heads[1])
-  run = generate.program(model, max_new_tokens=MAX_NEW, eos_id=setup["eos"])
+  run = generate.program(model, max_new_tokens=MAX_NEW, eos_id=setup["eos"],
+                         suppress_ids=decoder.suppress_ids)      # the decoder's program
   jaxpr = jax.make_jaxpr(run)(params, setup["images"], rows, np.tile(pr.lengths, p),
                               pr.prefix, None, None)
   per_row = [s for s in _avals(jaxpr)
              if p * q in s and ({tp, tp + tq, tp + tq + MAX_NEW} & set(s))]
   assert not per_row, per_row[:5]
   assert tp not in (p * q, tq + MAX_NEW)       # the shapes above are unambiguous
+  # The compiled loop writes the cache in place: no copy of a cache buffer in its body.
+  hlo = run.lower(params, setup["images"], rows, np.tile(pr.lengths, p), pr.prefix, None,
+                  None).compile().as_text()
+  suffix = r"f32\[%d,%d,%d,%d\]" % (p * q, heads[0], tq + MAX_NEW, heads[1])
+  prefix = r"f32\[%d,%d,%d,%d\]" % (p, heads[0], tp, heads[1])
+  bodies = [re.search(r"\n%s .*?\n}\n" % re.escape(name), hlo, re.S).group(0)
+            for name in re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo)]
+  loop = max(bodies, key=lambda b: len(re.findall(suffix, b)))
+  assert re.findall(suffix + r"\S* fusion\(", loop)                 # the in-place writes
+  copies = re.findall(r"= (?:%s|%s)\S* (?:copy|transpose)\(" % (suffix, prefix), loop)
+  assert not copies, copies
 
 
 def test_sharded_decoding_gives_the_tokens_of_one_device(setup, decoder):
