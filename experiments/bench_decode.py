@@ -1,20 +1,28 @@
-r"""Decoding speed: the kptjax decoder vs LocLLM's way in torch, same weights, same run.
+r"""Decoding speed: the kptjax decode engine vs LocLLM's way in torch, same weights, same run.
 
-    python experiments/bench_decode.py --config configs/tiny.py --persons 16 --out results/bench
+    python experiments/bench_decode.py                 # tiny and "small"
+    python experiments/bench_decode.py --quick         # 2 persons a size, 1 round
 
-Both sides get the same randomly initialized Hugging Face checkpoints (DINOv2 + Llama,
-shaped by ``config.model``, written to a temporary dir) and the same person crops and
-questions (the keypoint spec's names and descriptions, the config's template):
+Sizes: ``tiny`` (configs/tiny.py) and ``small`` (DINOv2 ViT-S/14-like at 224 px = 256 image
+tokens, an 8-layer 512-wide Llama with a 32,000 vocabulary; the COCO keypoints'
+LocLLM prompts, 17 keypoints, 13 new tokens). Both sides get the same randomly
+initialized Hugging Face checkpoints (DINOv2 + Llama, written to a temporary dir) and
+the same person crops and questions:
 
-  kptjax   ``kptjax.decode.Localizer``: crop encoded once per person, shared prefix
-           prefilled once, K queries decoded as a batch (jit, while_loop, KV cache);
-           also the kptjax slow path (one row per keypoint, share_prefix=False).
+  kptjax   ``kptjax.decode.Localizer`` (``Decoder.shared``): crop encoded once per person,
+           the prefix prefilled and stored once, the K queries decoded as one batch of
+           ``--batch`` persons (one jitted program: while_loop, KV cache in place).
   torch    what LocLLM's valid2d.py does: per person, K prompts in one
            ``generate(do_sample=False)`` batch (left padding), the crop encoded K times,
            ``transformers`` modules (Dinov2Model -> projector -> LlamaForCausalLM).
 
-Prints persons/s and keypoints/s of each and the ratio, and writes ``bench_decode.csv``
-and ``bench_decode.md`` to ``--out``. Compilation is excluded (one warm-up batch each).
+The two are timed interleaved (``--repeats`` rounds, median), after a warm-up call whose
+time is reported apart as compile time. Printed per size: persons/s and keypoints/s, the
+ratio, whether every generated token is identical, the model FLOPs per person each side
+computes (counted from the shapes), the FLOP/s that makes and its fraction of the
+machine's measured matmul rate (f32 2048^3, jax and torch), and one decode step's cost
+per person ((time at M tokens - time at 1 token) / (M - 1)). Tables also go to
+``--out`` (CSV + Markdown).
 
 ``TorchLocLLM`` and ``make_hf_checkpoints`` are also the torch reference of
 tests/test_decode.py.
@@ -143,24 +151,88 @@ class TorchLocLLM:
 
 
 # ---------------------------------------------------------------------------
+# FLOPs counted from the shapes (2 per multiply-add; matmuls and attention only).
+
+
+def vit_flops(v: Any, projector_out: int) -> float:
+  """One crop through the ViT and a linear projector."""
+  n = (v.image_size // v.patch_size) ** 2
+  t = 1 + v.num_register_tokens + n
+  d, f = v.hidden_size, v.intermediate_size
+  per_layer = 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
+  return 2 * n * v.patch_size ** 2 * 3 * d + v.num_layers * per_layer + 2 * n * d * projector_out
+
+
+def llm_token_flops(l: Any, context: float, logits: bool) -> float:
+  """One token through the Llama at a context of ``context`` keys."""
+  d, h = l.hidden_size, l.head_dim
+  proj = 2 * d * h * (2 * l.num_heads + 2 * l.num_kv_heads) + 6 * d * l.intermediate_size
+  return l.num_layers * (proj + 4 * context * l.num_heads * h) + (2 * d * l.vocab_size
+                                                                   if logits else 0)
+
+
+def _span(l: Any, start: int, count: int, logits: bool = False) -> float:
+  """``count`` tokens at contexts start+1 .. start+count."""
+  return sum(llm_token_flops(l, start + i + 1, logits) for i in range(count))
+
+
+def flops_per_person(model_config: Any, prefix_len: int, query_lens: Sequence[int],
+                     steps: Sequence[int], shared: bool) -> float:
+  """Model FLOPs of one person: the kptjax engine (``shared``: one crop, the prefix once,
+  logits only at each query's last token and each fed token) or LocLLM's rows (a crop
+  and the whole row per keypoint). ``steps``: tokens fed after the prompt, per query."""
+  l = model_config.llm
+  vit = vit_flops(model_config.vit, l.hidden_size)
+  total = 0.0 if not shared else vit + _span(l, 0, prefix_len)
+  for tq, fed in zip(query_lens, steps):
+    start = prefix_len if shared else 0
+    count = tq if shared else prefix_len + tq
+    total += 0.0 if shared else vit
+    total += _span(l, start, count - 1) + llm_token_flops(l, start + count, True)
+    total += _span(l, start + count, fed, logits=True)
+  return total
+
+
+def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  """GFLOP/s of an f32 n^3 matmul, best of ``repeats``, in jax and in torch."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+  mm = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(mm(a, a))
+  ta = torch.from_numpy(np.array(a))
+  torch.mm(ta, ta)
+  best = {"jax": 0.0, "torch": 0.0}
+  for _ in range(repeats):
+    for name, fn in (("jax", lambda: jax.block_until_ready(mm(a, a))),
+                     ("torch", lambda: torch.mm(ta, ta))):
+      start = time.perf_counter()
+      fn()
+      best[name] = max(best[name], 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+  return best
+
+
+# ---------------------------------------------------------------------------
 # The benchmark.
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn) -> tuple[float, Any]:
+  """(seconds, result) of one call."""
   start = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  return (time.perf_counter() - start) / repeats
+  out = fn()
+  return time.perf_counter() - start, out
 
 
-def run(config: Any, persons: int, out_dir: str, repeats: int = 1) -> list[dict]:
-  import jax
+def run_size(name: str, config: Any, persons: int, batch: int, repeats: int,
+             max_new_tokens: int, rates: dict[str, float], step_cost: bool) -> list[dict]:
+  """The rows of one size's table (module docstring)."""
+  import ml_collections
   from kptjax import convert, decode
   from kptjax.data import tokenizer as tok_lib
   from kptjax.keypoints import get_spec
   from kptjax.models import vlm
 
-  import ml_collections
   with tempfile.TemporaryDirectory() as tmp:
     vit_dir, llm_dir = make_hf_checkpoints(config.model, tmp)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -173,84 +245,84 @@ def run(config: Any, persons: int, out_dir: str, repeats: int = 1) -> list[dict]
     spec = get_spec(config.data.spec)
     descriptions = spec.descriptions if config.data.use_descriptions else [None] * len(spec.names)
     torch_ref = TorchLocLLM(vit_dir, llm_dir, params["projector"], config.model.image_token_id)
-
-    size = config.model.vit.image_size
-    crops = np.random.default_rng(0).normal(size=(persons, size, size, 3)).astype(np.float32)
-    affine = np.tile(np.array([[1, 0, 0], [0, 1, 0]], np.float32), (persons, 1, 1))
+    side = config.model.vit.image_size
+    crops = np.random.default_rng(0).normal(size=(persons, side, side, 3)).astype(np.float32)
     k = len(spec.names)
-    rows = []
-    batch_persons = int(config.decode.batch_persons)
-    variants = [("kptjax shared-prefix", True, batch_persons),
-                ("kptjax shared-prefix, 1 person/batch", True, 1),
-                ("kptjax per-keypoint rows", False, batch_persons)]
-    for name, share, batch in variants:
-      loc = decode.Localizer(config, model, params, tokenizer, spec.names, descriptions,
-                             share_prefix=share)
-      chunks = [crops[i:i + batch] for i in range(0, persons, batch)]
 
-      def run_jax():
-        for c in chunks:
-          pad = np.concatenate([c, np.repeat(c[:1], batch - len(c), 0)]) if len(c) < batch else c
-          jax.block_until_ready(loc.decode(pad))
+    def localizer(m):
+      return decode.Localizer(config, model, params, tokenizer, spec.names, descriptions,
+                              share_prefix=True, max_new_tokens=m)
 
-      run_jax()   # compile
-      sec = _timed(run_jax, repeats)
-      rows.append({"impl": f"{name} (batch {batch})" if batch > 1 else name,
-                   "persons_per_s": persons / sec, "keypoints_per_s": persons * k / sec})
+    def kptjax_all(loc):
+      outs = [loc.decode(crops[i:i + batch]) for i in range(0, persons, batch)]
+      return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
+
+    def torch_all(m):
+      return [torch_ref.generate(np.repeat(crops[p:p + 1], k, 0), prompt_rows, m, loc.eos_id)
+              for p in range(persons)]
+
+    loc = localizer(max_new_tokens)
     full, lengths = loc.prompts.full_rows()
     prompt_rows = [list(full[i, :lengths[i]]) for i in range(k)]
-
-    def run_torch():
-      for p in range(persons):
-        torch_ref.generate(np.repeat(crops[p:p + 1], k, 0), prompt_rows,
-                           loc.max_new_tokens, loc.eos_id)
-
-    torch_ref.generate(np.repeat(crops[:1], k, 0), prompt_rows, loc.max_new_tokens, loc.eos_id)
-    sec = _timed(run_torch, repeats)
-    rows.append({"impl": "torch LocLLM-style generate", "persons_per_s": persons / sec,
-                 "keypoints_per_s": persons * k / sec})
-  base = rows[-1]["persons_per_s"]
+    compile_jax, _ = _timed(lambda: loc.decode(crops[:batch]))
+    compile_torch, _ = _timed(lambda: torch_ref.generate(
+        np.repeat(crops[:1], k, 0), prompt_rows, max_new_tokens, loc.eos_id))
+    times = {"kptjax": [], "torch": []}
+    for _ in range(repeats):                         # interleaved rounds
+      sec, jax_out = _timed(lambda: kptjax_all(loc))
+      times["kptjax"].append(sec)
+      sec, torch_out = _timed(lambda: torch_all(max_new_tokens))
+      times["torch"].append(sec)
+    same = all(np.array_equal(jax_out[0][p], torch_out[p][0]) for p in range(persons))
+    step = {}
+    if step_cost:                                    # one decode step, per person
+      one = localizer(1)
+      one.decode(crops[:batch])
+      t1 = min(_timed(lambda: kptjax_all(one))[0] for _ in range(repeats))
+      step["kptjax"] = (min(times["kptjax"]) - t1) / (max_new_tokens - 1) / persons
+      t1 = min(_timed(lambda: torch_all(1))[0] for _ in range(repeats))
+      step["torch"] = (min(times["torch"]) - t1) / (max_new_tokens - 1) / persons
+  tp = len(loc.prompts.prefix)
+  fed = np.maximum(jax_out[2] - 1, 0).max(axis=0)   # tokens fed after the prompt, per query
+  rows = []
+  for impl, shared, rate in (("kptjax", True, rates["jax"]), ("torch LocLLM-style", False,
+                                                               rates["torch"])):
+    key = "kptjax" if shared else "torch"
+    sec = float(np.median(times[key]))
+    flops = flops_per_person(config.model, tp, [int(x) for x in loc.prompts.lengths],
+                             [int(x) for x in fed], shared)
+    achieved = flops * persons / sec / 1e9
+    rows.append({"size": name, "impl": impl, "persons_per_s": persons / sec,
+                 "keypoints_per_s": persons * k / sec,
+                 "compile_s": compile_jax if shared else compile_torch,
+                 "gflop_per_person": flops / 1e9, "gflop_per_s": achieved,
+                 "matmul_gflop_per_s": rate, "roofline_fraction": achieved / rate,
+                 "step_ms_per_person": 1e3 * step[key] if step else float("nan"),
+                 "tokens_identical": same})
   for r in rows:
-    r["speedup_vs_torch"] = r["persons_per_s"] / base
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "bench_decode.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  from kptjax.metrics import markdown_table
-  with open(os.path.join(out_dir, "bench_decode.md"), "w") as f:
-    f.write(markdown_table(rows, digits=2))
+    r["speedup_vs_torch"] = r["persons_per_s"] / rows[-1]["persons_per_s"]
   return rows
 
 
-# A wider model than tiny (still random weights): 64 image tokens, d=256 decoder.
-SMALL = ["model.vit.image_size=64", "model.vit.patch_size=8", "model.vit.hidden_size=192",
-         "model.vit.num_layers=4", "model.vit.num_heads=3", "model.vit.intermediate_size=768",
-         "model.llm.hidden_size=256", "model.llm.num_layers=4", "model.llm.num_heads=8",
-         "model.llm.num_kv_heads=4", "model.llm.intermediate_size=688"]
+# The issue's "small" size: ViT-S/14 at 224 px (256 image tokens), 8 x 512 Llama, 32k vocab.
+SMALL = ["model.vit.image_size=224", "model.vit.patch_size=14", "model.vit.hidden_size=384",
+         "model.vit.num_layers=12", "model.vit.num_heads=6", "model.vit.intermediate_size=1536",
+         "model.vit.pretrained_image_size=224",
+         "model.llm.hidden_size=512", "model.llm.num_layers=8", "model.llm.num_heads=8",
+         "model.llm.num_kv_heads=8", "model.llm.intermediate_size=1376",
+         "model.llm.vocab_size=32000"]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/tiny.py",
-                      help="config file[:arg] (the model shape; weights are random)")
-  parser.add_argument("--persons", type=int, default=16)
-  parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument("--out", default="results/bench_decode")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. model.llm.hidden_size=256 (repeat)")
-  parser.add_argument("--small", action="store_true",
-                      help="a wider model than tiny: " + ", ".join(SMALL))
-  args = parser.parse_args(argv)
+def _config(path: str, overrides: Sequence[str]) -> Any:
   import ast
   import importlib.util
   import ml_collections
-  path, _, arg = args.config.partition(":")
+  path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = ml_collections.ConfigDict(module.get_config(arg or None).to_dict())
-  for item in (SMALL if args.small else []) + args.set:
+  for item in overrides:
     key, _, value = item.partition("=")
     *parents, leaf = key.split(".")
     node = config
@@ -258,12 +330,51 @@ def main(argv: Sequence[str] | None = None) -> None:
       node = node[p]
     node[leaf] = ast.literal_eval(value)
   config.model.llm.head_dim = config.model.llm.hidden_size // config.model.llm.num_heads
-  print(f"model: vit {config.model.vit.hidden_size}x{config.model.vit.num_layers} at "
-        f"{config.model.vit.image_size}px/{config.model.vit.patch_size}, llm "
-        f"{config.model.llm.hidden_size}x{config.model.llm.num_layers}; {args.persons} persons")
-  rows = run(config.lock(), args.persons, args.out, args.repeats)
+  return config.lock()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/tiny.py",
+                      help="config file[:arg] (the model shape; weights are random)")
+  parser.add_argument("--sizes", default="tiny,small", help="comma list of tiny, small")
+  parser.add_argument("--persons", type=int, default=0,
+                      help="persons per size (default: 32 tiny, 8 small; --quick 2)")
+  parser.add_argument("--batch", type=int, default=8, help="kptjax persons per batch")
+  parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+  parser.add_argument("--max-new-tokens", type=int, default=13)
+  parser.add_argument("--quick", action="store_true",
+                      help="2 persons a size, 1 round, no step cost")
+  parser.add_argument("--out", default="experiments/results/bench_decode")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. model.llm.hidden_size=256 (repeat)")
+  args = parser.parse_args(argv)
   from kptjax.metrics import markdown_table
-  print(markdown_table(rows, digits=2))
+  rates = matmul_rates()
+  print(f"measured matmul rate (f32 2048^3): jax {rates['jax']:.1f} GFLOP/s, "
+        f"torch {rates['torch']:.1f} GFLOP/s")
+  rows = []
+  for size in args.sizes.split(","):
+    config = _config(args.config, (SMALL if size == "small" else []) + args.set)
+    persons = args.persons or (2 if args.quick else (8 if size == "small" else 32))
+    batch = min(args.batch, persons)
+    m = config.model
+    print(f"{size}: vit {m.vit.hidden_size}x{m.vit.num_layers} at {m.vit.image_size}px/"
+          f"{m.vit.patch_size}, llm {m.llm.hidden_size}x{m.llm.num_layers} vocab "
+          f"{m.llm.vocab_size}; {persons} persons, kptjax {batch} a batch", flush=True)
+    start = time.perf_counter()
+    rows += run_size(size, config, persons, batch, 1 if args.quick else args.repeats,
+                     args.max_new_tokens, rates, step_cost=not args.quick)
+    print(markdown_table([r for r in rows if r["size"] == size], digits=3))
+    print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "bench_decode.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
+    f.write(f"matmul f32 2048^3: jax {rates['jax']:.1f}, torch {rates['torch']:.1f} GFLOP/s\n\n")
+    f.write(markdown_table(rows, digits=3))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
-"""Jitted greedy decoding of keypoint answers with an explicit KV cache.
+"""Greedy decoding of keypoint answers: prompts, the decoders and the localizer.
 
-The fast path (``Decoder.shared``), per batch of P persons and Q keypoint queries:
+The fast path (``Decoder.shared``), per batch of P persons and Q keypoint queries, one
+jitted program of the engine (``kptjax.generate``):
 
   1. each crop is encoded once: ``embed_image`` -> f32[P, N, D];
   2. the shared prefix (``<s>`` + image header with N image slots) is prefilled once
-     per person into a cache of P rows;
-  3. that cache is broadcast to P*Q rows and the Q query suffixes (right-padded) are
-     prefilled in one ``extend``;
-  4. a ``lax.while_loop`` of ``decode_step`` runs until every row emitted EOS or
+     per person into a cache of P rows, without vocabulary logits;
+  3. ``llama.with_prefix`` keeps that cache once per person and gives each of the P*Q
+     rows an empty suffix; the Q query suffixes (right-padded) are prefilled in one
+     ``extend_hidden`` and the logits are read only at each row's last token;
+  4. a ``lax.while_loop`` of one-token steps runs until every row has ended or
      ``max_new_tokens`` were written (static).
 
-Steps 1-4 are one jitted program, so the cache never crosses a jit boundary: XLA
-updates it in place inside the loop (what donation achieves between programs).
-Memory: P*Q cache rows of length Tp + Tq + M (the prefix is copied per query row).
-The image placeholder id is never generated (its embedding is only filled in prompts).
+Attention merges the per-person prefix and the per-row suffix exactly
+(``llama.cached_attention``); no [P*Q, prefix, ...] tensor exists. Persons are padded
+to a power of two (``generate.bucket``) so a sweep compiles a handful of programs, and
+may be split over a mesh's data axes with the weights sharded as in training
+(``Decoder(mesh=...)``).
 
 The slow path (``Decoder.rows``) is LocLLM's: one full sequence per (person, keypoint)
 row, the image encoded for every row. ``reference_greedy`` recomputes the full forward
@@ -24,6 +27,7 @@ the argmax runs over the tokens the grammar allows in each row's state, so every
 answer parses. Along with each token the loop records its probability under the
 unconstrained softmax (= the max probability for plain greedy), which
 ``kptjax.parsing.score_answer`` turns into the LocLLM confidence.
+The image placeholder id is never generated (its embedding is only filled in prompts).
 
 Shapes: P persons, Q queries, B = rows, T tokens, M = max_new_tokens, V vocabulary,
 S = cache length, (H, W) crop pixels.
@@ -39,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kptjax import errors, parsing
+from kptjax import errors, parsing, sharding
+from kptjax.generate import bucket, pad_rows, program, suppress_bias
+from kptjax.models import vlm
 
 Array = jax.Array
 
@@ -103,154 +109,7 @@ def build_prompts(tokenizer: Any, config: Any, names: Sequence[str],
 
 
 # ---------------------------------------------------------------------------
-# The model, seen through its four entry points.
-
-
-def _embed_image(model, params, images):
-  return model.apply({"params": params}, images, method=model.embed_image)
-
-
-def _extend(model, params, tokens, mask, cache, image_embeds=None):
-  return model.apply({"params": params}, tokens, mask, cache, image_embeds=image_embeds,
-                     method=model.extend)
-
-
-def _decode_step(model, params, token, cache):
-  return model.apply({"params": params}, token, cache, method=model.decode_step)
-
-
-def _init_cache(model, batch, max_len, dtype):
-  from kptjax.models import vlm
-  return vlm.init_cache(model.config, batch, max_len, dtype)
-
-
-# ---------------------------------------------------------------------------
-# The greedy loop.
-
-
-def _pick(logits: Array, state: Array, transitions: Optional[Array], bias: Optional[Array]):
-  """Greedy token (grammar-masked when given) and its probability without the grammar."""
-  logits = logits.astype(jnp.float32)
-  if bias is not None:
-    logits = logits + bias
-  if transitions is not None:
-    allowed = transitions[state] >= 0                   # [B, V]
-    token = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
-    state = jnp.take_along_axis(transitions[state], token[:, None], axis=1)[:, 0]
-  else:
-    token = jnp.argmax(logits, axis=-1)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  prob = jnp.exp(jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0])
-  return token.astype(jnp.int32), prob, state
-
-
-def greedy_loop(step_fn, logits: Array, cache: Any, *, max_new_tokens: int, eos_id: int,
-                transitions: Optional[Array] = None, grammar_start: int = 0,
-                bias: Optional[Array] = None):
-  """Greedy decoding from the next-token ``logits`` f32[B, V] of a prefilled cache.
-
-  Args:
-    step_fn: (token i32[B], cache) -> (logits f32[B, V], cache).
-    max_new_tokens: M, static.
-    transitions: optional int32[S, V] grammar (``parsing.CoordinateGrammar``).
-    bias: optional f32[V] added to the logits (-inf suppresses a token everywhere).
-  Returns:
-    tokens int32[B, M] (EOS after the end), probs f32[B, M] (1 after the end),
-    lengths int32[B] tokens up to and including EOS (M if none).
-  """
-  b = logits.shape[0]
-  init = dict(i=jnp.int32(0), logits=logits, cache=cache,
-              tokens=jnp.full((b, max_new_tokens), eos_id, jnp.int32),
-              probs=jnp.ones((b, max_new_tokens), jnp.float32),
-              done=jnp.zeros((b,), bool), lengths=jnp.full((b,), max_new_tokens, jnp.int32),
-              state=jnp.full((b,), grammar_start, jnp.int32))
-
-  def cond(c):
-    return (c["i"] < max_new_tokens) & ~jnp.all(c["done"])
-
-  def body(c):
-    token, prob, state = _pick(c["logits"], c["state"], transitions, bias)
-    token = jnp.where(c["done"], eos_id, token)
-    prob = jnp.where(c["done"], 1.0, prob)
-    state = jnp.where(c["done"], c["state"], state)
-    ended = ~c["done"] & (token == eos_id)
-    lengths = jnp.where(ended, c["i"] + 1, c["lengths"])
-    tokens = c["tokens"].at[:, c["i"]].set(token)
-    probs = c["probs"].at[:, c["i"]].set(prob)
-    next_logits, cache = step_fn(token, c["cache"])
-    return dict(i=c["i"] + 1, logits=next_logits, cache=cache, tokens=tokens, probs=probs,
-                done=c["done"] | ended, lengths=lengths, state=state)
-
-  out = jax.lax.while_loop(cond, body, init)
-  return out["tokens"], out["probs"], out["lengths"]
-
-
-def _last_logits(logits: Array, lengths: Array) -> Array:
-  """f32[B, T, V] at position lengths - 1 of each row -> f32[B, V]."""
-  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-
-
-# ---------------------------------------------------------------------------
 # Decoders.
-
-
-class _Programs:
-  """The jitted decoding programs of one (model, M, EOS, grammar start, suppressed ids,
-  cache dtype). Cached in ``_PROGRAMS`` so that every Decoder of the same model reuses
-  the compilations (params, prompts and the grammar table are arguments)."""
-
-  def __init__(self, model, max_new_tokens, eos_id, start, suppress_ids, cache_dtype):
-    self.model, self.max_new_tokens, self.eos_id = model, max_new_tokens, eos_id
-    self.start, self.cache_dtype = start, cache_dtype
-    self.bias = suppress_bias(suppress_ids, int(model.config.llm.vocab_size))
-    self.shared = jax.jit(self._shared)
-    self.rows = jax.jit(self._rows)
-
-  def _loop(self, params, logits, cache, transitions):
-    step = functools.partial(_decode_step, self.model, params)
-    return greedy_loop(step, logits, cache, max_new_tokens=self.max_new_tokens,
-                       eos_id=self.eos_id, transitions=transitions, grammar_start=self.start,
-                       bias=self.bias)
-
-  def _shared(self, params, images, prefix, queries, lengths, transitions):
-    """The fast path. The cache lives inside this one program (prefill and loop), so
-    XLA updates it in place; it never crosses a jit boundary that would need donation."""
-    p, q, tq = images.shape[0], queries.shape[0], queries.shape[1]
-    tp = prefix.shape[0]
-    embeds = _embed_image(self.model, params, images)
-    cache = _init_cache(self.model, p, tp + tq + self.max_new_tokens, self.cache_dtype)
-    _, cache = _extend(self.model, params, jnp.broadcast_to(prefix, (p, tp)),
-                       jnp.ones((p, tp), bool), cache, image_embeds=embeds)
-    cache = jax.tree.map(lambda x: _repeat_rows(x, q, axis=0 if x.ndim == 1 else 1), cache)
-    rows = jnp.tile(queries, (p, 1))
-    row_lengths = jnp.tile(lengths, (p,))
-    mask = jnp.arange(tq)[None] < row_lengths[:, None]
-    logits, cache = _extend(self.model, params, rows, mask, cache)
-    tokens, probs, out_len = self._loop(params, _last_logits(logits, row_lengths), cache,
-                                        transitions)
-    shape = (p, q, self.max_new_tokens)
-    return tokens.reshape(shape), probs.reshape(shape), out_len.reshape(p, q)
-
-  def _rows(self, params, images, rows, lengths, transitions):
-    """The slow path (LocLLM's): one full row per (person, keypoint), image per row."""
-    b, t = rows.shape
-    embeds = _embed_image(self.model, params, images)
-    cache = _init_cache(self.model, b, t + self.max_new_tokens, self.cache_dtype)
-    mask = jnp.arange(t)[None] < lengths[:, None]
-    logits, cache = _extend(self.model, params, rows, mask, cache, image_embeds=embeds)
-    return self._loop(params, _last_logits(logits, lengths), cache, transitions)
-
-
-_PROGRAMS: dict[tuple, _Programs] = {}
-
-
-def _programs(model, *key) -> _Programs:
-  """The programs for ``model`` (keyed by its config: equal configs, equal modules)."""
-  import json
-  full = (json.dumps(model.config.to_dict(), sort_keys=True, default=str),) + key
-  if full not in _PROGRAMS:
-    _PROGRAMS[full] = _Programs(model, *key)
-  return _PROGRAMS[full]
 
 
 class Decoder:
@@ -266,69 +125,80 @@ class Decoder:
     suppress_ids: tokens never generated (default: the image placeholder, whose
       embedding the cached path would not fill; transformers: ``suppress_tokens``).
     cache_dtype: KV cache dtype (the model's compute dtype).
+    mesh, rules: optional device mesh and logical-axis rules (``config.mesh``): the
+      params are placed as in training (``sharding.logical_shardings``) and the persons
+      split over the mesh's data axes. Params assigned later must be placed alike.
   """
 
   def __init__(self, model: Any, params: Any, prompts: Prompts, *, eos_id: int,
                max_new_tokens: int, grammar: Optional[parsing.CoordinateGrammar] = None,
-               suppress_ids: Optional[Sequence[int]] = None, cache_dtype: Any = jnp.float32):
+               suppress_ids: Optional[Sequence[int]] = None, cache_dtype: Any = jnp.float32,
+               mesh: Any = None, rules: Any = None):
     if grammar is not None and max_new_tokens < grammar.max_tokens:
       raise errors.ConfigError(
           f"constrained decoding of '{grammar.shape}' needs decode.max_new_tokens >= "
           f"{grammar.max_tokens}, got {max_new_tokens}")
-    self.model, self.params, self.prompts = model, params, prompts
+    self.model, self.prompts, self.mesh = model, prompts, mesh
     self.eos_id, self.max_new_tokens = int(eos_id), int(max_new_tokens)
     self.grammar = grammar
     self._transitions = None if grammar is None else jnp.asarray(grammar.transitions)
     if suppress_ids is None:
       suppress_ids = [int(model.config.image_token_id)]
     self.suppress_ids = tuple(int(i) for i in suppress_ids)
-    self._programs = _programs(model, self.max_new_tokens, self.eos_id,
-                               0 if grammar is None else grammar.start, self.suppress_ids,
-                               str(jnp.dtype(cache_dtype)))
+    self._program = program(model, max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
+                            grammar_start=0 if grammar is None else grammar.start,
+                            suppress_ids=self.suppress_ids, cache_dtype=cache_dtype,
+                            mesh=mesh)
+    self._multiple = 1
+    if mesh is not None:
+      shardings = sharding.logical_shardings(vlm.abstract_params(model.config), mesh,
+                                             rules if rules is not None else ())
+      params = jax.device_put(params, shardings)
+      self._multiple = sharding.data_parallel_size(mesh)
+    self.params = params
+
+  def _images(self, images: np.ndarray) -> Array:
+    if self.mesh is None:
+      return jnp.asarray(images)
+    return jax.device_put(np.asarray(images), sharding.batch_sharding(self.mesh))
 
   def shared(self, images: np.ndarray):
     """Decodes every query for every person, sharing the image prefix.
 
     Args:
-      images: f32[P, H, W, 3] normalized crops.
+      images: f32[P, H, W, 3] normalized crops (padded to ``bucket(P)`` inside).
     Returns:
       (tokens int32[P, Q, M], probs f32[P, Q, M], lengths int32[P, Q]) as numpy.
     """
-    pr = self.prompts
-    out = self._programs.shared(self.params, jnp.asarray(images), jnp.asarray(pr.prefix),
-                                jnp.asarray(pr.queries), jnp.asarray(pr.lengths),
-                                self._transitions)
-    return tuple(np.asarray(x) for x in out)
+    pr, p, q = self.prompts, len(images), self.prompts.num_queries
+    size = bucket(p, self._multiple)
+    out = self._program(self.params, self._images(pad_rows(images, size)),
+                        jnp.asarray(np.tile(pr.queries, (size, 1))),
+                        jnp.asarray(np.tile(pr.lengths, size)), jnp.asarray(pr.prefix), None,
+                        self._transitions)
+    return self._per_person(out, p, q)
 
   def rows(self, images: np.ndarray):
     """LocLLM's way: P*Q independent rows, each crop encoded Q times.
 
     Returns the same arrays as :meth:`shared`.
     """
-    p, q = images.shape[0], self.prompts.num_queries
+    p, q = len(images), self.prompts.num_queries
+    size = bucket(p, self._multiple)
     full, lengths = self.prompts.full_rows()
-    rows = np.tile(full, (p, 1))
-    row_images = np.repeat(np.asarray(images), q, axis=0)
-    out = self._programs.rows(self.params, jnp.asarray(row_images), jnp.asarray(rows),
-                              jnp.asarray(np.tile(lengths, p)), self._transitions)
-    tokens, probs, out_len = (np.asarray(x) for x in out)
+    out = self._program(self.params, self._images(np.repeat(pad_rows(images, size), q, 0)),
+                        jnp.asarray(np.tile(full, (size, 1))),
+                        jnp.asarray(np.tile(lengths, size)), None, None, self._transitions)
+    return self._per_person(out, p, q)
+
+  def _per_person(self, out, p: int, q: int):
+    tokens, probs, lengths, _ = (np.asarray(x) for x in out)
     m = self.max_new_tokens
-    return tokens.reshape(p, q, m), probs.reshape(p, q, m), out_len.reshape(p, q)
+    return (tokens.reshape(-1, q, m)[:p], probs.reshape(-1, q, m)[:p],
+            lengths.reshape(-1, q)[:p])
 
   def __call__(self, images: np.ndarray, share_prefix: bool = True):
     return self.shared(images) if share_prefix else self.rows(images)
-
-
-def suppress_bias(ids: Sequence[int], vocab_size: int) -> Optional[Array]:
-  """f32[V]: -inf at ``ids``, 0 elsewhere (None when there is nothing to suppress)."""
-  if not ids:
-    return None
-  return jnp.zeros((vocab_size,), jnp.float32).at[jnp.asarray(list(ids))].set(-jnp.inf)
-
-
-def _repeat_rows(x: Array, times: int, axis: int) -> Array:
-  """Each row of ``axis`` repeated ``times`` times in place (person-major order)."""
-  return jnp.repeat(x, times, axis=axis)
 
 
 def reference_greedy(model: Any, params: Any, images: np.ndarray, rows: np.ndarray,
@@ -358,7 +228,8 @@ def reference_greedy(model: Any, params: Any, images: np.ndarray, rows: np.ndarr
   def forward(params, images, seq, lengths):
     mask = jnp.arange(seq.shape[1])[None] < lengths[:, None]
     logits = model.apply({"params": params}, images, seq, mask)
-    last = _last_logits(logits, lengths).astype(jnp.float32)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    last = last.astype(jnp.float32)
     if bias is not None:
       last = last + bias
     return jnp.argmax(last, -1), jnp.max(jax.nn.softmax(last.astype(jnp.float32), -1), -1)

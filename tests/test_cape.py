@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from kptjax import metrics
+from configs import tiny
+from kptjax import decode, metrics
 from kptjax.data import cape
+from kptjax.data import tokenizer as tok_lib
 from kptjax.data.sources import read_dataset, read_mp100
 from kptjax.errors import DataError
 
@@ -114,3 +116,31 @@ def test_ap10k_families(tmp_path):
   test = read_dataset("ap10k_family", ann, tmp_path, families="fam0", check_images=False)
   assert len(train) == len(test) == 30
   assert {r.image_id // 100 for r in train}.isdisjoint({r.image_id // 100 for r in test})
+
+
+def test_capellm_prompts_decode_with_the_shared_prefix_as_by_full_forwards(model_params):
+  """CapeLLM's template (<s> + image tokens + newline, then the keypoint's question):
+  the shared-prefix engine gives the tokens and scores of the per-row path and of
+  greedy decoding by full forwards (no cache)."""
+  model, params = model_params
+  config = tiny.get_config().unlock()
+  config.data.template = "capellm"
+  tokenizer = tok_lib.load_tokenizer("")
+  names, descriptions = ["left eye", "tail tip"], ["The left eye.", None]
+  prompts = decode.build_prompts(tokenizer, config.lock(), names, descriptions,
+                                 subject="animal", pad_id=tokenizer.eos_token_id)
+  decoder = decode.Decoder(model, params, prompts, eos_id=tokenizer.eos_token_id,
+                           max_new_tokens=6)
+  images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  tokens, probs, lengths = decoder.shared(images)
+  rows = decoder.rows(images)
+  np.testing.assert_array_equal(tokens, rows[0])
+  np.testing.assert_array_equal(lengths, rows[2])
+  np.testing.assert_allclose(probs, rows[1], atol=1e-5)
+  full, full_len = prompts.full_rows()
+  ref_tokens, ref_probs = decode.reference_greedy(
+      model, params, np.repeat(images, 2, 0), np.tile(full, (2, 1)), np.tile(full_len, 2), 6,
+      tokenizer.eos_token_id)
+  np.testing.assert_array_equal(tokens.reshape(4, -1), ref_tokens)
+  np.testing.assert_allclose(probs.reshape(4, -1), ref_probs, atol=1e-5)
+  assert len(np.unique(ref_tokens)) > 2

@@ -14,12 +14,13 @@ import re
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from kptjax import convert, decode, errors, parsing
+from kptjax import convert, decode, errors, generate, parsing, sharding
 from kptjax.data import tokenizer as tok_lib
 from kptjax.keypoints import get_spec
-from kptjax.models import vlm
+from kptjax.models import llama, vlm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_NEW = 16
@@ -171,3 +172,78 @@ def test_constrained_budget_too_small_is_a_config_error(setup):
   with pytest.raises(errors.ConfigError, match="max_new_tokens"):
     decode.Localizer(setup["config"], setup["model"], setup["params"], setup["tokenizer"],
                      setup["names"], setup["descriptions"], constrained=True, max_new_tokens=8)
+
+
+def _avals(jaxpr):
+  """Every intermediate's shape in a (closed) jaxpr and the jaxprs nested in it."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      yield tuple(getattr(v.aval, "shape", ()))
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          yield from _avals(sub)
+
+
+def test_shared_prefix_is_stored_once_and_never_per_row(setup, decoder):
+  """The cache holds the prefix once per person ([P, K, Tp, H] per layer) and only the
+  suffixes per row ([P*Q, K, Tq + M, H]); no value anywhere in the decoding program
+  (prefill, loop, attention) has both a P*Q rows axis and the prefix or full length."""
+  model, params, pr = setup["model"], setup["params"], setup["prompts"]
+  p, q, tp, tq = 2, len(QUERIES), len(pr.prefix), pr.queries.shape[1]
+  rows = np.tile(pr.queries, (p, 1))
+  mask = np.arange(tq)[None] < np.tile(pr.lengths, p)[:, None]
+
+  def caches(params, images):
+    apply = lambda method, *a, **k: model.apply({"params": params}, *a, method=method, **k)
+    cache = vlm.init_cache(model.config, p, tp)
+    _, cache = apply("extend_hidden", np.tile(pr.prefix, (p, 1)), np.ones((p, tp), bool),
+                     cache, image_embeds=apply("embed_image", images))
+    cache = llama.with_prefix(cache, q, tq + MAX_NEW)
+    return apply("extend_hidden", rows, mask, cache)[1]
+
+  cache = jax.eval_shape(caches, params, setup["images"])
+  c = setup["config"].model.llm
+  heads = (c.num_kv_heads, c.head_dim)
+  assert len(cache["k"]) == len(cache["prefix"]["k"]) == c.num_layers
+  assert cache["prefix"]["k"][0].shape == (p, heads[0], tp, heads[1])
+  assert cache["k"][0].shape == (p * q, heads[0], tq + MAX_NEW, heads[1])
+  run = generate.program(model, max_new_tokens=MAX_NEW, eos_id=setup["eos"],
+                         suppress_ids=decoder.suppress_ids)      # the decoder's program
+  jaxpr = jax.make_jaxpr(run)(params, setup["images"], rows, np.tile(pr.lengths, p),
+                              pr.prefix, None, None)
+  per_row = [s for s in _avals(jaxpr)
+             if p * q in s and ({tp, tp + tq, tp + tq + MAX_NEW} & set(s))]
+  assert not per_row, per_row[:5]
+  assert tp not in (p * q, tq + MAX_NEW)       # the shapes above are unambiguous
+  # The compiled loop writes the cache in place: no copy of a cache buffer in its body.
+  hlo = run.lower(params, setup["images"], rows, np.tile(pr.lengths, p), pr.prefix, None,
+                  None).compile().as_text()
+  suffix = r"f32\[%d,%d,%d,%d\]" % (p * q, heads[0], tq + MAX_NEW, heads[1])
+  prefix = r"f32\[%d,%d,%d,%d\]" % (p, heads[0], tp, heads[1])
+  bodies = [re.search(r"\n%s .*?\n}\n" % re.escape(name), hlo, re.S).group(0)
+            for name in re.findall(r"while\(.*?body=(%[\w.\-]+)", hlo)]
+  loop = max(bodies, key=lambda b: len(re.findall(suffix, b)))
+  assert re.findall(suffix + r"\S* fusion\(", loop)                 # the in-place writes
+  copies = re.findall(r"= (?:%s|%s)\S* (?:copy|transpose)\(" % (suffix, prefix), loop)
+  assert not copies, copies
+
+
+def test_sharded_decoding_gives_the_tokens_of_one_device(setup, decoder):
+  """The same engine with persons over ('data', 'fsdp') = 4 and the weights sharded by
+  the training rules on a (2, 2, 2) mesh of 8 simulated devices."""
+  assert jax.device_count() == 8, "tests/conftest.py must set 8 host devices"
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  sharded = decode.Decoder(setup["model"], setup["params"], setup["prompts"],
+                           eos_id=setup["eos"], max_new_tokens=MAX_NEW, mesh=mesh,
+                           rules=sharding.logical_rules(setup["config"].mesh))
+  emb = sharded.params["llm"]["embed_tokens"]["embedding"]
+  assert emb.sharding.spec != P() and emb.addressable_shards[0].data.shape != emb.shape
+  images = np.random.default_rng(5).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  one, eight = decoder.shared(images), sharded.shared(images)
+  np.testing.assert_array_equal(eight[0], one[0])
+  np.testing.assert_array_equal(eight[2], one[2])
+  np.testing.assert_allclose(eight[1], one[1], atol=1e-5)
+  assert len(np.unique(one[0])) > 3

@@ -117,4 +117,5 @@ def test_cache_extend_and_decode_equal_full_forward(converted):
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(2), pos],
                                atol=TOL, rtol=0)
   np.testing.assert_array_equal(np.asarray(cache["end"]), prompt_len + 5)
-  assert cache["k"].shape == (2, 2, 16, config.num_kv_heads, config.head_dim)
+  assert len(cache["k"]) == 2                                     # one buffer per layer
+  assert cache["k"][0].shape == (2, config.num_kv_heads, 16, config.head_dim)

@@ -124,7 +124,8 @@ def test_attention_output_and_cached_path_match_forward(composites):
   image_embeds = jax.jit(lambda p: model.apply({"params": p}, images, method="embed_image"))(params)
   assert image_embeds.shape == (2, N_IMG, 32) and image_embeds.dtype == jnp.float32
   cache = vlm.init_cache(model_config, batch=2, max_len=32)
-  assert cache["k"].shape == (2, 2, 32, 2, 8) and cache["end"].dtype == jnp.int32
+  assert len(cache["k"]) == 2 and cache["k"][0].shape == (2, 2, 32, 8)   # L x [B,K,S,H]
+  assert cache["end"].dtype == jnp.int32
   prompt_len = np.array([20, 18])                                 # <s> + 16 image + 3 / 1 text
   prompt = np.where(np.arange(20)[None] < prompt_len[:, None], tokens[:, :20], 0)
   prefill = jax.jit(lambda p, c: model.apply(

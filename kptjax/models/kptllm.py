@@ -209,18 +209,20 @@ class KptLLM(VLM):
     u = gather_slots(self.llm.norm(h), tokens, int(k.keypoint_token_id), num_keypoint_slots)
     return logits, self.keypoint_head(u)
 
-  def extend_keypoints(self, tokens: Array, input_mask: Array, cache: Any, *,
-                       image_embeds: Array | None = None,
-                       prompt_embeds: Array | None = None) -> tuple[Array, Array, Any]:
-    """The cached path with the regression head: like ``VLM.extend`` (image slots from
-    ``image_embeds`` [B,N,D], prompt slots from ``prompt_embeds`` [B,R,D]), returning
-    (logits f32[B,T,V], xy f32[B,T,2] = the head at every new position, cache); the xy
-    of a ``<keypoint>`` input token is its regressed position."""
+  def embed_tokens(self, tokens: Array, image_embeds: Array | None = None,
+                   prompt_embeds: Array | None = None) -> Array:
+    """``VLM.embed_tokens`` with the prompt slots filled, in order, from prompt_embeds
+    [B,R,D] (``embed_prompts``)."""
     x = self._embed(tokens, image_embeds)
     if prompt_embeds is not None:
       x = fill_image_tokens(x, tokens, prompt_embeds, int(self.config.kpt.prompt_token_id))
-    h, cache = self.llm.extend_hidden(input_mask, cache, x)
-    return self.llm.logits(h), self.keypoint_head(self.llm.norm(h)), cache
+    return x
+
+  def read(self, h: Array) -> tuple[Array, dict[str, Array]]:
+    """``VLM.read`` plus the regression head: h [B,D] -> (logits f32[B,V], {'xy':
+    f32[B,2]}); the xy read at a ``<keypoint>`` input token is its regressed position."""
+    logits, _ = super().read(h)
+    return logits, {"xy": self.keypoint_head(self.llm.norm(h))}
 
 
 def dummy_support(model_config: ml_collections.ConfigDict, batch: int = 1, shots: int = 1,

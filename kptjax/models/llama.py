@@ -10,8 +10,21 @@ under ``layers``; otherwise they live under ``layers_0 .. layers_{L-1}``.
 Two entry points share the blocks:
   ``__call__``: teacher-forced logits over a whole (right-padded) sequence.
   ``extend``: writes T new tokens into an explicit KV cache at per-row offsets and returns
-  their logits (prefill = extend on an empty cache, decode = extend with T = 1).
-Einsum letters: see kptjax/models/layers.py.
+  their logits (prefill = extend on an empty cache, decode = extend with T = 1);
+  ``extend_hidden`` returns the last block's output instead, so a caller computes
+  vocabulary logits only at the positions it reads.
+
+The KV cache (decode time only, see ``init_cache``): one buffer per layer, heads before
+positions, so that a decode step's attention reads each buffer as a matmul operand and
+writes one slot in place (no per-layer slicing, no transposes):
+
+    {'k': L x [B,K,S,H], 'v': L x [B,K,S,H], 'end': i32[B]}
+    + optionally 'prefix': {'k': L x [P,K,Sp,H], 'v': ..., 'end': i32[P]}
+
+With a prefix (``with_prefix``), B = P * Q rows, person-major (row b belongs to prefix
+row b // Q): the prefix is stored once per person, each row holds only its own suffix,
+and attention merges the two parts exactly (``cached_attention``).
+Einsum letters: see kptjax/models/layers.py (P prefix rows, Q rows per prefix).
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from kptjax.models.layers import DType, RMSNorm, logical_init
 from kptjax.models.lora import LoraDense, LoraSpec
 
 Array = jax.Array
-Cache = dict[str, Array]   # {'k': [L,B,S,K,H], 'v': [L,B,S,K,H], 'end': i32[B]}
+Cache = dict[str, Any]   # see the module docstring and init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +119,13 @@ class Attention(_Sublayer):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
-               kv_cache: tuple[Array, Array] | None = None, deterministic: bool = True,
+               kv_cache: dict[str, Array] | None = None, deterministic: bool = True,
                return_attention: bool = False):
     """x [B,T,D]; positions i32[B,T]; mask bool[B,T,S] (S = T without cache, else the
-    cache length); kv_cache ([B,S,K,H], [B,S,K,H]) written at rows' positions[:, 0].
+    cache length); kv_cache: one layer's cache (``cached_attention``), the new keys and
+    values written at slot ``kv_cache['start']`` of each row.
 
-    Returns (out [B,T,D], new kv_cache or None, probs f32[B,N,T,S] or None).
+    Returns (out [B,T,D], new kv_cache {'k','v'} or None, probs f32[B,N,T,S] or None).
     """
     c = self.config
     n, kv, h = c.num_heads, c.num_kv_heads, c.head_dim
@@ -124,13 +138,10 @@ class Attention(_Sublayer):
     q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
     if kv_cache is not None:
-      write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(
-          buf, new.astype(buf.dtype), (start, 0, 0)))
-      k = write(kv_cache[0], k, positions[:, 0])
-      v = write(kv_cache[1], v, positions[:, 0])
-      kv_cache = (k, v)
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
-    out, probs = layers.attention(q, k, v, mask, return_probs=return_attention)
+      out, kv_cache = cached_attention(q, k, v, mask, kv_cache, self.dtype)
+      probs = None
+    else:
+      out, probs = layers.attention(q, k, v, mask, return_probs=return_attention)
     out = dense("o_proj", c.hidden_size, ("heads", "embed"))(
         out.reshape(b, t, n * h), deterministic)
     return out, kv_cache, probs
@@ -226,24 +237,17 @@ class Llama(nn.Module):
     """tokens i32[B,T] -> embeddings [B,T,D] in the compute dtype."""
     return self.embed_tokens.encode(tokens).astype(self.dtype)
 
-  def _blocks(self, x, positions, mask, kv_cache, deterministic, return_attention):
-    """Runs all blocks. kv_cache: ([L,B,S,K,H], [L,B,S,K,H]) or None.
-    Returns (x, new kv_cache or None, probs f32[L,B,N,T,S] or None)."""
+  def _blocks(self, x, positions, mask, deterministic, return_attention):
+    """Runs all blocks over a whole sequence (no cache; the cached path is
+    ``_extend_blocks``). Returns (x, probs f32[L,B,N,T,S] or None)."""
     if self.scan_layers:
-      x, (kv_cache, probs) = self.layers(x, positions, mask, kv_cache, deterministic,
-                                         return_attention)
-      return x, kv_cache, probs
-    new_k, new_v, all_probs = [], [], []
-    for i, block in enumerate(self.layers):
-      layer_cache = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
-      x, (layer_cache, probs) = block(x, positions, mask, layer_cache, deterministic,
-                                      return_attention)
-      if layer_cache is not None:
-        new_k.append(layer_cache[0])
-        new_v.append(layer_cache[1])
+      x, (_, probs) = self.layers(x, positions, mask, None, deterministic, return_attention)
+      return x, probs
+    all_probs = []
+    for block in self.layers:
+      x, (_, probs) = block(x, positions, mask, None, deterministic, return_attention)
       all_probs.append(probs)
-    kv_cache = None if kv_cache is None else (jnp.stack(new_k), jnp.stack(new_v))
-    return x, kv_cache, (jnp.stack(all_probs) if return_attention else None)
+    return x, (jnp.stack(all_probs) if return_attention else None)
 
   def logits(self, x: Array) -> Array:
     """Final norm and output layer: x [B,T,D] -> f32[B,T,V]."""
@@ -257,8 +261,8 @@ class Llama(nn.Module):
     embeds [B,T,D]; ``logits(hidden(...))`` equals ``__call__``'s logits."""
     b, t = embeds.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, _, _ = self._blocks(embeds.astype(self.dtype), positions, causal_mask(input_mask),
-                           None, deterministic, False)
+    x, _ = self._blocks(embeds.astype(self.dtype), positions, causal_mask(input_mask),
+                        deterministic, False)
     return x
 
   def __call__(self, tokens: Array | None = None, input_mask: Array | None = None, *,
@@ -279,8 +283,8 @@ class Llama(nn.Module):
     if input_mask is None:
       input_mask = jnp.ones((b, t), bool)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, _, probs = self._blocks(x, positions, causal_mask(input_mask), None, deterministic,
-                               return_attention)
+    x, probs = self._blocks(x, positions, causal_mask(input_mask), deterministic,
+                            return_attention)
     logits = self.logits(x)
     return (logits, probs) if return_attention else logits
 
@@ -291,7 +295,7 @@ class Llama(nn.Module):
     Args:
       tokens: i32[B,T] (or None when ``embeds`` [B,T,D] is given).
       input_mask: bool[B,T]; rows are right-padded (True then False).
-      cache: {'k','v': [L,B,S,K,H], 'end': i32[B]}; needs S >= end + T.
+      cache: ``init_cache`` / ``with_prefix`` layout; needs S >= end + T.
 
     Returns:
       (logits f32[B,T,V], cache with the new keys/values and end += sum(input_mask)).
@@ -307,30 +311,131 @@ class Llama(nn.Module):
     instead of logits; ``logits(hidden)`` gives ``extend``'s logits."""
     return self._extend_blocks(embeds.astype(self.dtype), input_mask, cache)
 
+  def _layer_params(self, i: int) -> Any:
+    """Block i's params (a slice of the stacked ones under ``scan_layers``)."""
+    params = self.variables["params"]
+    if self.scan_layers:
+      return jax.tree.map(lambda a: a[i], params["layers"])
+    return params[f"layers_{i}"]
+
   def _extend_blocks(self, x: Array, input_mask: Array, cache: Cache) -> tuple[Array, Cache]:
     """The blocks over x [B,T,D] written into the cache at each row's end: (the last
-    block's output [B,T,D], the cache with the new keys/values and end += sum(input_mask))."""
+    block's output [B,T,D], the cache with the new keys/values and end += sum(input_mask)).
+
+    The layers run unrolled, each on its own cache buffers (updated in place inside a
+    decode loop); under ``scan_layers`` block i reads its slice of the stacked params
+    (``kptjax.decode`` unstacks them once, outside its loop).
+    """
+    c = self.config
     t = x.shape[1]
     end = cache["end"].astype(jnp.int32)
-    positions = end[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    mask = cache_mask(end, t, cache["k"].shape[2])
-    x, (k, v), _ = self._blocks(x, positions, mask, (cache["k"], cache["v"]), True, False)
-    new_end = end + jnp.sum(input_mask, axis=1, dtype=jnp.int32)
-    return x, {"k": k, "v": v, "end": new_end}
+    prefix = cache.get("prefix")
+    offset = end
+    if prefix is not None:
+      offset = end + jnp.repeat(prefix["end"], end.shape[0] // prefix["end"].shape[0])
+    positions = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    mask = cache_mask(end, t, cache["k"][0].shape[2])
+    block = DecoderBlock(c, self.lora, self.dtype, self.param_dtype, parent=None)
+    new_k, new_v = [], []
+    for i in range(c.num_layers):
+      layer = {"k": cache["k"][i], "v": cache["v"][i], "start": end}
+      if prefix is not None:
+        sp = prefix["k"][i].shape[2]
+        layer.update(prefix_k=prefix["k"][i], prefix_v=prefix["v"][i],
+                     prefix_mask=jnp.arange(sp)[None] < prefix["end"][:, None])
+      x, (layer, _) = block.apply({"params": self._layer_params(i)}, x, positions, mask,
+                                  layer, True, False)
+      new_k.append(layer["k"])
+      new_v.append(layer["v"])
+    out = {"k": tuple(new_k), "v": tuple(new_v),
+           "end": end + jnp.sum(input_mask, axis=1, dtype=jnp.int32)}
+    if prefix is not None:
+      out["prefix"] = prefix
+    return x, out
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array, cache: dict[str, Array],
+                     dtype: DType) -> tuple[Array, dict[str, Array]]:
+  """Attention of T new tokens over one layer's cache, after writing their keys/values.
+
+  Args:
+    q: [B,T,N,H] (RoPE applied); k, v: [B,T,K,H] the new tokens' keys/values.
+    mask: bool[B,T,S] over the rows' own slots.
+    cache: {'k','v': [B,K,S,H], 'start': i32[B] the slot of the first new token} and
+      optionally the shared prefix {'prefix_k','prefix_v': [P,K,Sp,H],
+      'prefix_mask': bool[P,Sp]}, B = P * Q rows person-major.
+    dtype: compute dtype.
+
+  Returns:
+    (out [B,T,N,H] in dtype, {'k','v'} the updated buffers).
+
+  With a prefix the softmax runs over [prefix slots, own slots] in two parts that share
+  one max and one normalizer: exactly the softmax over the concatenation, while the
+  prefix is read once per person (a [Q*T*G, H] x [H, Sp] matmul per person and kv
+  head) and never copied per row.
+  """
+  write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(
+      buf, new.transpose(1, 0, 2).astype(buf.dtype), (0, start, 0)))
+  kc, vc = write(cache["k"], k, cache["start"]), write(cache["v"], v, cache["start"])
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  scale = h ** -0.5
+  neg = jnp.finfo(jnp.float32).min
+  q = q.reshape(b, t, kv, n // kv, h)
+  own = jnp.einsum("BTKGH,BKSH->BKGTS", q, kc.astype(dtype),
+                   preferred_element_type=jnp.float32) * scale
+  own = jnp.where(mask[:, None, None], own, neg)
+  if "prefix_k" not in cache:
+    probs = jax.nn.softmax(own, axis=-1)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(dtype), vc.astype(dtype))
+    return out.reshape(b, t, n, h), {"k": kc, "v": vc}
+  pk, pv = cache["prefix_k"].astype(dtype), cache["prefix_v"].astype(dtype)
+  p = pk.shape[0]
+  rq = b // p
+  pre = jnp.einsum("PQTKGH,PKSH->PQKGTS", q.reshape(p, rq, t, kv, n // kv, h), pk,
+                   preferred_element_type=jnp.float32) * scale
+  pre = jnp.where(cache["prefix_mask"][:, None, None, None, None, :], pre, neg)
+  own = own.reshape(p, rq, *own.shape[1:])                          # [P,Q,K,G,T,S]
+  top = jnp.maximum(jnp.max(pre, axis=-1), jnp.max(own, axis=-1))[..., None]
+  e_pre, e_own = jnp.exp(pre - top), jnp.exp(own - top)
+  total = jnp.sum(e_pre, axis=-1) + jnp.sum(e_own, axis=-1)          # [P,Q,K,G,T]
+  out = (jnp.einsum("PQKGTS,PKSH->PQTKGH", e_pre.astype(dtype), pv,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("PQKGTS,PQKSH->PQTKGH", e_own.astype(dtype),
+                      vc.astype(dtype).reshape(p, rq, *vc.shape[1:]),
+                      preferred_element_type=jnp.float32))
+  out = out / jnp.transpose(total, (0, 1, 4, 2, 3))[..., None]
+  return out.astype(dtype).reshape(b, t, n, h), {"k": kc, "v": vc}
 
 
 def init_cache(llm_config: Any, batch: int, max_len: int, dtype: DType = jnp.float32) -> Cache:
-  """Empty KV cache {'k','v': zeros [L,B,S,K,H], 'end': zeros i32[B]} (S = max_len)."""
+  """Empty KV cache {'k','v': L x zeros [B,K,S,H], 'end': zeros i32[B]} (S = max_len)."""
   c = LlamaConfig.from_config(llm_config)
-  shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-  return {"k": jnp.zeros(shape, layers.to_dtype(dtype)),
-          "v": jnp.zeros(shape, layers.to_dtype(dtype)),
+  shape = (batch, c.num_kv_heads, max_len, c.head_dim)
+  dtype = layers.to_dtype(dtype)
+  return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+          "v": tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
           "end": jnp.zeros((batch,), jnp.int32)}
 
 
-# Logical axes of the cache leaves, for sharding.
+def with_prefix(prefix: Cache, rows_per_prefix: int, max_len: int) -> Cache:
+  """A cache of P * Q rows (Q = rows_per_prefix, person-major) that share the filled
+  ``prefix`` cache of P rows (stored once, read by every row of its person) and each
+  own an empty suffix of ``max_len`` slots."""
+  if "prefix" in prefix:
+    raise ConfigError("with_prefix: the cache already has a prefix")
+  p, kv, _, h = prefix["k"][0].shape
+  shape = (p * rows_per_prefix, kv, max_len, h)
+  return {"k": tuple(jnp.zeros(shape, x.dtype) for x in prefix["k"]),
+          "v": tuple(jnp.zeros(shape, x.dtype) for x in prefix["v"]),
+          "end": jnp.zeros((p * rows_per_prefix,), jnp.int32),
+          "prefix": {"k": prefix["k"], "v": prefix["v"], "end": prefix["end"]}}
+
+
+# Logical axes of one layer's cache buffer (every leaf of 'k' / 'v' and of the prefix's),
+# and of the 'end' counters, for sharding.
 CACHE_AXES: Mapping[str, tuple[str, ...]] = {
-    "k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "k": ("batch", "kv_heads", "cache_length", "head_dim"),
+    "v": ("batch", "kv_heads", "cache_length", "head_dim"),
     "end": ("batch",),
 }

@@ -9,6 +9,8 @@ Param tree: {'vit': ..., 'projector': ..., 'llm': ...}. Entry points:
                    ``image_embeds`` when given) appended at each row's cache end.
                    ``prefill`` = extend with the images embedded (on an empty cache);
                    ``decode_step`` = extend with T=1.
+  ``extend_hidden`` + ``read``  the same without vocabulary logits, which ``read`` computes
+                   only where a decoder reads (``kptjax.decode``).
 
     >>> model = VLM(config.model)
     >>> logits = model.apply({'params': params}, images, tokens, input_mask)
@@ -116,13 +118,35 @@ class VLM(nn.Module):
 
     Args:
       tokens: i32[B,T]; input_mask: bool[B,T] (right padding).
-      cache: from ``init_cache`` or a previous call (S >= end + T).
+      cache: from ``init_cache`` / ``llama.with_prefix`` or a previous call (S >= end + T).
       image_embeds: f32[B,N,D] from ``embed_image`` when the tokens hold placeholders.
 
     Returns:
       (logits f32[B,T,V], cache with end += sum(input_mask, axis=1)).
     """
-    return self.llm.extend(None, input_mask, cache, embeds=self._embed(tokens, image_embeds))
+    h, cache = self.extend_hidden(tokens, input_mask, cache, image_embeds=image_embeds)
+    return self.llm.logits(h), cache
+
+  def embed_tokens(self, tokens: Array, image_embeds: Array | None = None,
+                   prompt_embeds: Array | None = None) -> Array:
+    """tokens i32[B,T] -> [B,T,D], placeholders filled from image_embeds [B,N,D]. A plain
+    VLM has no prompt slots (KptLLM fills them from prompt_embeds [B,R,D])."""
+    if prompt_embeds is not None:
+      raise ConfigError("prompt embeddings need a KptLLM model (model.kpt.enabled)")
+    return self._embed(tokens, image_embeds)
+
+  def extend_hidden(self, tokens: Array, input_mask: Array, cache: Cache, *,
+                    image_embeds: Array | None = None,
+                    prompt_embeds: Array | None = None) -> tuple[Array, Cache]:
+    """``extend`` returning the last block's output [B,T,D] instead of logits, so that
+    ``read`` runs only at the positions a decoder reads."""
+    x = self.embed_tokens(tokens, image_embeds, prompt_embeds)
+    return self.llm.extend_hidden(input_mask, cache, x)
+
+  def read(self, h: Array) -> tuple[Array, dict[str, Array]]:
+    """What a decoder reads at a position: h [B,D] (``extend_hidden``) -> (next-token
+    logits f32[B,V], {} (a KptLLM adds the regression head's 'xy')."""
+    return self.llm.logits(h[:, None])[:, 0], {}
 
   def prefill(self, images: Array, tokens: Array, input_mask: Array,
               cache: Cache) -> tuple[Array, Cache]:
@@ -138,8 +162,8 @@ class VLM(nn.Module):
 
 def init_cache(model_config: ml_collections.ConfigDict, batch: int, max_len: int,
                dtype: Any = None) -> Cache:
-  """Empty KV cache {'k','v': [L,B,S,Hkv,D] zeros, 'end': i32[B] zeros}; dtype defaults
-  to config.model.dtype."""
+  """Empty KV cache (``llama.init_cache``: {'k','v': L x [B,Hkv,S,D] zeros, 'end':
+  i32[B] zeros}); dtype defaults to config.model.dtype."""
   return llama_lib.init_cache(model_config.llm, batch, max_len,
                               dtype if dtype is not None else model_config.dtype)
 
