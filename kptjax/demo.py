@@ -71,7 +71,7 @@ def baseline_entries(config: Any, mean_crop: np.ndarray, records: Sequence[Any]
     kps = np.concatenate([xy, np.ones((len(xy), 1), np.float32)], axis=1)
     entries.append({"index": index, "image_id": int(rec.image_id), "ann_id": int(rec.ann_id),
                     "keypoints": kps.round(3).tolist(), "score": 1.0,
-                    "ok": [True] * len(xy), "texts": []})
+                    "missing": [], "texts": []})
   return entries
 
 

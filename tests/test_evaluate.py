@@ -49,11 +49,12 @@ def coco_run(shared_data, model_params, tokenizer, tmp_path_factory):
 
 def test_coco_outputs_and_metrics(shared_data, coco_run):
   out, result = coco_run
-  assert sorted(os.listdir(out)) == ["metrics.json", "predictions.json"]   # nothing half-done
+  assert sorted(os.listdir(out)) == ["metrics.json", "predictions.json",
+                                     "predictions.provenance.json"]      # nothing half-done
   preds = json.load(open(os.path.join(out, "predictions.json")))
   assert len(preds) == 5
   for p in preds:
-    assert set(p) == {"image_id", "category_id", "keypoints", "score"}
+    assert set(p) == {"image_id", "category_id", "keypoints", "score", "missing"}
     assert len(p["keypoints"]) == 17 * 3 and 0 <= p["score"] <= 1
   saved = json.load(open(os.path.join(out, "metrics.json")))
   assert saved["num_persons"] == 5 and saved["num_answers"] == 85
@@ -83,9 +84,11 @@ def test_interrupted_run_resumes(shared_data, coco_run, model_params, tokenizer,
   first = json.load(open(os.path.join(out, "predictions.json")))
   done = {"index": 0, "image_id": first[0]["image_id"], "ann_id": 0,
           "keypoints": np.array(first[0]["keypoints"]).reshape(17, 3).tolist(),
-          "score": 0.123, "ok": [True] * 17, "texts": [""] * 17}
+          "score": 0.123, "missing": [], "texts": [""] * 17}
+  record = json.load(open(os.path.join(out, "metrics.json")))["provenance"]
+  header = {"provenance": {k: v for k, v in record.items() if k != "evaluation"}}
   partial = tmp_path / evaluate.PARTIAL
-  partial.write_text(json.dumps(done) + "\n" + '{"index": 1, "image_')
+  partial.write_text(json.dumps(header) + "\n" + json.dumps(done) + "\n" + '{"index": 1, "image_')
   evaluate.run(_config(), str(tmp_path), dataset=_coco(shared_data)[0], max_persons=5,
                progress=False, model_params=model_params, tokenizer=tokenizer)
   preds = json.load(open(tmp_path / "predictions.json"))
@@ -117,7 +120,7 @@ def test_compute_metrics_perfect_mpii_with_head_boxes(shared_data):
     r.head_box = np.array([0, 0, 30, 40], np.float32)
   entries = [{"index": i, "image_id": r.image_id, "ann_id": r.ann_id,
               "keypoints": np.c_[r.keypoints[:, :2], np.full(16, 0.9)].tolist(),
-              "score": 0.9, "ok": [True] * 16, "texts": [""] * 16}
+              "score": 0.9, "missing": [], "texts": [""] * 16}
              for i, r in enumerate(records)]
   names = [f"k{i}" for i in range(16)]
   out = evaluate.compute_metrics(records, entries, names, pckh_variant="locllm")
@@ -203,7 +206,7 @@ def test_compute_metrics_perfect_coco_format_other_specs(shared_data, source, fo
   spec = get_spec(records[0].spec)
   entries = [{"index": i, "image_id": r.image_id, "ann_id": r.ann_id,
               "keypoints": np.c_[r.keypoints[:, :2], np.full(spec.num_keypoints, 0.9)].tolist(),
-              "score": 0.9, "ok": [True] * spec.num_keypoints, "texts": [""] * spec.num_keypoints}
+              "score": 0.9, "missing": [], "texts": [""] * spec.num_keypoints}
              for i, r in enumerate(records)]
   out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(d / ann),
                                  sigmas=spec.sigmas)
