@@ -89,31 +89,32 @@ def _sha256_file(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _differences(out_dir: str, record: dict) -> list[str]:
+def _differences(out_dir: str, record: dict, files: Sequence[str]) -> list[str]:
   """Fields in which the finished outputs of ``out_dir`` were made differently from
   ``record`` ([] = reusable); 'predictions.json' when it is not the file the sidecar
   describes."""
   with open(os.path.join(out_dir, METRICS)) as f:
-    saved = json.load(f).get("provenance")
-  with open(os.path.join(out_dir, PREDICTIONS_PROVENANCE)) as f:
-    sidecar = json.load(f)
-  diff = provenance.compare(saved, record) or provenance.compare(sidecar.get("provenance"),
-                                                                 record)
-  if not diff and sidecar.get("sha256") != _sha256_file(os.path.join(out_dir, PREDICTIONS)):
-    diff = [PREDICTIONS]
+    diff = provenance.compare(json.load(f).get("provenance"), record)
+  if not diff and PREDICTIONS_PROVENANCE in files:
+    with open(os.path.join(out_dir, PREDICTIONS_PROVENANCE)) as f:
+      sidecar = json.load(f)
+    diff = provenance.compare(sidecar.get("provenance"), record)
+    if not diff and sidecar.get("sha256") != _sha256_file(os.path.join(out_dir, PREDICTIONS)):
+      diff = [PREDICTIONS]
   return diff
 
 
-def saved_result(out_dir: str, record: dict) -> Optional[dict]:
-  """The saved metrics of ``out_dir`` when its outputs were made with provenance
-  ``record``; else None, and outputs made otherwise are removed (one log line says
-  what differed)."""
-  present = [n for n in FINAL_FILES if os.path.exists(os.path.join(out_dir, n))]
+def saved_result(out_dir: str, record: dict, files: Sequence[str] = FINAL_FILES
+                 ) -> Optional[dict]:
+  """The saved metrics of ``out_dir`` when its outputs (``files``, metrics.json among
+  them) were made with provenance ``record``; else None, and outputs made otherwise are
+  removed (one log line says what differed)."""
+  present = [n for n in files if os.path.exists(os.path.join(out_dir, n))]
   if not present:
     return None
   try:
-    diff = _differences(out_dir, record) if len(present) == len(FINAL_FILES) else \
-        [f"{n} absent" for n in FINAL_FILES if n not in present]
+    diff = _differences(out_dir, record, files) if len(present) == len(files) else \
+        [f"{n} absent" for n in files if n not in present]
   except (OSError, json.JSONDecodeError, AttributeError) as e:
     diff = [f"unreadable ({e})"]
   if not diff:

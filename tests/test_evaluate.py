@@ -187,7 +187,8 @@ def test_eval_sweep_tables_and_no_recompute(shared_data, model_params, tokenizer
   csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
   assert len(csv_lines) == 3 and csv_lines[0].startswith("checkpoint,dataset,decode")
   assert (tmp_path / "sweep.md").read_text().count("\n") == 4
-  cell = tmp_path / "a" / "sample" / "constrained=True" / "metrics.json"
+  cell = tmp_path / sweep.cell_dir_name("runs/a", "a") / "sample" / "constrained=True" / \
+      "metrics.json"
   stamp = cell.stat().st_mtime
   again = sweep.run_sweep(_config(), ["runs/a"], [dataset], decodes, str(tmp_path),
                           max_persons=2, progress=False)          # no model: nothing to run

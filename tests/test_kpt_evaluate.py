@@ -137,7 +137,7 @@ def test_run_writes_metrics_and_reads_them_back(setup, monkeypatch, tmp_path):
   config, _, _ = setup
   calls = []
 
-  def fake_load(cfg, checkpoint=""):
+  def fake_load(cfg, checkpoint="", step=None):
     calls.append(checkpoint)
     return cfg, None, None
 
