@@ -201,9 +201,9 @@ def test_ap10k_unparseable_answers_score_nothing(shared_data, monkeypatch, tmp_p
   monkeypatch.setattr(kpt_decode, "generate_keypoints", babble)
   out = kpt_evaluate.evaluate_cape(c, None, None, tok, records, task="textual",
                                    rows_per_batch=16, coco_gt=str(folder / "test_ap10k.json"))
+  assert out["AP"] == 0.0 and out["PCK@0.2"] == 0.0
   assert out["questions"] == 16 and out["parse_failures"] == 16
   assert out["missing_keypoints"] == 16 and out["parse_failure_rate"] == 1.0
-  assert out["AP"] == 0.0 and out["PCK@0.2"] == 0.0
 
 
 def test_unreadable_query_image_is_missing_and_counted(setup, monkeypatch, tmp_path):
