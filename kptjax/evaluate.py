@@ -263,11 +263,12 @@ def _dataset_paths(config: Any, dataset: str, records: Any) -> list[str]:
   """Every option value of the dataset spec (``--dataset`` or ``config.data.eval``) and
   the records' source file: the candidates for ``provenance.file_stamps``."""
   from kptjax.data import pipeline
+  options = pipeline._parse_options  # pylint: disable=protected-access
   if dataset:
-    values = list(pipeline._parse_options(",".join(dataset.split(",")[1:])).values())  # pylint: disable=protected-access
+    values = list(options(",".join(dataset.split(",")[1:])).values())
   else:
     d = config.data.eval
-    values = list(d.values()) + list(pipeline._parse_options(d.get("options", "")).values())  # pylint: disable=protected-access
+    values = list(d.values()) + list(options(d.get("options", "")).values())
   return [str(v) for v in values + [getattr(records, "source", "")] if isinstance(v, str) and v]
 
 

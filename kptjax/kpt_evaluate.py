@@ -287,7 +287,10 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   keypoint's description (case, spaces and full stops aside).
 
   Returns:
-    {'accuracy': over all questions, 'per_category': {name: accuracy}, 'questions': n}.
+    {'accuracy': over all questions, 'per_category': {name: accuracy}, 'questions': n,
+    and the missing counts of :func:`evaluate_cape` (a question whose image cannot be
+    read is missing and wrong; text answers have nothing to parse, so
+    ``parse_failures`` is 0)}.
   """
   if not hasattr(model, "embed_prompts"):
     raise ConfigError("evaluate_semantic needs a KptLLM model (model.kpt.enabled)")
@@ -296,6 +299,7 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   new = int(max_new_tokens or config.decode.max_new_tokens)
   embed_prompts = _prompt_embedder(model)
   hits: dict[str, list[bool]] = {}
+  unreadable: dict[int, str] = {}
   batch: list[dict[str, Any]] = []
 
   def flush():
@@ -312,9 +316,12 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
       hits.setdefault(row["spec"].subject, []).append(_normalize(text) == _normalize(truth))
     batch.clear()
 
+  missing = 0
   for question in _questions(config, records, "semantic", 1, 0):
     if "image_error" in question:            # unreadable image: a wrong answer
       hits.setdefault(question["spec"].subject, []).append(False)
+      unreadable.setdefault(question["index"], question["image_error"])
+      missing += 1
       continue
     batch.append(question)
     if len(batch) == rows_per_batch:
@@ -324,7 +331,9 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   flat = [h for v in hits.values() for h in v]
   return {"accuracy": float(np.mean(flat)) if flat else float("nan"),
           "per_category": {c: float(np.mean(v)) for c, v in sorted(hits.items())},
-          "questions": len(flat)}
+          "questions": len(flat), "num_answers": len(flat) - missing, "parse_failures": 0,
+          "parse_failure_rate": 0.0, "missing_keypoints": missing,
+          "image_errors": len(unreadable), "unreadable_images": sorted(set(unreadable.values()))}
 
 
 def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
