@@ -380,6 +380,30 @@ def _unanswered_entry(rec: Any, index: int, k: int, is_3d: bool, error: str) -> 
   return entry
 
 
+def missing_counts(missing: np.ndarray, asked: np.ndarray, unreadable: np.ndarray,
+                   unreadable_files: Sequence[str] = ()) -> dict[str, Any]:
+  """The counts of missing answers every metrics.json carries.
+
+  Args:
+    missing: bool[N, K] keypoints scored as missing.
+    asked: bool[N, K] keypoints asked (all of them in ``evaluate``).
+    unreadable: bool[N] instances not decoded because an image could not be read.
+    unreadable_files: those images.
+  Returns:
+    {'num_answers': answers decoded, 'parse_failures': of those, unparseable,
+     'parse_failure_rate', 'missing_keypoints': asked and missing (parse failures + the
+     unreadable instances' keypoints), 'image_errors': unreadable instances,
+     'unreadable_images': the files, sorted}.
+  """
+  decoded = asked & ~unreadable[:, None]
+  failed = int((missing & decoded).sum())
+  n = int(decoded.sum())
+  return {"num_answers": n, "parse_failures": failed,
+          "parse_failure_rate": failed / n if n else 0.0,
+          "missing_keypoints": int((missing & asked).sum()),
+          "image_errors": int(unreadable.sum()), "unreadable_images": sorted(set(unreadable_files))}
+
+
 def missing_mask(entries: Sequence[dict], k: int) -> np.ndarray:
   """bool[N, K] from the entries' ``missing`` index lists."""
   out = np.zeros((len(entries), k), bool)
@@ -460,20 +484,12 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
   """
   k = len(names)
   missing = missing_mask(entries, k)
-  broken = np.array([bool(e.get("image_error")) for e in entries], bool)
-  failed = missing & ~broken[:, None]
-  decoded = int((~broken).sum()) * k
-  out: dict[str, Any] = {
-      "num_persons": len(entries), "num_answers": decoded,
-      "parse_failures": int(failed.sum()),
-      "parse_failure_rate": float(failed.sum() / decoded) if decoded else 0.0,
-      "missing_keypoints": int(missing.sum()),
-      "image_errors": int(broken.sum()),
-      "unreadable_images": sorted({str(records[e["index"]].image_path)
-                                   for e, b in zip(entries, broken) if b}),
-  }
+  broken = np.array([bool(e.get("image_error")) for e in entries], bool).reshape(-1)
+  out: dict[str, Any] = {"num_persons": len(entries), **missing_counts(
+      missing, np.ones_like(missing), broken,
+      [str(records[e["index"]].image_path) for e, b in zip(entries, broken) if b])}
   scores = np.array([[kp[2] for kp in e["keypoints"]] for e in entries]).reshape(missing.shape)
-  columns: dict[str, Any] = {"parse_failures": failed.sum(0).astype(float),
+  columns: dict[str, Any] = {"parse_failures": (missing & ~broken[:, None]).sum(0).astype(float),
                              "missing": missing.sum(0).astype(float),
                              "mean_score": scores.mean(0) if len(entries) else []}
   if coco_gt and sigmas is not None and len(sigmas) == len(names):

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kptjax import errors
+from kptjax import evaluate
 from kptjax import kpt_decode
 from kptjax import metrics
 from kptjax import parsing
@@ -244,13 +245,8 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
                                 missing=missing)
   broken = np.zeros(len(records), bool)
   broken[list(unreadable)] = True
-  failed = missing & ~broken[:, None]
-  answers = int((visible & ~broken[:, None]).sum())
-  result.update(questions=int(visible.sum()), num_answers=answers,
-                parse_failures=int(failed.sum()),
-                parse_failure_rate=float(failed.sum() / answers) if answers else 0.0,
-                missing_keypoints=int(missing.sum()), image_errors=len(unreadable),
-                unreadable_images=sorted(set(unreadable.values())))
+  result["questions"] = int(visible.sum())
+  result.update(evaluate.missing_counts(missing, visible, broken, list(unreadable.values())))
   if coco_gt:
     result.update(_coco_ap(coco_gt, records, pred, missing | ~visible))
   return result
@@ -342,7 +338,7 @@ def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
   of ``kptjax.evaluate.load_model``. From a training workdir (its ``model_config.json``
   and its checkpoint at ``step``, default the latest), else the Hugging Face dirs (prompt
   modules and head fresh), else random weights."""
-  from kptjax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from kptjax import train  # pylint: disable=g-import-not-at-top
   from kptjax.models import kptllm  # pylint: disable=g-import-not-at-top
   if not train.is_kptllm(config):
     return evaluate.load_model(config, checkpoint, step)
@@ -380,7 +376,6 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", task: str = "visual"
   """Evaluates ``config.data.eval`` at the checkpoint's latest step and writes
   ``out_dir/metrics.json`` (read back when its provenance is this run's: finished work
   is not redone; otherwise recomputed, logged)."""
-  from kptjax import evaluate  # pylint: disable=g-import-not-at-top
   step = evaluate.checkpoint_step(checkpoint)
   records = pipeline.load_records(config, "eval")
   record = evaluate.eval_provenance(
