@@ -7,11 +7,19 @@ r"""Evaluation sweep: checkpoints x datasets x decoding options -> one CSV + one
         --decode 'constrained=False' --decode 'constrained=True,share_prefix=False' \
         --out results/sweep
 
-Every cell is one ``kptjax.evaluate.run`` writing ``OUT/<checkpoint>/<dataset>/<decode>/``
-(``predictions.json`` + ``metrics.json``); a cell whose files exist is read, not
-recomputed, so an interrupted sweep continues where it stopped (and a half-done cell
-resumes from its partial predictions). A checkpoint whose cells are all done is not even
-loaded. ``--dataset`` is ``[label:]source,key=value,...`` as evaluate's ``--dataset`` (an
+Every cell is one ``kptjax.evaluate.run`` writing
+``OUT/<checkpoint label>-<hash of its absolute path>/<dataset>/<decode>/``
+(``predictions.json`` + its provenance sidecar + ``metrics.json``); a cell whose files
+were made with the same provenance (checkpoint path and step, configs, dataset files) is
+read, not recomputed, so an interrupted sweep continues where it stopped (and a half-done
+cell resumes from its partial predictions); a cell made otherwise is recomputed. A
+checkpoint whose cells are all reusable is not even loaded. Each checkpoint is evaluated
+at the step that is its latest when the sweep reaches it (every cell the same step).
+
+Checkpoint labels are the shortest trailing part of the paths that tells them apart
+(``runs/a/checkpoints`` and ``runs/b/checkpoints`` are ``a/checkpoints`` and
+``b/checkpoints``); the ``step`` column is the checkpoint step evaluated.
+``--dataset`` is ``[label:]source,key=value,...`` as evaluate's ``--dataset`` (an
 empty source means ``config.data.eval``); ``--decode`` overrides ``config.decode`` fields;
 ``--checkpoints ''`` evaluates the config's own weights (Hugging Face dirs or random).
 
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -33,7 +42,8 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-COLUMNS = ("checkpoint", "dataset", "decode", "persons", "parse_failures", "AP", "AP50", "AR",
+COLUMNS = ("checkpoint", "step", "dataset", "decode", "persons", "parse_failures",
+           "missing_keypoints", "image_errors", "AP", "AP50", "AR",
            "PCK@0.05", "PCK@0.1", "PCK@0.2", "PCKh@0.5", "PCKh@0.1", "MPJPE", "PA-MPJPE",
            "persons_per_s")
 
@@ -49,6 +59,32 @@ def load_config(spec: str) -> Any:
 
 def _slug(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "default"
+
+
+def checkpoint_labels(checkpoints: Sequence[str]) -> list[str]:
+  """Distinct labels for distinct checkpoint paths: the fewest trailing path components
+  that tell each absolute path apart from the others ('' -> 'config-weights')."""
+  parts = [os.path.abspath(c.rstrip("/")).strip("/").split("/") if c else [] for c in checkpoints]
+  labels = []
+  for i, p in enumerate(parts):
+    if not p:
+      labels.append("config-weights")
+      continue
+    others = {tuple(q) for j, q in enumerate(parts) if j != i and q != p}
+    n = 1
+    while n < len(p) and any(tuple(q[-n:]) == tuple(p[-n:]) for q in others):
+      n += 1
+    labels.append("/".join(p[-n:]))
+  return labels
+
+
+def cell_dir_name(checkpoint: str, label: str) -> str:
+  """The checkpoint's folder under OUT: its label and a hash of its absolute path (two
+  checkpoints never share a folder, whatever their labels)."""
+  if not checkpoint:
+    return label
+  digest = hashlib.sha256(os.path.abspath(checkpoint.rstrip("/")).encode()).hexdigest()[:8]
+  return f"{_slug(label)}-{digest}"
 
 
 def parse_dataset(text: str) -> tuple[str, str]:
@@ -87,8 +123,10 @@ def with_decode(config: Any, overrides: dict[str, Any]) -> Any:
 
 def row_of(checkpoint: str, dataset: str, decode_label: str, m: dict[str, Any]) -> dict:
   """One table row from a cell's metrics.json."""
-  row = {"checkpoint": checkpoint, "dataset": dataset, "decode": decode_label,
-         "persons": m.get("num_persons"), "parse_failures": m.get("parse_failures"),
+  row = {"checkpoint": checkpoint, "step": m.get("checkpoint_step"), "dataset": dataset,
+         "decode": decode_label, "persons": m.get("num_persons"),
+         "parse_failures": m.get("parse_failures"),
+         "missing_keypoints": m.get("missing_keypoints"), "image_errors": m.get("image_errors"),
          "persons_per_s": m.get("persons_per_s")}
   for group in ("coco", "pck", "pckh", "mpjpe"):
     for key, value in (m.get(group) or {}).items():
@@ -114,6 +152,25 @@ def write_tables(rows: Sequence[dict], out_dir: str) -> tuple[str, str]:
   return paths
 
 
+class _CheckpointLoader:
+  """``evaluate.run``'s ``model_loader``: loads one checkpoint's weights at the first cell
+  that needs them and hands them to its other cells (one checkpoint held at a time);
+  ``model_params`` (model, params) stands in for every checkpoint's weights (tests)."""
+
+  def __init__(self, model_params: Any = None):
+    self.model_params = model_params
+    self.key, self.loaded = None, None
+
+  def __call__(self, config: Any, checkpoint: str, step: Optional[int]) -> tuple[Any, Any, Any]:
+    from kptjax import evaluate
+    if self.model_params is not None:
+      return (config, *self.model_params)
+    if self.key != (checkpoint, step):
+      self.key, self.loaded = (checkpoint, step), evaluate.load_model(config, checkpoint, step)
+    loaded_config, model, params = self.loaded
+    return evaluate._with_model(config, loaded_config.model), model, params  # pylint: disable=protected-access
+
+
 def run_sweep(config: Any, checkpoints: Sequence[str], datasets: Sequence[str],
               decodes: Sequence[str], out_dir: str, *, max_persons: Optional[int] = None,
               progress: bool = True, model_params: Any = None, tokenizer: Any = None
@@ -123,25 +180,19 @@ def run_sweep(config: Any, checkpoints: Sequence[str], datasets: Sequence[str],
   from kptjax import evaluate
   datasets = [parse_dataset(d) for d in datasets] or [("config", "")]
   decodes = list(decodes) or [""]
+  loader = _CheckpointLoader(model_params)
   rows = []
-  for checkpoint in checkpoints:
-    ckpt_label = _slug(os.path.basename(checkpoint.rstrip("/")) or "config-weights")
-    cells = [(dl, ds, dec, os.path.join(out_dir, ckpt_label, dl, _slug(dec)))
-             for dl, ds in datasets for dec in decodes]
-    loaded = None
-    for d_label, dataset, dec, cell in cells:
-      if not evaluate.is_done(cell) and loaded is None:
-        if model_params is not None:
-          loaded = (config, *model_params)
-        else:
-          loaded = evaluate.load_model(config, checkpoint)
-        tokenizer = tokenizer or evaluate.load_tokenizer(loaded[0])
-      cell_config = with_decode(loaded[0] if loaded else config, parse_decode(dec))
-      m = evaluate.run(cell_config, cell, checkpoint=checkpoint, dataset=dataset,
-                       max_persons=max_persons, progress=progress,
-                       model_params=loaded[1:] if loaded else None, tokenizer=tokenizer)
-      rows.append(row_of(ckpt_label, d_label, dec or "default", m))
-      write_tables(rows, out_dir)
+  for checkpoint, ckpt_label in zip(checkpoints, checkpoint_labels(checkpoints)):
+    step = evaluate.checkpoint_step(checkpoint)
+    folder = os.path.join(out_dir, cell_dir_name(checkpoint, ckpt_label))
+    for d_label, dataset in datasets:
+      for dec in decodes:
+        m = evaluate.run(with_decode(config, parse_decode(dec)),
+                         os.path.join(folder, d_label, _slug(dec)), checkpoint=checkpoint,
+                         dataset=dataset, max_persons=max_persons, progress=progress,
+                         tokenizer=tokenizer, step=step, model_loader=loader)
+        rows.append(row_of(ckpt_label, d_label, dec or "default", m))
+        write_tables(rows, out_dir)
   return rows
 
 

@@ -248,6 +248,15 @@ def _manager_root(path: str | os.PathLike) -> epath.Path:
                         f"'{CHECKPOINT_SUBDIR}/'")
 
 
+def latest_step(path: str | os.PathLike) -> int | None:
+  """The newest finished checkpoint step under a workdir or its ``checkpoints`` dir
+  (None when there is none); what ``load_params`` restores by default."""
+  root = _manager_root(path)
+  with ocp.CheckpointManager(root, item_handlers=_handlers(),
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    return mngr.latest_step()
+
+
 def load_params(path: str | os.PathLike, params: Params, shardings: Params,
                 step: int | None = None) -> tuple[Params, list[str]]:
   """Overwrites ``params`` with the leaves saved in a checkpoint (stage 2 from stage 1).

@@ -277,7 +277,8 @@ class Localizer:
     constrained, share_prefix, max_new_tokens: override ``config.decode``.
 
   ``localizer(crops, affine_inv)`` -> ``parsing.Localization`` with P x Q keypoints in
-  original-image pixels.
+  original-image pixels; an answer that does not parse is ``missing`` (value 0, never the
+  crop centre).
   """
 
   def __init__(self, config: Any, model: Any, params: Any, tokenizer: Any,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -71,7 +71,7 @@ def baseline_entries(config: Any, mean_crop: np.ndarray, records: Sequence[Any]
     kps = np.concatenate([xy, np.ones((len(xy), 1), np.float32)], axis=1)
     entries.append({"index": index, "image_id": int(rec.image_id), "ann_id": int(rec.ann_id),
                     "keypoints": kps.round(3).tolist(), "score": 1.0,
-                    "ok": [True] * len(xy), "texts": []})
+                    "missing": [], "texts": []})
   return entries
 
 
@@ -96,13 +96,13 @@ def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
 
 
 def _panel(image: np.ndarray, keypoints: np.ndarray, spec: Any, title: str,
-           scale: int) -> np.ndarray:
+           scale: int, missing: Optional[np.ndarray] = None) -> np.ndarray:
   from PIL import Image, ImageDraw
   from kptjax import viz
   big = np.asarray(Image.fromarray(image).resize(
       (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST))
   drawn = viz.draw_keypoints(big, np.asarray(keypoints)[:, :2] * scale + (scale - 1) / 2,
-                             skeleton=spec.skeleton, names=spec.names)
+                             skeleton=spec.skeleton, names=spec.names, missing=missing)
   img = Image.fromarray(drawn)
   ImageDraw.Draw(img).text((4, 2), title, fill=(255, 255, 255))
   return np.asarray(img)
@@ -114,8 +114,8 @@ def model_entries(eval_dir: str) -> list[dict[str, Any]]:
   import json
   with open(os.path.join(eval_dir, evaluate.PREDICTIONS)) as f:
     preds = json.load(f)
-  return [{"index": i, "keypoints": np.asarray(p["keypoints"]).reshape(-1, 3).tolist()}
-          for i, p in enumerate(preds)]
+  return [{"index": i, "keypoints": np.asarray(p["keypoints"]).reshape(-1, 3).tolist(),
+           "missing": p.get("missing", [])} for i, p in enumerate(preds)]
 
 
 def write_overlays(out_dir: str, records: Sequence[Any], model_entries: Sequence[dict],
@@ -132,10 +132,11 @@ def write_overlays(out_dir: str, records: Sequence[Any], model_entries: Sequence
     rec = records[entry["index"]]
     spec = get_spec(rec.spec)
     image = transforms.load_record_image(rec)
-    gt = np.asarray(rec.keypoints)[:, :2].copy()
-    gt[np.asarray(rec.keypoints)[:, -1] <= 0] = np.nan
-    panels = [_panel(image, np.nan_to_num(gt, nan=-1e4), spec, "truth", scale),
-              _panel(image, np.asarray(entry["keypoints"]), spec, "model", scale),
+    kps = np.asarray(entry["keypoints"])
+    unanswered = np.isin(np.arange(len(kps)), entry["missing"])
+    panels = [_panel(image, np.asarray(rec.keypoints)[:, :2], spec, "truth", scale,
+                     missing=np.asarray(rec.keypoints)[:, -1] <= 0),
+              _panel(image, kps, spec, "model", scale, missing=unanswered),
               _panel(image, np.asarray(base["keypoints"]), spec, "no-image baseline", scale)]
     path = os.path.join(out_dir, f"person_{entry['index']:03d}.png")
     viz.save_png(path, np.concatenate(panels, axis=1))

@@ -10,34 +10,58 @@ keyword arguments (``ann_file``, ``image_root``, ``det_file``, ``headbox_file``,
 
 Outputs in ``--out`` (each written to a temporary file, then renamed: never half-written):
   predictions.json  2D: COCO results format, one entry per person
-                    {image_id, category_id, keypoints [x, y, score] * K, score};
+                    {image_id, category_id, keypoints [x, y, score] * K, score, missing};
                     3D: a list of {image_id, ann_id, keypoints [x, y, score] * K (pixels),
                     keypoints_3d [[x, y, z] mm, camera coordinates, root depth from the
-                    ground truth as in LocLLM] * K, depth_rel [mm] * K, score}.
+                    ground truth as in LocLLM] * K, depth_rel [mm] * K, score, missing}.
+                    ``missing`` lists the keypoints without an answer (unparseable, or the
+                    person's image could not be read); their values are written as 0.
+  predictions.provenance.json
+                    {"provenance": <record>, "predictions": "predictions.json",
+                     "sha256": <hex of predictions.json>}: what made predictions.json
+                    (a sidecar, so that predictions.json stays a plain COCO results list).
   metrics.json      every metric that applies (COCO AP/AR, PCK, PCKh, MPJPE), the
-                    per-keypoint table, parse failures, speed.
-Resumable: finished persons are appended to ``predictions.partial.jsonl`` as they are
-decoded and skipped on restart; when both final files exist the run is skipped.
+                    per-keypoint table, parse failures and missing keypoints, unreadable
+                    images, speed, and ``provenance`` (``kptjax.provenance``).
+Resumable: finished persons are appended to ``predictions.partial.jsonl`` (its first line
+is the provenance record) as they are decoded and skipped on restart. Earlier outputs are
+reused only when their provenance record equals this run's (checkpoint path and step,
+model / decode / data config hashes, dataset spec and its files' sizes and mtimes, kptjax
+version, max_persons / pckh_variant); otherwise they are removed and recomputed from
+scratch, which one log line says (partial predictions of another checkpoint are never
+merged).
 
-Person score = mean keypoint score (LocLLM) x the box score (1 for ground-truth boxes).
+A keypoint is a number or it is missing (``parsing.Localization.missing``): missing
+keypoints are misses in PCK / PCKh, never match in OKS, and are counted (not averaged)
+in MPJPE. A person whose image is missing or corrupt (``errors.ImageError``) is kept,
+every keypoint missing, and counted in ``metrics.json`` (``image_errors``).
+
+Person score = mean keypoint score (LocLLM; 0 for a missing keypoint) x the box score
+(1 for ground-truth boxes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kptjax import errors, metrics, parsing
+from kptjax import errors, metrics, parsing, provenance
 
 PREDICTIONS = "predictions.json"
+PREDICTIONS_PROVENANCE = "predictions.provenance.json"
 METRICS = "metrics.json"
 PARTIAL = "predictions.partial.jsonl"
+FINAL_FILES = (PREDICTIONS, PREDICTIONS_PROVENANCE, METRICS)
+# config.data fields that do not change an evaluation's answers (training only).
+_TRAIN_ONLY_DATA = ("train", "eval", "augment", "curriculum", "curriculum_augment",
+                    "num_workers", "read_threads", "rounds")
 
 
 # ---------------------------------------------------------------------------
@@ -56,22 +80,79 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def is_done(out_dir: str) -> bool:
-  """Both final files exist: the evaluation is finished."""
-  return all(os.path.exists(os.path.join(out_dir, n)) for n in (PREDICTIONS, METRICS))
+  """Every final file exists (whoever made them: see :func:`saved_result`)."""
+  return all(os.path.exists(os.path.join(out_dir, n)) for n in FINAL_FILES)
 
 
-def _read_partial(path: str) -> dict[int, dict]:
-  """Finished persons by index; a truncated last line (a crash mid-write) is dropped."""
-  done = {}
+def _sha256_file(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _differences(out_dir: str, record: dict, files: Sequence[str]) -> list[str]:
+  """Fields in which the finished outputs of ``out_dir`` were made differently from
+  ``record`` ([] = reusable); 'predictions.json' when it is not the file the sidecar
+  describes."""
+  with open(os.path.join(out_dir, METRICS)) as f:
+    diff = provenance.compare(json.load(f).get("provenance"), record)
+  if not diff and PREDICTIONS_PROVENANCE in files:
+    with open(os.path.join(out_dir, PREDICTIONS_PROVENANCE)) as f:
+      sidecar = json.load(f)
+    diff = provenance.compare(sidecar.get("provenance"), record)
+    if not diff and sidecar.get("sha256") != _sha256_file(os.path.join(out_dir, PREDICTIONS)):
+      diff = [PREDICTIONS]
+  return diff
+
+
+def saved_result(out_dir: str, record: dict, files: Sequence[str] = FINAL_FILES
+                 ) -> Optional[dict]:
+  """The saved metrics of ``out_dir`` when its outputs (``files``, metrics.json among
+  them) were made with provenance ``record``; else None, and outputs made otherwise are
+  removed (one log line says what differed)."""
+  present = [n for n in files if os.path.exists(os.path.join(out_dir, n))]
+  if not present:
+    return None
+  try:
+    diff = _differences(out_dir, record, files) if len(present) == len(files) else \
+        [f"{n} absent" for n in files if n not in present]
+  except (OSError, json.JSONDecodeError, AttributeError) as e:
+    diff = [f"unreadable ({e})"]
+  if not diff:
+    logging.info("%s: finished with the same provenance: reusing it", out_dir)
+    with open(os.path.join(out_dir, METRICS)) as f:
+      return json.load(f)
+  logging.warning("%s: earlier results were made by another run (differs in: %s); "
+                  "recomputing from scratch", out_dir, ", ".join(diff[:8]))
+  for name in present:
+    os.remove(os.path.join(out_dir, name))
+  return None
+
+
+def _read_partial(path: str, record: dict) -> dict[int, dict]:
+  """Finished persons by index when the file's first line is provenance ``record`` (else
+  {}: another run's partial predictions are never merged; logged). A truncated last line
+  (a crash mid-write) is dropped."""
+  done: dict[int, dict] = {}
   if not os.path.exists(path):
     return done
   with open(path) as f:
+    try:
+      header = json.loads(f.readline() or "{}")
+    except json.JSONDecodeError:
+      header = {}
+    diff = provenance.compare(header.get("provenance"), record)
+    if diff:
+      logging.warning("%s: partial predictions of another run (differs in: %s); "
+                      "recomputing from scratch", path, ", ".join(diff[:8]))
+      return done
     for line in f:
       try:
         item = json.loads(line)
       except json.JSONDecodeError:
         break
       done[int(item["index"])] = item
+  if done:
+    logging.info("%s: resuming after %d persons", path, len(done))
   return done
 
 
@@ -89,39 +170,60 @@ def _model_config_file(checkpoint: str) -> Optional[str]:
   return None
 
 
-def load_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
+def _with_model(config: Any, model_config: Any) -> Any:
+  import ml_collections
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model = ml_collections.ConfigDict(dict(model_config))
+  return c.lock()
+
+
+def resolve_config(config: Any, checkpoint: str = "") -> Any:
+  """``config`` with the model section of the checkpoint's ``model_config.json`` (what
+  training resolved from the Hugging Face dirs) when there is one; reads no weights."""
+  model_file = _model_config_file(checkpoint) if checkpoint else None
+  if not model_file:
+    return config
+  with open(model_file) as f:
+    return _with_model(config, json.load(f))
+
+
+def checkpoint_step(checkpoint: str) -> Optional[int]:
+  """The step ``load_model`` restores from ``checkpoint`` (its latest), None without one."""
+  if not checkpoint or not os.path.isdir(checkpoint):
+    return None
+  from kptjax import checkpoint as ckpt_lib
+  try:
+    return ckpt_lib.latest_step(checkpoint)
+  except errors.CheckpointError:
+    return None
+
+
+def load_model(config: Any, checkpoint: str = "", step: Optional[int] = None
+               ) -> tuple[Any, Any, Any]:
   """(config, VLM, params) for inference.
 
-  From a kptjax checkpoint (a training workdir or its ``checkpoints`` dir; the model
-  section is taken from the workdir's ``model_config.json`` when present, as training
-  resolved it from the Hugging Face dirs), else from the Hugging Face dirs in
-  ``config.checkpoints``, else random weights (logged).
+  From a kptjax checkpoint (a training workdir or its ``checkpoints`` dir, at ``step``,
+  default the latest; the model section is taken from the workdir's
+  ``model_config.json`` when present, as training resolved it from the Hugging Face
+  dirs), else from the Hugging Face dirs in ``config.checkpoints``, else random weights
+  (logged).
 
   Raises:
     CheckpointError: the checkpoint is unreadable or lacks some of the model's params.
   """
   import jax
   import flax.linen as nn
-  import ml_collections
   from kptjax.models import vlm
-
-  def with_model(model_config):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.model = ml_collections.ConfigDict(dict(model_config))
-    return c.lock()
 
   if checkpoint:
     from kptjax import checkpoint as ckpt_lib
     if not os.path.exists(checkpoint):
       raise errors.CheckpointError(f"{checkpoint}: no such checkpoint directory")
-    model_file = _model_config_file(checkpoint)
-    if model_file:
-      with open(model_file) as f:
-        config = with_model(json.load(f))
+    config = resolve_config(config, checkpoint)
     abstract = nn.meta.unbox(vlm.abstract_params(config.model))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: sharding, abstract)
-    params, missing = ckpt_lib.load_params(checkpoint, abstract, shardings)
+    params, missing = ckpt_lib.load_params(checkpoint, abstract, shardings, step=step)
     if missing:
       raise errors.CheckpointError(
           f"{checkpoint}: {len(missing)} params of the model are not in the checkpoint "
@@ -130,7 +232,7 @@ def load_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
   if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
     from kptjax import convert
     model_config, params = convert.load_vlm(config)
-    config = with_model(model_config.to_dict())
+    config = _with_model(config, model_config.to_dict())
     return config, vlm.VLM(config.model), params
   logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")
   return config, vlm.VLM(config.model), vlm.init_params(config.model, jax.random.key(config.seed))
@@ -157,16 +259,58 @@ def load_eval_records(config: Any, dataset: str = "") -> Any:
   return read_dataset(name, **pipeline._parse_options(",".join(rest)))  # pylint: disable=protected-access
 
 
+def _dataset_paths(config: Any, dataset: str, records: Any) -> list[str]:
+  """Every option value of the dataset spec (``--dataset`` or ``config.data.eval``) and
+  the records' source file: the candidates for ``provenance.file_stamps``."""
+  from kptjax.data import pipeline
+  options = pipeline._parse_options  # pylint: disable=protected-access
+  if dataset:
+    values = list(options(",".join(dataset.split(",")[1:])).values())
+  else:
+    d = config.data.eval
+    values = list(d.values()) + list(options(d.get("options", "")).values())
+  return [str(v) for v in values + [getattr(records, "source", "")] if isinstance(v, str) and v]
+
+
+def config_sections(config: Any, checkpoint: str = "") -> dict[str, Any]:
+  """The config sections an evaluation's answers depend on, for ``provenance.build``:
+  model, decode (without the training hook's ``eval_persons``), the prompt / crop part of
+  data, and without a kptjax checkpoint the weights' origin (Hugging Face dirs, seed)."""
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _TRAIN_ONLY_DATA}
+  decode = {k: v for k, v in config.decode.to_dict().items() if k != "eval_persons"}
+  out = {"model": config.model, "decode": decode, "data": data}
+  if not checkpoint:
+    out["weights"] = {"checkpoints": config.checkpoints.to_dict(), "seed": config.seed}
+  return out
+
+
+def eval_provenance(config: Any, records: Any, *, checkpoint: str = "", dataset: str = "",
+                    step: Optional[int] = None, evaluation: Optional[dict] = None) -> dict:
+  """The provenance record of one evaluation (``kptjax.provenance.build``)."""
+  return provenance.build(checkpoint=checkpoint, step=step,
+                          configs=config_sections(config, checkpoint),
+                          dataset=dataset or config.data.eval,
+                          files=_dataset_paths(config, dataset, records), evaluation=evaluation)
+
+
 def iter_crops(config: Any, records: Sequence[Any], indices: Sequence[int]) -> Iterator[dict]:
   """Eval elements of ``records[i]`` for i in ``indices``, in order, made by the eval
   pipeline's transform (``kptjax.data.pipeline.EvalTransform``: same crop as training,
   no augmentation): {'index', 'image' f32[S, S, 3] normalized, 'affine_inv' f32[2, 3], ...}.
+  A person whose image is missing or corrupt gives {'index', 'image_error': message}.
   Images are decoded by a few threads ahead of the decoder."""
   from concurrent.futures import ThreadPoolExecutor
   from kptjax.data import pipeline
   transform = pipeline.EvalTransform(config, records)
+
+  def element(index: int) -> dict:
+    try:
+      return transform(index)
+    except errors.ImageError as e:
+      return {"index": np.int32(index), "image_error": str(e)}
+
   with ThreadPoolExecutor(max_workers=4) as pool:
-    yield from pool.map(transform, indices)
+    yield from pool.map(element, indices)
 
 
 def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -185,13 +329,28 @@ def decode_persons(localizer: Any, records: Sequence[Any], items: Iterator[dict]
   """Eval elements -> per-person prediction entries, one list per batch.
 
   Batches have a static size (the tail is padded with copies and the copies dropped),
-  so the decoder compiles once.
+  so the decoder compiles once. An element with an ``image_error`` is not decoded: its
+  entry has every keypoint missing and the error (logged).
   """
   for batch in _batches(items, batch_size):
-    pad = batch + [batch[0]] * (batch_size - len(batch))
-    loc = localizer(np.stack([b["image"] for b in pad]), np.stack([b["affine_inv"] for b in pad]))
-    yield [_person_entry(records[int(item["index"])], int(item["index"]), loc, i)
-           for i, item in enumerate(batch)]
+    good = [b for b in batch if "image_error" not in b]
+    loc = None
+    if good:
+      pad = good + [good[0]] * (batch_size - len(good))
+      loc = localizer(np.stack([b["image"] for b in pad]),
+                      np.stack([b["affine_inv"] for b in pad]))
+    row = {int(b["index"]): i for i, b in enumerate(good)}
+    entries = []
+    for item in batch:
+      index = int(item["index"])
+      if "image_error" in item:
+        logging.warning("person %d: %s; all its keypoints are scored as missing", index,
+                        item["image_error"])
+        entries.append(_unanswered_entry(records[index], index, len(localizer.names),
+                                         localizer.count == 3, item["image_error"]))
+      else:
+        entries.append(_person_entry(records[index], index, loc, row[index]))
+    yield entries
 
 
 # ---------------------------------------------------------------------------
@@ -199,14 +358,58 @@ def decode_persons(localizer: Any, records: Sequence[Any], items: Iterator[dict]
 
 
 def _person_entry(rec: Any, index: int, loc: parsing.Localization, i: int) -> dict:
+  """The partial-file entry of one decoded person: keypoints [K, 3] (x px, y px, score;
+  0 where missing), ``missing`` keypoint indices, answer texts."""
   kps = np.concatenate([loc.keypoints[i], loc.scores[i][:, None]], axis=1)
   entry = {"index": int(index), "image_id": int(rec.image_id), "ann_id": int(rec.ann_id),
            "keypoints": kps.round(3).tolist(),
            "score": float(loc.person_scores[i]) * float(rec.score),
-           "ok": loc.ok[i].tolist(), "texts": loc.texts[i]}
+           "missing": np.flatnonzero(loc.missing[i]).tolist(), "texts": loc.texts[i]}
   if loc.depth is not None:
     entry["depth_rel"] = loc.depth[i].round(3).tolist()
   return entry
+
+
+def _unanswered_entry(rec: Any, index: int, k: int, is_3d: bool, error: str) -> dict:
+  """The entry of a person that could not be decoded: every keypoint missing."""
+  entry = {"index": int(index), "image_id": int(rec.image_id), "ann_id": int(rec.ann_id),
+           "keypoints": np.zeros((k, 3)).tolist(), "score": 0.0, "missing": list(range(k)),
+           "texts": [""] * k, "image_error": error}
+  if is_3d:
+    entry["depth_rel"] = [0.0] * k
+  return entry
+
+
+def missing_counts(missing: np.ndarray, asked: np.ndarray, unreadable: np.ndarray,
+                   unreadable_files: Sequence[str] = ()) -> dict[str, Any]:
+  """The counts of missing answers every metrics.json carries.
+
+  Args:
+    missing: bool[N, K] keypoints scored as missing.
+    asked: bool[N, K] keypoints asked (all of them in ``evaluate``).
+    unreadable: bool[N] instances not decoded because an image could not be read.
+    unreadable_files: those images.
+  Returns:
+    {'num_answers': answers decoded, 'parse_failures': of those, unparseable,
+     'parse_failure_rate', 'missing_keypoints': asked and missing (parse failures + the
+     unreadable instances' keypoints), 'image_errors': unreadable instances,
+     'unreadable_images': the files, sorted}.
+  """
+  decoded = asked & ~unreadable[:, None]
+  failed = int((missing & decoded).sum())
+  n = int(decoded.sum())
+  return {"num_answers": n, "parse_failures": failed,
+          "parse_failure_rate": failed / n if n else 0.0,
+          "missing_keypoints": int((missing & asked).sum()),
+          "image_errors": int(unreadable.sum()), "unreadable_images": sorted(set(unreadable_files))}
+
+
+def missing_mask(entries: Sequence[dict], k: int) -> np.ndarray:
+  """bool[N, K] from the entries' ``missing`` index lists."""
+  out = np.zeros((len(entries), k), bool)
+  for i, e in enumerate(entries):
+    out[i, list(e["missing"])] = True
+  return out
 
 
 def _camera_3d(rec: Any, xy: np.ndarray, depth_rel: np.ndarray, root: int = 0) -> np.ndarray:
@@ -223,6 +426,13 @@ def category_ids(coco_gt: Optional[str]) -> dict[int, int]:
     return {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f).get("annotations", [])}
 
 
+def _coco_entry(e: dict, categories: dict[int, int]) -> dict:
+  """The COCO results entry of a partial-file entry (missing keypoints as 0 and listed)."""
+  kp = np.array(e["keypoints"])
+  return metrics.coco_result(e["image_id"], kp, e["score"], categories.get(int(e["ann_id"]), 1),
+                             missing=missing_mask([e], len(kp))[0])
+
+
 def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: bool,
                      categories: Optional[dict[int, int]] = None, root: int = 0) -> list[dict]:
   """The public predictions.json content (see the module docstring).
@@ -232,16 +442,17 @@ def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: boo
   out, categories = [], categories or {}
   for e in entries:
     if not is_3d:
-      out.append(metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
-                                     categories.get(int(e["ann_id"]), 1)))
+      out.append(_coco_entry(e, categories))
       continue
     rec = records[e["index"]]
     kp = np.array(e["keypoints"])
+    miss = missing_mask([e], len(kp))[0]
     cam = _camera_3d(rec, kp[:, :2], np.array(e["depth_rel"]), root)
+    cam[miss | miss[root]] = 0.0            # no answer, or no root to place it from
     out.append({"image_id": e["image_id"], "ann_id": e["ann_id"],
                 "keypoints": kp.reshape(-1).round(3).tolist(),
                 "keypoints_3d": cam.round(2).tolist(), "depth_rel": e["depth_rel"],
-                "score": e["score"]})
+                "score": e["score"], "missing": e["missing"]})
   return out
 
 
@@ -263,20 +474,27 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
 
   PCKh needs head boxes on every record and 16 keypoints in MPII order (its groups and
   the joints left out of the mean are MPII's).
+
+  Missing keypoints (``entries[i]['missing']``) are passed to every metric as ``missing``
+  (misses in PCK / PCKh and OKS, counted in MPJPE). Counts: ``num_answers`` answers
+  decoded, ``parse_failures`` of them unparseable (``parse_failure_rate``),
+  ``image_errors`` persons not decoded because their image could not be read
+  (``unreadable_images`` lists those files), ``missing_keypoints`` every keypoint scored
+  as missing (parse failures + the keypoints of those persons).
   """
-  ok = np.array([e["ok"] for e in entries], bool).reshape(len(entries), -1)
-  out: dict[str, Any] = {
-      "num_persons": len(entries), "num_answers": int(ok.size),
-      "parse_failures": int((~ok).sum()),
-      "parse_failure_rate": float((~ok).mean()) if ok.size else 0.0,
-  }
-  scores = np.array([[k[2] for k in e["keypoints"]] for e in entries]).reshape(ok.shape)
-  columns: dict[str, Any] = {"parse_failures": (~ok).sum(0).astype(float),
+  k = len(names)
+  missing = missing_mask(entries, k)
+  broken = np.array([bool(e.get("image_error")) for e in entries], bool).reshape(-1)
+  out: dict[str, Any] = {"num_persons": len(entries), **missing_counts(
+      missing, np.ones_like(missing), broken,
+      [str(records[e["index"]].image_path) for e, b in zip(entries, broken) if b])}
+  scores = np.array([[kp[2] for kp in e["keypoints"]] for e in entries]).reshape(missing.shape)
+  columns: dict[str, Any] = {"parse_failures": (missing & ~broken[:, None]).sum(0).astype(float),
+                             "missing": missing.sum(0).astype(float),
                              "mean_score": scores.mean(0) if len(entries) else []}
   if coco_gt and sigmas is not None and len(sigmas) == len(names):
     cats = category_ids(coco_gt) if has_gt else {}
-    preds = [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
-                                 cats.get(int(e["ann_id"]), 1)) for e in entries]
+    preds = [_coco_entry(e, cats) for e in entries]
     image_ids = sorted({int(records[e["index"]].image_id) for e in entries})
     out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids)
   recs = [records[e["index"]] for e in entries]
@@ -284,11 +502,12 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
     pred = np.array([np.array(e["keypoints"])[:, :2] for e in entries])
     gt = np.stack([r.keypoints[:, :2] for r in recs])
     vis = np.stack([r.keypoints[:, -1] > 0 for r in recs])
-    pck = metrics.box_pck(pred, gt, vis, np.stack([r.box for r in recs]))
+    pck = metrics.box_pck(pred, gt, vis, np.stack([r.box for r in recs]), missing=missing)
     out["pck"] = {k: v for k, v in pck.items() if k != "per_keypoint"}
     columns.update(pck["per_keypoint"])
     if all(r.head_box is not None for r in recs) and len(names) == 16:
-      pckh = metrics.pckh(pred, gt, vis, np.stack([r.head_box for r in recs]), pckh_variant)
+      pckh = metrics.pckh(pred, gt, vis, np.stack([r.head_box for r in recs]), pckh_variant,
+                          missing=missing)
       out["pckh"] = {k: v for k, v in pckh.items() if k != "per_keypoint"}
       columns.update(pckh["per_keypoint"])
     if all(r.keypoints_3d is not None and r.camera is not None for r in recs) and \
@@ -298,7 +517,7 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
                       for r, e in zip(recs, entries)])
       gt3 = np.stack([r.keypoints_3d[:, :3] for r in recs])
       actions = [r.extra.get("action") or metrics.h36m_action(r.image_path) for r in recs]
-      mp = metrics.mpjpe(cam, gt3, actions, root=root)
+      mp = metrics.mpjpe(cam, gt3, actions, root=root, missing=missing)
       columns["MPJPE"] = mp.pop("per_keypoint_MPJPE")
       out["mpjpe"] = mp
   out["per_keypoint"] = metrics.per_keypoint_table(names, columns)
@@ -312,25 +531,38 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
 def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
         max_persons: Optional[int] = None, pckh_variant: str = "standard",
         progress: bool = True, model_params: Optional[tuple[Any, Any]] = None,
-        tokenizer: Any = None) -> dict[str, Any]:
+        tokenizer: Any = None, step: Optional[int] = None,
+        model_loader: Optional[Callable[..., tuple[Any, Any, Any]]] = None) -> dict[str, Any]:
   """Evaluates one checkpoint on one dataset; returns the metrics dict.
 
-  When ``out_dir`` already holds both outputs, nothing is recomputed (the saved
-  metrics are returned). ``model_params`` / ``tokenizer`` skip loading (sweeps, tests).
+  When ``out_dir`` already holds the outputs of a run with the same provenance
+  (:func:`eval_provenance`), nothing is recomputed (the saved metrics are returned);
+  outputs or partial predictions made otherwise are discarded (logged).
+
+  Args:
+    step: the checkpoint step to evaluate (default: its latest).
+    model_params: (model, params) to use instead of loading (sweeps, tests; the caller
+      vouches that they are ``checkpoint``'s at ``step``).
+    tokenizer: skips loading it.
+    model_loader: ``(config, checkpoint, step) -> (config, model, params)`` called only
+      when something has to be decoded (default :func:`load_model`).
   """
-  metrics_path = os.path.join(out_dir, METRICS)
-  if is_done(out_dir):
-    logging.info("%s exists: skipping", metrics_path)
-    with open(metrics_path) as f:
-      return json.load(f)
-  os.makedirs(out_dir, exist_ok=True)
   from tqdm import tqdm
   from kptjax import decode
   from kptjax.keypoints import get_spec
 
+  config = resolve_config(config, checkpoint)
+  step = checkpoint_step(checkpoint) if step is None else step
   records = load_eval_records(config, dataset)
   if not len(records):
     raise errors.DataError(getattr(records, "source", dataset), "no persons to evaluate")
+  record = eval_provenance(config, records, checkpoint=checkpoint, dataset=dataset, step=step,
+                           evaluation={"max_persons": max_persons,
+                                       "pckh_variant": pckh_variant})
+  saved = saved_result(out_dir, record)
+  if saved is not None:
+    return saved
+  os.makedirs(out_dir, exist_ok=True)
   indices = list(range(len(records)))[:max_persons]
   spec_names = {records[i].spec for i in indices}
   if len(spec_names) != 1:
@@ -339,7 +571,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   specs = getattr(records, "specs", {}) or {}
   spec = specs.get(records[0].spec) or get_spec(records[0].spec)
   if model_params is None:
-    config, *model_params = load_model(config, checkpoint)
+    config, *model_params = (model_loader or load_model)(config, checkpoint, step)
   model, params = model_params
   tokenizer = tokenizer or load_tokenizer(config)
   descriptions = spec.descriptions if config.data.use_descriptions else [None] * len(spec.names)
@@ -348,13 +580,17 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   is_3d = localizer.count == 3
 
   partial_path = os.path.join(out_dir, PARTIAL)
-  done = _read_partial(partial_path)
+  # Partial predictions hold persons, whichever max_persons asked for them.
+  partial_record = {k: v for k, v in record.items() if k != "evaluation"}
+  done = _read_partial(partial_path, partial_record)
   todo = [i for i in indices if i not in done]
   batch_size = int(config.decode.batch_persons)
   t0, decoded, first = time.time(), 0, None
-  with open(partial_path, "a") as partial, \
+  with open(partial_path, "a" if done else "w") as partial, \
       tqdm(total=len(indices), initial=len(indices) - len(todo), disable=not progress,
            desc=f"evaluate {os.path.basename(out_dir.rstrip('/'))}", unit="person") as bar:
+    if not done:
+      partial.write(json.dumps({"provenance": partial_record}) + "\n")
     for batch in decode_persons(localizer, records, iter_crops(config, records, todo),
                                 batch_size):
       for entry in batch:
@@ -380,16 +616,22 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
                            pckh_variant=pckh_variant, has_gt=has_gt,
                            root=getattr(spec, "root_index", None) or 0)
   result.update({
-      "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint, "spec": spec.name,
+      "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint,
+      "checkpoint_step": step, "spec": spec.name,
       "decode": {"max_new_tokens": localizer.max_new_tokens, "constrained": localizer.constrained,
                  "share_prefix": localizer.share_prefix, "batch_persons": batch_size},
       "wall_s": wall, "first_batch_s": first[1] if first else None,
       "persons_per_s": speed,   # after the first batch (compilation) when there are more
+      "provenance": record,
   })
   root = getattr(spec, "root_index", None) or 0
-  write_json_atomic(os.path.join(out_dir, PREDICTIONS), predictions_file(
+  predictions_path = os.path.join(out_dir, PREDICTIONS)
+  write_json_atomic(predictions_path, predictions_file(
       records, entries, is_3d, category_ids(coco_gt) if has_gt else {}, root))
-  write_json_atomic(metrics_path, result)
+  write_json_atomic(os.path.join(out_dir, PREDICTIONS_PROVENANCE),
+                    {"provenance": record, "predictions": PREDICTIONS,
+                     "sha256": _sha256_file(predictions_path)})
+  write_json_atomic(os.path.join(out_dir, METRICS), result)
   os.remove(partial_path)
   return result
 
@@ -443,7 +685,8 @@ def make_train_evaluator(config: Any, model: Any, mesh: Any = None):
 def summary_lines(result: dict[str, Any]) -> list[str]:
   """A few human-readable lines of the headline numbers."""
   lines = [f"persons {result['num_persons']}, parse failures {result['parse_failures']}"
-           f"/{result['num_answers']}"]
+           f"/{result['num_answers']}, missing keypoints {result.get('missing_keypoints', 0)}, "
+           f"unreadable images {len(result.get('unreadable_images', []))}"]
   for key in ("coco", "pck", "pckh", "mpjpe"):
     if key in result:
       vals = {k: v for k, v in result[key].items() if isinstance(v, (int, float))}
@@ -462,6 +705,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_string("workdir", None, "Alias of --out.")
   flags.DEFINE_integer("max_persons", None, "Evaluate only the first N persons.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
   flags.DEFINE_enum("pckh_variant", "standard", ["standard", "locllm"],
                     "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
   flags.mark_flag_as_required("config")
@@ -475,7 +719,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--out (or --workdir) is required")
   try:
     result = run(f.config, out, checkpoint=f.checkpoint, dataset=f.dataset,
-                 max_persons=f.max_persons, pckh_variant=f.pckh_variant)
+                 max_persons=f.max_persons, pckh_variant=f.pckh_variant, step=f.step)
   except errors.KptjaxError as e:
     raise SystemExit(f"error: {e}") from None
   for line in summary_lines(result):

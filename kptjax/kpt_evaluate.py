@@ -14,8 +14,11 @@ On AP-10K (``kptllm_ap10k.py``) the CLI adds OKS AP (CLAMP's and KptLLM's metric
 
 Answers come from ``kpt_decode.generate_keypoints``: the ``<keypoint>`` head (coord_format
 'keypoint_token') or LocLLM's decimal text (``'decimal2d'``, parsed with
-``parsing.parse_values``; an unparseable answer is a miss) — so the two decodings
-compare on one model. A plain ``VLM`` (CapeLLM: textual task, capellm template) is
+``parsing.parse_values``) — so the two decodings compare on one model. An unparseable
+answer, or a question whose query or support image cannot be read
+(``errors.ImageError``), is missing: a miss in PCK and in OKS, counted in the result
+(``parse_failures``, ``parse_failure_rate``, ``missing_keypoints``, ``image_errors``,
+``unreadable_images``). A plain ``VLM`` (CapeLLM: textual task, capellm template) is
 evaluated the same way with decimal answers. Predictions go back to image pixels
 through the crop's inverse affine.
 
@@ -28,7 +31,9 @@ CLI (``config.data.eval`` is the test split; ``--checkpoint`` a training workdir
     python -m kptjax.kpt_evaluate --config configs/kptllm_mp100.py:split=1 \
         --checkpoint WORKDIR --task visual --shots 5 --out WORKDIR/eval_split1_5shot
 
-writes ``OUT/metrics.json`` (an existing one is read, not recomputed).
+writes ``OUT/metrics.json`` with its ``provenance`` (``kptjax.provenance``); an existing
+one is read, not recomputed, when its provenance is this run's (else it is recomputed,
+logged).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kptjax import errors
+from kptjax import evaluate
 from kptjax import kpt_decode
 from kptjax import metrics
 from kptjax import parsing
@@ -73,13 +80,20 @@ def _questions(config: Any, records: Sequence[Any], task: str, shots: int,
   for q, support_ids in draws:
     record = records[q]
     spec = specs[record.spec]
-    query = _crop(config, record, spec)
     labeled = np.asarray(record.keypoints)[:, -1] > 0
-    supports = [_crop(config, records[i], specs[records[i].spec]) for i in support_ids]
-    if task == "semantic":                   # the model names a keypoint marked on its image
-      shots, supports = 1, [query]
     if task == "visual":
       labeled &= cape.support_keypoint_mask(record, [records[i] for i in support_ids])
+    try:
+      query = _crop(config, record, spec)
+      supports = [_crop(config, records[i], specs[records[i].spec]) for i in support_ids]
+    except errors.ImageError as e:           # every question of this query is missing
+      logging.warning("query %d: %s; its %d questions are scored as missing", q, e,
+                      int(labeled.sum()))
+      for k in np.flatnonzero(labeled):
+        yield dict(index=q, keypoint=int(k), spec=spec, image_error=str(e.path))
+      continue
+    if task == "semantic":                   # the model names a keypoint marked on its image
+      shots, supports = 1, [query]
     for k in np.flatnonzero(labeled):
       xy = np.zeros((max(shots, 1), 2), np.float32)
       mask = np.zeros((max(shots, 1),), np.float32)
@@ -100,10 +114,10 @@ def _answer_text(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> str:
   return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> np.ndarray:
-  """(x, y) of a decimal answer (tokens up to the end of turn); inf when unparseable."""
+def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> Optional[np.ndarray]:
+  """(x, y) of a decimal answer (tokens up to the end of turn); None when unparseable."""
   values, _ = parsing.parse_values(_answer_text(tokenizer, tokens, eos_id), 2)
-  return np.full(2, np.inf, np.float32) if values is None else np.asarray(values[:2], np.float32)
+  return None if values is None else np.asarray(values[:2], np.float32)
 
 
 def _task_encoder(config: Any, tokenizer: Any) -> kpt_tasks.TaskEncoder:
@@ -168,8 +182,9 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
       sigmas; only the records' images are evaluated, so a family split scores alone).
 
   Returns:
-    ``metrics.category_pck``'s dict plus 'questions' (keypoints asked), and with
-    ``coco_gt`` the COCO AP/AR names (``metrics.COCO_AP_NAMES``).
+    ``metrics.category_pck``'s dict plus 'questions' (keypoints asked), the missing
+    counts (module docstring), and with ``coco_gt`` the COCO AP/AR names
+    (``metrics.COCO_AP_NAMES``).
   """
   if task not in ("visual", "textual"):
     raise ConfigError(f"evaluate_cape: task {task!r} (expected 'visual' or 'textual')")
@@ -187,6 +202,8 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   k_max = max(r.num_keypoints for r in records)
   pred = np.zeros((len(records), k_max, 2))
   visible = np.zeros((len(records), k_max), bool)
+  missing = np.zeros((len(records), k_max), bool)    # asked, no answer
+  unreadable: dict[int, str] = {}                    # query index -> unreadable image
   embed_prompts = _prompt_embedder(model)
   batch: list[dict[str, Any]] = []
 
@@ -197,15 +214,23 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     xy, generated = kpt_decode.generate_keypoints(
         model, params, _stack(rows, "image"), tokens, mask, prompt_embeds=prompt,
         max_new_tokens=new, eos_id=enc.eos_id, force_keypoint=regress)
-    if not regress:
-      xy = np.array([_parse(tokenizer, g, enc.eos_id) for g in np.asarray(generated)[:n]])
-    for row, p in zip(batch, xy[:n]):
+    answers = list(np.asarray(xy)[:n]) if regress else \
+        [_parse(tokenizer, g, enc.eos_id) for g in np.asarray(generated)[:n]]
+    for row, p in zip(batch, answers):
+      visible[row["index"], row["keypoint"]] = True
+      if p is None:
+        missing[row["index"], row["keypoint"]] = True
+        continue
       image_xy = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
       pred[row["index"], row["keypoint"]] = image_xy
-      visible[row["index"], row["keypoint"]] = True
     batch.clear()
 
   for question in _questions(config, records, task, shots, seed):
+    if "image_error" in question:
+      visible[question["index"], question["keypoint"]] = True
+      missing[question["index"], question["keypoint"]] = True
+      unreadable[question["index"]] = question["image_error"]
+      continue
     batch.append(question)
     if len(batch) == rows_per_batch:
       flush()
@@ -216,15 +241,21 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     gt[i, :r.num_keypoints] = np.asarray(r.keypoints)[:, :2]
   boxes = np.stack([np.asarray(r.box, np.float64) for r in records])
   result = metrics.category_pck(pred, gt, visible, boxes,
-                                [r.category or r.spec for r in records], threshold)
+                                [r.category or r.spec for r in records], threshold,
+                                missing=missing)
+  broken = np.zeros(len(records), bool)
+  broken[list(unreadable)] = True
   result["questions"] = int(visible.sum())
+  result.update(evaluate.missing_counts(missing, visible, broken, list(unreadable.values())))
   if coco_gt:
-    result.update(_coco_ap(coco_gt, records, pred))
+    result.update(_coco_ap(coco_gt, records, pred, missing | ~visible))
   return result
 
 
-def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray) -> dict[str, float]:
-  """OKS AP of the predictions, one result per instance (score 1) on its own image."""
+def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray,
+             missing: np.ndarray) -> dict[str, float]:
+  """OKS AP of the predictions, one result per instance (score 1) on its own image;
+  ``missing`` bool[N, K] keypoints without an answer (or not asked)."""
   specs = pipeline._specs_for(records)   # pylint: disable=protected-access
   names = {records[0].spec} | {r.spec for r in records}
   if len(names) != 1 or specs[records[0].spec].sigmas is None:
@@ -234,7 +265,7 @@ def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray) -> dict[str
     category = {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f)["annotations"]}
   k = spec.num_keypoints
   results = [metrics.coco_result(r.image_id, np.concatenate([pred[i, :k], np.ones((k, 1))], 1),
-                                 1.0, category.get(int(r.ann_id), 1))
+                                 1.0, category.get(int(r.ann_id), 1), missing=missing[i, :k])
              for i, r in enumerate(records)]
   return metrics.coco_keypoint_ap(coco_gt, results, spec.sigmas,
                                   image_ids=sorted({int(r.image_id) for r in records}))
@@ -252,7 +283,10 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   keypoint's description (case, spaces and full stops aside).
 
   Returns:
-    {'accuracy': over all questions, 'per_category': {name: accuracy}, 'questions': n}.
+    {'accuracy': over all questions, 'per_category': {name: accuracy}, 'questions': n,
+    and the missing counts of :func:`evaluate_cape` (a question whose image cannot be
+    read is missing and wrong; text answers have nothing to parse, so
+    ``parse_failures`` is 0)}.
   """
   if not hasattr(model, "embed_prompts"):
     raise ConfigError("evaluate_semantic needs a KptLLM model (model.kpt.enabled)")
@@ -261,6 +295,7 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   new = int(max_new_tokens or config.decode.max_new_tokens)
   embed_prompts = _prompt_embedder(model)
   hits: dict[str, list[bool]] = {}
+  unreadable: dict[int, str] = {}
   batch: list[dict[str, Any]] = []
 
   def flush():
@@ -277,7 +312,13 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
       hits.setdefault(row["spec"].subject, []).append(_normalize(text) == _normalize(truth))
     batch.clear()
 
+  missing = 0
   for question in _questions(config, records, "semantic", 1, 0):
+    if "image_error" in question:            # unreadable image: a wrong answer
+      hits.setdefault(question["spec"].subject, []).append(False)
+      unreadable.setdefault(question["index"], question["image_error"])
+      missing += 1
+      continue
     batch.append(question)
     if len(batch) == rows_per_batch:
       flush()
@@ -286,21 +327,23 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   flat = [h for v in hits.values() for h in v]
   return {"accuracy": float(np.mean(flat)) if flat else float("nan"),
           "per_category": {c: float(np.mean(v)) for c, v in sorted(hits.items())},
-          "questions": len(flat)}
+          "questions": len(flat), "num_answers": len(flat) - missing, "parse_failures": 0,
+          "parse_failure_rate": 0.0, "missing_keypoints": missing,
+          "image_errors": len(unreadable), "unreadable_images": sorted(set(unreadable.values()))}
 
 
-def load_kpt_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
+def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
+                   ) -> tuple[Any, Any, Any]:
   """(config, model, params): ``KptLLM`` when ``model.kpt.enabled``, else the ``VLM``
   of ``kptjax.evaluate.load_model``. From a training workdir (its ``model_config.json``
-  and latest checkpoint), else the Hugging Face dirs (prompt modules and head fresh),
-  else random weights."""
-  from kptjax import evaluate, train  # pylint: disable=g-import-not-at-top
+  and its checkpoint at ``step``, default the latest), else the Hugging Face dirs (prompt
+  modules and head fresh), else random weights."""
+  from kptjax import train  # pylint: disable=g-import-not-at-top
   from kptjax.models import kptllm  # pylint: disable=g-import-not-at-top
   if not train.is_kptllm(config):
-    return evaluate.load_model(config, checkpoint)
+    return evaluate.load_model(config, checkpoint, step)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from kptjax import errors  # pylint: disable=g-import-not-at-top
   if checkpoint:
     from kptjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     if not os.path.exists(checkpoint):
@@ -312,7 +355,7 @@ def load_kpt_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
     abstract = nn.meta.unbox(kptllm.abstract_params(config.model))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params, missing = ckpt_lib.load_params(checkpoint, abstract,
-                                           jax.tree.map(lambda _: device, abstract))
+                                           jax.tree.map(lambda _: device, abstract), step=step)
     if missing:
       raise errors.CheckpointError(f"{checkpoint}: {len(missing)} params are not in the "
                                    f"checkpoint: {missing[:5]}")
@@ -330,16 +373,19 @@ def load_kpt_model(config: Any, checkpoint: str = "") -> tuple[Any, Any, Any]:
 
 def run(config: Any, out_dir: str, *, checkpoint: str = "", task: str = "visual",
         shots: int = 1, seed: int = 0, rows_per_batch: int = 16) -> dict[str, Any]:
-  """Evaluates ``config.data.eval`` and writes ``out_dir/metrics.json`` (read back when
-  it exists: finished work is not redone)."""
-  from kptjax import evaluate  # pylint: disable=g-import-not-at-top
-  path = os.path.join(out_dir, evaluate.METRICS)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  config, model, params = load_kpt_model(config, checkpoint)
-  tokenizer = evaluate.load_tokenizer(config)
+  """Evaluates ``config.data.eval`` at the checkpoint's latest step and writes
+  ``out_dir/metrics.json`` (read back when its provenance is this run's: finished work
+  is not redone; otherwise recomputed, logged)."""
+  step = evaluate.checkpoint_step(checkpoint)
   records = pipeline.load_records(config, "eval")
+  record = evaluate.eval_provenance(
+      evaluate.resolve_config(config, checkpoint), records, checkpoint=checkpoint, step=step,
+      evaluation={"task": task, "shots": shots, "seed": seed, "rows_per_batch": rows_per_batch})
+  saved = evaluate.saved_result(out_dir, record, files=(evaluate.METRICS,))
+  if saved is not None:
+    return saved
+  config, model, params = load_kpt_model(config, checkpoint, step)
+  tokenizer = evaluate.load_tokenizer(config)
   if task == "semantic":
     result = evaluate_semantic(config, model, params, tokenizer, records,
                                rows_per_batch=rows_per_batch)
@@ -349,8 +395,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", task: str = "visual"
     result = evaluate_cape(config, model, params, tokenizer, records, task=task, shots=shots,
                            seed=seed, rows_per_batch=rows_per_batch, coco_gt=ap_gt)
   result.update(task=task, shots=shots, seed=seed, checkpoint=checkpoint,
-                dataset=dict(config.data.eval))
-  evaluate.write_json_atomic(path, result)
+                checkpoint_step=step, dataset=dict(config.data.eval), provenance=record)
+  evaluate.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
   return result
 
 

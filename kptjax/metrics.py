@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -87,12 +88,18 @@ def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
 
 
 def coco_result(image_id: int, keypoints: np.ndarray, score: float,
-                category_id: int = 1) -> dict[str, Any]:
-  """One COCO results entry. keypoints: float[K, 3] (x px, y px, keypoint score)."""
-  kp = np.asarray(keypoints, np.float64).reshape(-1, 3)
+                category_id: int = 1, missing: Optional[np.ndarray] = None) -> dict[str, Any]:
+  """One COCO results entry. keypoints: float[K, 3] (x px, y px, keypoint score).
+
+  missing: optional bool[K] keypoints without an answer: written as x = y = score = 0
+  and listed by index in the extra field ``missing`` (pycocotools ignores it).
+  """
+  kp = np.asarray(keypoints, np.float64).reshape(-1, 3).copy()
+  miss = np.zeros(len(kp), bool) if missing is None else np.asarray(missing, bool)
+  kp[miss] = 0.0
   return {"image_id": int(image_id), "category_id": int(category_id),
           "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
-          "score": float(score)}
+          "score": float(score), "missing": [int(k) for k in np.flatnonzero(miss)]}
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +107,8 @@ def coco_result(image_id: int, keypoints: np.ndarray, score: float,
 
 
 def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm: np.ndarray,
-        thresholds: Sequence[float] = PCK_THRESHOLDS) -> dict[str, Any]:
+        thresholds: Sequence[float] = PCK_THRESHOLDS,
+        missing: Optional[np.ndarray] = None) -> dict[str, Any]:
   """PCK@t: fraction of visible keypoints within ``t * norm`` pixels of the truth.
 
   Args:
@@ -110,6 +118,8 @@ def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm: np.ndarray,
     norm: float[N] per-person normalizer in pixels (max(box w, h) for box PCK,
       ``SC_BIAS * head diagonal`` for PCKh).
     thresholds: the t values.
+    missing: optional bool[N, K] predictions without an answer: they count (when
+      visible) and are never hits; their ``pred`` values are not read.
   Returns:
     {'PCK@t': mean over all counted keypoints, 'per_keypoint': {t: float[K] list
     (NaN where a keypoint never counts)}, 'count': keypoints counted}.
@@ -117,11 +127,13 @@ def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm: np.ndarray,
   pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
   visible = np.asarray(visible, bool)
   norm = np.asarray(norm, np.float64)
-  err = np.linalg.norm(pred - gt, axis=-1) / np.maximum(norm, 1e-12)[:, None]
+  answered = ~np.asarray(missing, bool) if missing is not None else np.ones(visible.shape, bool)
+  err = np.linalg.norm(np.where(answered[..., None], pred, gt) - gt, axis=-1) / \
+      np.maximum(norm, 1e-12)[:, None]
   out: dict[str, Any] = {"count": int(visible.sum()), "per_keypoint": {}}
   counts = visible.sum(0)
   for t in thresholds:
-    hit = (err <= t) & visible
+    hit = (err <= t) & visible & answered
     key = f"PCK@{t:g}"
     out[key] = float(hit.sum() / max(visible.sum(), 1))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -131,13 +143,14 @@ def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, norm: np.ndarray,
 
 
 def box_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: np.ndarray,
-            thresholds: Sequence[float] = PCK_THRESHOLDS) -> dict[str, Any]:
+            thresholds: Sequence[float] = PCK_THRESHOLDS,
+            missing: Optional[np.ndarray] = None) -> dict[str, Any]:
   """PCK normalized by the person box, max(w, h) (MP-100 / CapeLLM, AP-10K style).
 
   boxes: float[N, 4] x, y, w, h in pixels. Other arguments as :func:`pck`.
   """
   boxes = np.asarray(boxes, np.float64)
-  return pck(pred, gt, visible, np.maximum(boxes[:, 2], boxes[:, 3]), thresholds)
+  return pck(pred, gt, visible, np.maximum(boxes[:, 2], boxes[:, 3]), thresholds, missing)
 
 
 # MPII joint order (the common JSON conversion and mpii_gt_val.mat):
@@ -156,7 +169,8 @@ PCKH_MEAN_EXCLUDE = {"standard": (6, 7), "locllm": (6, 7, 8, 9)}
 
 
 def category_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: np.ndarray,
-                 categories: Sequence[str], threshold: float = 0.2) -> dict[str, Any]:
+                 categories: Sequence[str], threshold: float = 0.2,
+                 missing: Optional[np.ndarray] = None) -> dict[str, Any]:
   """MP-100's PCK@t (POMNet, KptLLM, CapeLLM): box PCK per category, then the mean
   over categories (each category weighs the same, however many instances it has).
 
@@ -168,6 +182,7 @@ def category_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: n
     boxes: float[N, 4] x, y, w, h pixels; the normalizer is max(w, h).
     categories: N category names.
     threshold: t (0.2 in the papers).
+    missing: optional bool[N, K] unanswered keypoints (misses, :func:`pck`).
 
   Returns:
     {'PCK@t': mean over categories with a counted keypoint, 'per_category': {name:
@@ -176,10 +191,12 @@ def category_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: n
   categories = np.asarray(list(categories), dtype=object)
   key = f"PCK@{threshold:g}"
   per, count = {}, {}
+  missing = np.zeros(np.shape(visible), bool) if missing is None else np.asarray(missing, bool)
   for name in sorted(set(categories.tolist())):
     rows = categories == name
     result = box_pck(np.asarray(pred)[rows], np.asarray(gt)[rows],
-                     np.asarray(visible)[rows], np.asarray(boxes)[rows], (threshold,))
+                     np.asarray(visible)[rows], np.asarray(boxes)[rows], (threshold,),
+                     missing[rows])
     if result["count"]:
       per[str(name)], count[str(name)] = result[key], result["count"]
   return {key: float(np.mean(list(per.values()))) if per else float("nan"),
@@ -187,7 +204,8 @@ def category_pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, boxes: n
 
 
 def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_boxes: np.ndarray,
-         variant: str = "standard", thresholds: Sequence[float] = (0.5, 0.1)) -> dict[str, Any]:
+         variant: str = "standard", thresholds: Sequence[float] = (0.5, 0.1),
+         missing: Optional[np.ndarray] = None) -> dict[str, Any]:
   """MPII PCKh: a joint is correct within ``t * SC_BIAS * ||head box diagonal||``.
 
   The mean weights each joint's PCKh by its visible count, as the MPII toolkit does,
@@ -200,6 +218,7 @@ def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_boxes: np.n
     pred, gt: float[N, 16, 2] pixels, MPII joint order.
     visible: bool[N, 16] joints present in the ground truth.
     head_boxes: float[N, 4] head boxes x1, y1, x2, y2 in pixels.
+    missing: optional bool[N, 16] unanswered joints (misses, :func:`pck`).
   Returns:
     {'PCKh@t': mean in percent, 'PCKh@t/<group>': percent per MPII group,
      'per_keypoint': {'PCKh@t': float[16] percent}}.
@@ -209,7 +228,7 @@ def pckh(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_boxes: np.n
   hb = np.asarray(head_boxes, np.float64)
   norm = PCKH_SC_BIAS * np.linalg.norm(hb[:, 2:4] - hb[:, 0:2], axis=-1)
   quirk = variant == "locllm" and 0.1 in thresholds
-  res = pck(pred, gt, visible, norm, tuple(thresholds) + ((0.11,) if quirk else ()))
+  res = pck(pred, gt, visible, norm, tuple(thresholds) + ((0.11,) if quirk else ()), missing)
   visible = np.asarray(visible, bool)
   counts = visible.sum(0).astype(np.float64)
   keep = np.ones(counts.shape[0], bool)
@@ -253,7 +272,8 @@ def procrustes_align(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def mpjpe(pred: np.ndarray, gt: np.ndarray, actions: Optional[Sequence[str]] = None,
-          root: int = 0, visible: Optional[np.ndarray] = None) -> dict[str, Any]:
+          root: int = 0, visible: Optional[np.ndarray] = None,
+          missing: Optional[np.ndarray] = None) -> dict[str, Any]:
   """MPJPE and PA-MPJPE in millimetres, overall and per action (Human3.6M protocol).
 
   MPJPE: mean joint distance after subtracting each pose's root joint.
@@ -265,30 +285,44 @@ def mpjpe(pred: np.ndarray, gt: np.ndarray, actions: Optional[Sequence[str]] = N
     actions: N action names ('Directions', ...); None = a single group.
     root: root joint index (H36M: pelvis, 0).
     visible: optional bool[N, K]; joints outside are ignored.
+    missing: optional bool[N, K] joints without an answer: left out of the means and
+      counted ('missing_joints'); a pose whose root is missing cannot be root-aligned,
+      so all its joints count as missing. Poses with no joint left are left out and
+      counted ('missing_poses'). Values of missing joints are not read.
   """
   pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
   n, k = gt.shape[:2]
   vis = np.ones((n, k), bool) if visible is None else np.asarray(visible, bool)
+  miss = np.zeros((n, k), bool) if missing is None else np.asarray(missing, bool).copy()
+  miss |= miss[:, root:root + 1]
+  pred = np.where(miss[..., None], gt, pred)          # never read below; keeps it finite
+  use = vis & ~miss
   pred_r = pred - pred[:, root:root + 1]
   gt_r = gt - gt[:, root:root + 1]
-  per_pose = np.zeros(n)
-  per_pose_pa = np.zeros(n)
-  for i in range(n):
-    m = vis[i]
+  scored = use.any(1)
+  per_pose = np.full(n, np.nan)
+  per_pose_pa = np.full(n, np.nan)
+  for i in np.flatnonzero(scored):
+    m = use[i]
     per_pose[i] = np.linalg.norm(pred_r[i, m] - gt_r[i, m], axis=-1).mean()
     aligned = procrustes_align(pred[i, m], gt[i, m])
     per_pose_pa[i] = np.linalg.norm(aligned - gt[i, m], axis=-1).mean()
-  out: dict[str, Any] = {"MPJPE": float(per_pose.mean()), "PA-MPJPE": float(per_pose_pa.mean()),
-                         "per_action": {}}
+
+  def mean(v):
+    return float(np.mean(v)) if len(v) else float("nan")
+  out: dict[str, Any] = {"MPJPE": mean(per_pose[scored]), "PA-MPJPE": mean(per_pose_pa[scored]),
+                         "missing_joints": int((miss & vis).sum()),
+                         "missing_poses": int((~scored).sum()), "per_action": {}}
   if actions is not None:
     actions = np.asarray(list(actions))
     for a in sorted(set(actions.tolist())):
-      sel = actions == a
-      out["per_action"][a] = {"MPJPE": float(per_pose[sel].mean()),
-                              "PA-MPJPE": float(per_pose_pa[sel].mean()),
+      sel = (actions == a) & scored
+      out["per_action"][a] = {"MPJPE": mean(per_pose[sel]), "PA-MPJPE": mean(per_pose_pa[sel]),
                               "count": int(sel.sum())}
-  err = np.where(vis, np.linalg.norm(pred_r - gt_r, axis=-1), np.nan)
-  out["per_keypoint_MPJPE"] = [float(v) for v in np.nanmean(err, axis=0)]
+  err = np.where(use, np.linalg.norm(pred_r - gt_r, axis=-1), np.nan)
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)     # a joint never scored: NaN
+    out["per_keypoint_MPJPE"] = [float(v) for v in np.nanmean(err, axis=0)]
   return out
 
 

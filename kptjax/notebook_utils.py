@@ -208,7 +208,7 @@ def ask(config: Any, model: Any, params: Any, tokenizer: Any, person: Person,
     values = np.asarray(result.values[0, q, :2], np.float32)
     out.append(Answer(name=name, prompt=rows[q, :row_lengths[q]],
                       generated=tokens[0, q, :n], probs=probs[0, q, :n],
-                      text=result.texts[0][q], ok=bool(result.ok[0, q]), values=values,
+                      text=result.texts[0][q], ok=not result.missing[0, q], values=values,
                       xy_crop=values * side, xy_image=result.keypoints[0, q],
                       score=float(result.scores[0, q])))
   return out

@@ -328,35 +328,43 @@ def score_loc_answer(tokens: Sequence[int], probs: Sequence[float], bins_by_id: 
 class Localization:
   """Parsed answers of P persons x Q queries.
 
+  A keypoint is a number or it is missing: ``missing[i, j]`` marks an answer that did not
+  parse. Values of missing entries are 0 (never NaN or inf) and must not be used.
+
   Attributes:
-    values: f32[P, Q, D] normalized crop values (D = 2 or 3).
-    keypoints: f32[P, Q, 2] original-image pixels (the crop center when unparseable).
-    depth: f32[P, Q] root-relative depth in mm (3D answers), else None.
-    scores: f32[P, Q] keypoint confidences (0 when unparseable).
-    ok: bool[P, Q] parsed.
+    values: f32[P, Q, D] normalized crop values (D = 2 or 3; 0 where missing).
+    keypoints: f32[P, Q, 2] original-image pixels (0 where missing).
+    depth: f32[P, Q] root-relative depth in mm (3D answers; 0 where missing), else None.
+    scores: f32[P, Q] keypoint confidences (0 where missing).
+    missing: bool[P, Q] no answer (unparseable).
     texts: P lists of Q answer texts.
   """
   values: np.ndarray
   keypoints: np.ndarray
   depth: Optional[np.ndarray]
   scores: np.ndarray
-  ok: np.ndarray
+  missing: np.ndarray
   texts: list[list[str]]
 
   @property
+  def ok(self) -> np.ndarray:
+    """bool[P, Q]: answered (``~missing``)."""
+    return ~self.missing
+
+  @property
   def person_scores(self) -> np.ndarray:
-    """f32[P]: mean keypoint score (LocLLM)."""
+    """f32[P]: mean keypoint score (LocLLM; a missing keypoint scores 0)."""
     return self.scores.mean(axis=1)
 
   @property
   def num_failures(self) -> int:
-    return int((~self.ok).sum())
+    return int(self.missing.sum())
 
 
 def localize(tokens: np.ndarray, probs: np.ndarray,
              scorer: Callable[[np.ndarray, np.ndarray], ParsedAnswer],
              count: int, affine_inv: np.ndarray, crop_size: float) -> Localization:
-  """Parses decoder outputs and maps them back to the original images.
+  """Parses decoder outputs and maps the answered ones back to the original images.
 
   Args:
     tokens: int32[P, Q, M]; probs: f32[P, Q, M] (``kptjax.decode.Decoder``).
@@ -369,16 +377,20 @@ def localize(tokens: np.ndarray, probs: np.ndarray,
   p, q = tokens.shape[:2]
   values = np.zeros((p, q, count), np.float32)
   scores = np.zeros((p, q), np.float32)
-  ok = np.zeros((p, q), bool)
+  missing = np.zeros((p, q), bool)
   texts = []
   for i in range(p):
     row_texts = []
     for j in range(q):
       ans = scorer(tokens[i, j], probs[i, j])
-      values[i, j] = ans.values if ans.ok else 0.5      # unparseable: the crop center
-      scores[i, j], ok[i, j] = ans.score, ans.ok
+      if ans.ok:
+        values[i, j], scores[i, j] = ans.values, ans.score
+      missing[i, j] = not ans.ok
       row_texts.append(ans.text)
     texts.append(row_texts)
   keypoints = np.stack([to_image_coords(values[i], affine_inv[i], crop_size) for i in range(p)])
-  depth = depth_from_value(values[..., 2]) if count == 3 else None
-  return Localization(values, keypoints.reshape(p, q, 2), depth, scores, ok, texts)
+  keypoints = np.where(missing[..., None], 0.0, keypoints.reshape(p, q, 2)).astype(np.float32)
+  depth = None
+  if count == 3:
+    depth = np.where(missing, 0.0, depth_from_value(values[..., 2])).astype(np.float32)
+  return Localization(values, keypoints, depth, scores, missing, texts)

@@ -13,9 +13,13 @@ Prints one JSON object to stdout::
 
     {"image": ..., "box": [x, y, w, h], "person_score": s, "overlay": "out/x_keypoints.png",
      "keypoints": [{"name": ..., "x": px, "y": px, "score": s, "parsed": true,
-                    "answer": "[0.412,0.733]"}, ...]}
+                    "answer": "[0.412,0.733]"}, ...],
+     "missing": [names of the keypoints without an answer]}
 
-and writes the same JSON and the overlay PNG (skeleton of the spec) into ``--out``.
+A keypoint whose answer does not parse has ``"parsed": false``, ``"x": null, "y": null``,
+score 0, and is listed in ``missing`` (and in a warning on stderr); the overlay does not
+draw it and names it in its corner instead. Writes the same JSON and the overlay PNG
+(skeleton of the spec) into ``--out``.
 """
 
 from __future__ import annotations
@@ -112,25 +116,31 @@ def predict(config: Any, image_path: str, *, box: Optional[np.ndarray] = None,
                                subject=getattr(spec, "subject", "person"), share_prefix=True)
   loc = localizer(crops, crop["affine_inv"][None])
 
+  missing = loc.missing[0]
   result: dict[str, Any] = {
       "image": os.path.abspath(image_path), "box": [float(v) for v in box],
-      "person_score": float(loc.person_scores[0]), "keypoints": []}
+      "person_score": float(loc.person_scores[0]), "keypoints": [],
+      "missing": [n for n, m in zip(q_names, missing) if m]}
   for j, name in enumerate(q_names):
-    item = {"name": name, "x": float(loc.keypoints[0, j, 0]), "y": float(loc.keypoints[0, j, 1]),
-            "score": float(loc.scores[0, j]), "parsed": bool(loc.ok[0, j]),
-            "answer": loc.texts[0][j]}
+    xy = (None, None) if missing[j] else (float(loc.keypoints[0, j, 0]),
+                                          float(loc.keypoints[0, j, 1]))
+    item = {"name": name, "x": xy[0], "y": xy[1], "score": float(loc.scores[0, j]),
+            "parsed": not missing[j], "answer": loc.texts[0][j]}
     if q_index[j] < 0:
       item["description"] = q_desc[j]
     if loc.depth is not None:
-      item["depth_rel_mm"] = float(loc.depth[0, j])
+      item["depth_rel_mm"] = None if missing[j] else float(loc.depth[0, j])
     result["keypoints"].append(item)
+  if result["missing"]:
+    logging.warning("%d of %d keypoints have no answer (unparseable): %s",
+                    len(result["missing"]), len(q_names), ", ".join(result["missing"]))
 
   if out_dir:
     stem = os.path.splitext(os.path.basename(image_path))[0]
     pos = {spec_i: j for j, spec_i in enumerate(q_index) if spec_i >= 0}
     skeleton = [(pos[a], pos[b]) for a, b in spec.skeleton if a in pos and b in pos]
     overlay = viz.draw_keypoints(image, loc.keypoints[0], skeleton, q_names, box=box,
-                                 label=True)
+                                 label=True, missing=missing)
     png = os.path.join(out_dir, f"{stem}_keypoints.png")
     viz.save_png(png, overlay)
     result["overlay"] = os.path.abspath(png)

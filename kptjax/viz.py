@@ -29,7 +29,7 @@ def draw_keypoints(image: np.ndarray, keypoints: np.ndarray,
                    names: Optional[Sequence[str]] = None,
                    scores: Optional[np.ndarray] = None, score_threshold: float = 0.0,
                    box: Optional[Sequence[float]] = None, radius: Optional[int] = None,
-                   label: bool = False) -> np.ndarray:
+                   label: bool = False, missing: Optional[np.ndarray] = None) -> np.ndarray:
   """Keypoints, limbs and (optionally) the person box drawn over ``image``.
 
   Args:
@@ -39,6 +39,8 @@ def draw_keypoints(image: np.ndarray, keypoints: np.ndarray,
     names: K names; colors follow left / right / center, and ``label`` writes them.
     scores: f32[K]; keypoints at or below ``score_threshold`` are not drawn.
     box: x, y, w, h pixels.
+    missing: bool[K] keypoints without an answer: not drawn (nor their limbs); with
+      ``label`` their names are listed in the top-left corner ("no answer: ...").
   Returns:
     uint8[H, W, 3] a new image.
   """
@@ -47,6 +49,8 @@ def draw_keypoints(image: np.ndarray, keypoints: np.ndarray,
   k = len(keypoints)
   names = list(names) if names is not None else [""] * k
   shown = np.ones(k, bool) if scores is None else np.asarray(scores) > score_threshold
+  absent = np.zeros(k, bool) if missing is None else np.asarray(missing, bool)
+  shown = shown & ~absent
   r = radius or max(2, int(round(min(img.size) / 100)))
   if box is not None:
     x, y, w, h = (float(v) for v in box[:4])
@@ -63,6 +67,9 @@ def draw_keypoints(image: np.ndarray, keypoints: np.ndarray,
     draw.ellipse([x - r, y - r, x + r, y + r], fill=_side_color(names[i]), outline=(0, 0, 0))
     if label and names[i]:
       draw.text((x + r + 1, y - r), names[i], fill=(255, 255, 255))
+  if label and absent.any():
+    draw.text((2, 2), "no answer: " + ", ".join(names[i] or str(i) for i in np.flatnonzero(absent)),
+              fill=(255, 64, 64))
   return np.asarray(img)
 
 

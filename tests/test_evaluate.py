@@ -49,11 +49,12 @@ def coco_run(shared_data, model_params, tokenizer, tmp_path_factory):
 
 def test_coco_outputs_and_metrics(shared_data, coco_run):
   out, result = coco_run
-  assert sorted(os.listdir(out)) == ["metrics.json", "predictions.json"]   # nothing half-done
+  assert sorted(os.listdir(out)) == ["metrics.json", "predictions.json",
+                                     "predictions.provenance.json"]      # nothing half-done
   preds = json.load(open(os.path.join(out, "predictions.json")))
   assert len(preds) == 5
   for p in preds:
-    assert set(p) == {"image_id", "category_id", "keypoints", "score"}
+    assert set(p) == {"image_id", "category_id", "keypoints", "score", "missing"}
     assert len(p["keypoints"]) == 17 * 3 and 0 <= p["score"] <= 1
   saved = json.load(open(os.path.join(out, "metrics.json")))
   assert saved["num_persons"] == 5 and saved["num_answers"] == 85
@@ -83,9 +84,11 @@ def test_interrupted_run_resumes(shared_data, coco_run, model_params, tokenizer,
   first = json.load(open(os.path.join(out, "predictions.json")))
   done = {"index": 0, "image_id": first[0]["image_id"], "ann_id": 0,
           "keypoints": np.array(first[0]["keypoints"]).reshape(17, 3).tolist(),
-          "score": 0.123, "ok": [True] * 17, "texts": [""] * 17}
+          "score": 0.123, "missing": [], "texts": [""] * 17}
+  record = json.load(open(os.path.join(out, "metrics.json")))["provenance"]
+  header = {"provenance": {k: v for k, v in record.items() if k != "evaluation"}}
   partial = tmp_path / evaluate.PARTIAL
-  partial.write_text(json.dumps(done) + "\n" + '{"index": 1, "image_')
+  partial.write_text(json.dumps(header) + "\n" + json.dumps(done) + "\n" + '{"index": 1, "image_')
   evaluate.run(_config(), str(tmp_path), dataset=_coco(shared_data)[0], max_persons=5,
                progress=False, model_params=model_params, tokenizer=tokenizer)
   preds = json.load(open(tmp_path / "predictions.json"))
@@ -117,7 +120,7 @@ def test_compute_metrics_perfect_mpii_with_head_boxes(shared_data):
     r.head_box = np.array([0, 0, 30, 40], np.float32)
   entries = [{"index": i, "image_id": r.image_id, "ann_id": r.ann_id,
               "keypoints": np.c_[r.keypoints[:, :2], np.full(16, 0.9)].tolist(),
-              "score": 0.9, "ok": [True] * 16, "texts": [""] * 16}
+              "score": 0.9, "missing": [], "texts": [""] * 16}
              for i, r in enumerate(records)]
   names = [f"k{i}" for i in range(16)]
   out = evaluate.compute_metrics(records, entries, names, pckh_variant="locllm")
@@ -184,7 +187,8 @@ def test_eval_sweep_tables_and_no_recompute(shared_data, model_params, tokenizer
   csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
   assert len(csv_lines) == 3 and csv_lines[0].startswith("checkpoint,dataset,decode")
   assert (tmp_path / "sweep.md").read_text().count("\n") == 4
-  cell = tmp_path / "a" / "sample" / "constrained=True" / "metrics.json"
+  cell = tmp_path / sweep.cell_dir_name("runs/a", "a") / "sample" / "constrained=True" / \
+      "metrics.json"
   stamp = cell.stat().st_mtime
   again = sweep.run_sweep(_config(), ["runs/a"], [dataset], decodes, str(tmp_path),
                           max_persons=2, progress=False)          # no model: nothing to run
@@ -203,9 +207,177 @@ def test_compute_metrics_perfect_coco_format_other_specs(shared_data, source, fo
   spec = get_spec(records[0].spec)
   entries = [{"index": i, "image_id": r.image_id, "ann_id": r.ann_id,
               "keypoints": np.c_[r.keypoints[:, :2], np.full(spec.num_keypoints, 0.9)].tolist(),
-              "score": 0.9, "ok": [True] * spec.num_keypoints, "texts": [""] * spec.num_keypoints}
+              "score": 0.9, "missing": [], "texts": [""] * spec.num_keypoints}
              for i, r in enumerate(records)]
   out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(d / ann),
                                  sigmas=spec.sigmas)
   assert out["coco"]["AP"] == pytest.approx(1.0)
   assert out["pck"]["PCK@0.05"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------
+# Missing answers, unreadable images, provenance.
+
+
+def _centre_dataset(root, corrupt=()):
+  """A COCO-format set written here: 3 images of 64 x 64 px, one person each, box
+  [8, 8, 48, 48], all 17 keypoints at the box centre (where the crop centre maps back).
+  Images in ``corrupt`` (by index) hold bytes that are no image."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  images, anns = [], []
+  for i in range(3):
+    name = f"img{i}.jpg"
+    if i in corrupt:
+      (root / name).write_bytes(b"this is not a jpeg")
+    else:
+      Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / name)
+    images.append({"id": i + 1, "file_name": name, "width": 64, "height": 64})
+    anns.append({"id": 10 + i, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                 "bbox": [8, 8, 48, 48], "area": 48.0 * 48.0, "num_keypoints": 17,
+                 "keypoints": [31.5, 31.5, 2] * 17})
+  ann = root / "centre.json"
+  ann.write_text(json.dumps({"images": images, "annotations": anns,
+                             "categories": [{"id": 1, "name": "person"}]}))
+  return f"coco,ann_file={ann},image_root={root}", str(ann)
+
+
+def _answer_everywhere(monkeypatch, ok):
+  """Every answer of the decoder parses to the crop centre (ok) or does not parse."""
+  from kptjax import parsing
+
+  def scorer(tokens, probs, token_strs, eos_id, count):
+    if ok:
+      return parsing.ParsedAnswer(np.full(count, 0.5, np.float32), 1.0, True, "[0.5,0.5]")
+    return parsing.ParsedAnswer(np.zeros(count, np.float32), 0.0, False, "no idea")
+  monkeypatch.setattr(parsing, "score_answer", scorer)
+
+
+def test_unparseable_answers_are_never_hits(model_params, tokenizer, tmp_path, monkeypatch):
+  """Ground truth at the crop centre: an unparseable answer placed there would be a
+  perfect PCK hit and OKS match. Missing answers score 0 and are counted."""
+  dataset, _ = _centre_dataset(tmp_path)
+  _answer_everywhere(monkeypatch, ok=False)
+  out = tmp_path / "eval"
+  result = evaluate.run(_config(), str(out), dataset=dataset, progress=False,
+                        model_params=model_params, tokenizer=tokenizer)
+  assert result["pck"]["PCK@0.25"] == 0.0 and result["pck"]["count"] == 51
+  assert result["coco"]["AP"] == 0.0 and result["coco"]["AR"] == 0.0
+  assert result["parse_failures"] == 51 and result["parse_failure_rate"] == 1.0
+  assert result["missing_keypoints"] == 51 and result["image_errors"] == 0
+  assert result["per_keypoint"][0]["missing"] == 3
+  preds = json.load(open(out / "predictions.json"))
+  assert [p["missing"] for p in preds] == [list(range(17))] * 3
+  assert all(v == 0 for p in preds for v in p["keypoints"])
+
+
+def test_corrupt_image_people_are_scored_as_missing(model_params, tokenizer, tmp_path,
+                                                    monkeypatch, caplog):
+  """One corrupt image of three: the run finishes, its person stays in every denominator
+  with all keypoints missing, and metrics.json counts and names it."""
+  dataset, _ = _centre_dataset(tmp_path, corrupt=(1,))
+  _answer_everywhere(monkeypatch, ok=True)
+  out = tmp_path / "eval"
+  with caplog.at_level("WARNING"):
+    result = evaluate.run(_config(), str(out), dataset=dataset, progress=False,
+                          model_params=model_params, tokenizer=tokenizer)
+  assert result["num_persons"] == 3 and result["image_errors"] == 1
+  assert result["unreadable_images"] == [str(tmp_path / "img1.jpg")]
+  assert result["missing_keypoints"] == 17 and result["parse_failures"] == 0
+  assert result["num_answers"] == 34
+  assert result["pck"]["count"] == 51 and result["pck"]["PCK@0.05"] == pytest.approx(2 / 3)
+  assert result["coco"]["AR"] == pytest.approx(2 / 3)       # its person is not matched
+  preds = json.load(open(out / "predictions.json"))
+  assert [len(p["missing"]) for p in preds] == [0, 17, 0]
+  assert any("img1.jpg" in r.getMessage() and "missing" in r.getMessage()
+             for r in caplog.records)
+
+
+def _run(out, dataset, model_params, tokenizer, **kw):
+  return evaluate.run(_config(**kw.pop("decode", {})), str(out), dataset=dataset,
+                      progress=False, model_params=model_params, tokenizer=tokenizer,
+                      max_persons=2, **kw)
+
+
+def test_results_of_another_checkpoint_or_config_are_recomputed(shared_data, model_params,
+                                                                tokenizer, tmp_path, caplog):
+  dataset = _coco(shared_data)[0]
+  first = _run(tmp_path, dataset, model_params, tokenizer, checkpoint="runs/a", step=7)
+  assert first["provenance"]["checkpoint"]["step"] == 7 and first["checkpoint_step"] == 7
+  sidecar = json.load(open(tmp_path / "predictions.provenance.json"))
+  assert sidecar["provenance"] == first["provenance"]
+  assert _run(tmp_path, dataset, None, None, checkpoint="runs/a", step=7) == first   # reused
+  cases = [dict(checkpoint="runs/a", step=8), dict(checkpoint="runs/b", step=8),
+           dict(checkpoint="runs/b", step=8, decode={"padding": 1.3})]   # the crop
+  expected = ["checkpoint.step", "checkpoint.path", "config_sha256.data"]
+  for kw, field in zip(cases, expected):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      again = _run(tmp_path, dataset, model_params, tokenizer, **kw)
+    assert again["provenance"] != first["provenance"]
+    lines = [r.getMessage() for r in caplog.records if "recomputing from scratch" in r.getMessage()]
+    assert len(lines) == 1 and field in lines[0]
+    first = again
+
+
+def test_predictions_file_changed_after_the_run_is_recomputed(shared_data, model_params,
+                                                              tokenizer, tmp_path):
+  """predictions.json edited after the run no longer matches its sidecar's hash."""
+  dataset = _coco(shared_data)[0]
+  _run(tmp_path, dataset, model_params, tokenizer)
+  preds = json.load(open(tmp_path / "predictions.json"))
+  original = preds[0]["score"]
+  preds[0]["score"] = original + 0.5
+  (tmp_path / "predictions.json").write_text(json.dumps(preds))
+  _run(tmp_path, dataset, model_params, tokenizer)
+  assert json.load(open(tmp_path / "predictions.json"))[0]["score"] == original
+
+
+def test_partial_predictions_of_another_checkpoint_are_not_merged(shared_data, model_params,
+                                                                  tokenizer, tmp_path):
+  """A run killed with checkpoint step 7 and resumed at step 8 starts again; resumed at
+  step 7 it merges (test_interrupted_run_resumes)."""
+  dataset = _coco(shared_data)[0]
+  done = _run(tmp_path / "seven", dataset, model_params, tokenizer, checkpoint="runs/a", step=7)
+  header = {"provenance": {k: v for k, v in done["provenance"].items() if k != "evaluation"}}
+  entry = json.loads(json.dumps(dict(index=0, image_id=785, ann_id=0, score=0.123, missing=[],
+                                     keypoints=[[1.0, 2.0, 0.5]] * 17, texts=[""] * 17)))
+  for step, merged in ((8, False), (7, True)):
+    out = tmp_path / f"resumed{step}"
+    out.mkdir()
+    (out / evaluate.PARTIAL).write_text(json.dumps(header) + "\n" + json.dumps(entry) + "\n")
+    _run(out, dataset, model_params, tokenizer, checkpoint="runs/a", step=step)
+    preds = json.load(open(out / "predictions.json"))
+    assert (preds[0]["score"] == 0.123) == merged
+
+
+def test_eval_sweep_labels_checkpoints_apart_with_their_steps(shared_data, model_params,
+                                                              tokenizer, tmp_path):
+  """Two runs whose checkpoint folders are both called 'checkpoints' give two rows and
+  two cells; the step column is the step each was evaluated at."""
+  from kptjax.checkpoint import Checkpointer
+  from kptjax.train_step import TrainState
+  spec = importlib.util.spec_from_file_location(
+      "eval_sweep", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "eval_sweep.py")
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  _, params = model_params
+  params = jax.tree.map(np.asarray, params)
+  dirs = []
+  for run_name, step in (("a", 3), ("b", 5)):
+    d = tmp_path / "runs" / run_name / "checkpoints"
+    ckpt = Checkpointer(d, every=1, keep=1, async_save=False)
+    ckpt.save(step, TrainState(step=np.int32(step), params=params,
+                               opt_state={"count": np.int32(0)}), force=True)
+    ckpt.wait()
+    dirs.append(str(d))
+  rows = sweep.run_sweep(_config(), dirs, ["sample:" + _coco(shared_data)[0]],
+                         ["constrained=True"], str(tmp_path / "out"), max_persons=1,
+                         progress=False, tokenizer=tokenizer)
+  assert [(r["checkpoint"], r["step"]) for r in rows] == [("a/checkpoints", 3),
+                                                          ("b/checkpoints", 5)]
+  assert len({sweep.cell_dir_name(d, r["checkpoint"]) for d, r in zip(dirs, rows)}) == 2
+  assert sweep.checkpoint_labels(["x/checkpoints", "y/checkpoints", ""]) == [
+      "x/checkpoints", "y/checkpoints", "config-weights"]
+  assert (tmp_path / "out" / "sweep.csv").read_text().splitlines()[0].startswith(
+      "checkpoint,step,dataset")

@@ -137,7 +137,7 @@ def test_run_writes_metrics_and_reads_them_back(setup, monkeypatch, tmp_path):
   config, _, _ = setup
   calls = []
 
-  def fake_load(cfg, checkpoint=""):
+  def fake_load(cfg, checkpoint="", step=None):
     calls.append(checkpoint)
     return cfg, None, None
 
@@ -180,3 +180,52 @@ def test_ap10k_family_perfect_answers_score_ap_one(shared_data, monkeypatch):
                                    coco_gt=str(folder / "test_ap10k.json"))
   assert out["questions"] == len(labeled) == 16
   assert out["PCK@0.2"] == 1.0 and out["AP"] == pytest.approx(1.0)
+
+
+def test_ap10k_unparseable_answers_score_nothing(shared_data, monkeypatch, tmp_path):
+  """Decimal answers that do not parse are missing: OKS AP 0 and PCK 0 on the AP-10K
+  sample (they once became inf, then NaN through the crop, and scored AP ~1), counted."""
+  from kptjax.data.sources import read_dataset
+  folder = shared_data / "ap10k"
+  records = read_dataset("ap10k_family", folder / "test_ap10k.json", folder,
+                         families="Felidae")
+  c = tiny.get_config().unlock()
+  c.model.kpt.enabled = True
+  c.data.update(coord_format="decimal2d", max_len=160)
+  tok = load_tokenizer("")
+  garbage = tok.encode("no idea", add_special_tokens=False) + [tok.eos_token_id]
+
+  def babble(model, params, images, tokens, mask, force_keypoint=True, **kw):
+    assert not force_keypoint
+    return None, np.tile(np.asarray(garbage, np.int32), (images.shape[0], 1))
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", babble)
+  out = kpt_evaluate.evaluate_cape(c, None, None, tok, records, task="textual",
+                                   rows_per_batch=16, coco_gt=str(folder / "test_ap10k.json"))
+  assert out["AP"] == 0.0 and out["PCK@0.2"] == 0.0
+  assert out["questions"] == 16 and out["parse_failures"] == 16
+  assert out["missing_keypoints"] == 16 and out["parse_failure_rate"] == 1.0
+
+
+def test_unreadable_query_image_is_missing_and_counted(setup, monkeypatch, tmp_path):
+  """A corrupt query image: its questions are asked of nobody, scored as misses and
+  counted; the others are answered (here: perfectly, by an oracle on the crop)."""
+  import copy
+  import dataclasses
+  config, records, tok = setup
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not a png")
+  records = copy.copy(records)                 # a Records list: its specs come along
+  records[0] = dataclasses.replace(records[0], image_path=str(broken), image_bytes=None)
+  asked = []
+
+  def oracle(model, params, images, tokens, mask, **kw):
+    asked.append(images.shape[0])
+    return np.full((images.shape[0], 2), 0.5, np.float32), None
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", oracle)
+  out = kpt_evaluate.evaluate_cape(config, None, None, tok, records, task="textual",
+                                   rows_per_batch=4)
+  k0 = int((records[0].keypoints[:, 2] > 0).sum())
+  assert out["image_errors"] == 1 and out["unreadable_images"] == [str(broken)]
+  assert out["missing_keypoints"] == k0 and out["parse_failures"] == 0
+  assert out["questions"] == sum(int((r.keypoints[:, 2] > 0).sum()) for r in records)
+  assert out["num_answers"] == out["questions"] - k0

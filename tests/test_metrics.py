@@ -187,3 +187,39 @@ AIC_SIGMAS = [0.01388152, 0.01515228, 0.01057665, 0.01417709, 0.01497891, 0.0140
 def test_spec_oks_sigmas_match_their_definitions(spec_name, expected):
   from kptjax.keypoints import get_spec
   np.testing.assert_allclose(get_spec(spec_name).sigmas, expected, rtol=0, atol=1e-9)
+
+
+def test_missing_keypoints_are_pck_misses_whatever_their_values():
+  """A missing prediction counts in the denominator and is never a hit, even when its
+  (unused) value sits on the ground truth."""
+  gt = np.zeros((2, 2, 2))
+  pred = gt.copy()
+  missing = np.array([[True, False], [False, False]])
+  out = metrics.box_pck(pred, gt, np.ones((2, 2), bool), np.array([[0, 0, 10, 10]] * 2),
+                        (0.1,), missing=missing)
+  assert out["PCK@0.1"] == 0.75 and out["count"] == 4
+  assert out["per_keypoint"]["PCK@0.1"] == [0.5, 1.0]
+
+
+def test_mpjpe_counts_missing_joints_instead_of_averaging_them():
+  """Pose 0: joint 2 missing (its junk value is not read) -> MPJPE over joints 0, 1;
+  pose 1: root missing -> cannot be root-aligned, all its joints missing, pose left out."""
+  gt = np.zeros((2, 3, 3))
+  gt[:, 1] = [100, 0, 0]
+  gt[:, 2] = [0, 100, 0]
+  pred = gt.copy()
+  pred[0, 1] += [0, 30, 0]                       # 30 mm off, root exact
+  pred[0, 2] = 1e6
+  missing = np.array([[False, False, True], [True, False, False]])
+  out = metrics.mpjpe(pred, gt, ["A", "A"], root=0, missing=missing)
+  assert out["MPJPE"] == pytest.approx(15.0)     # (0 + 30) / 2 over pose 0
+  assert out["missing_joints"] == 4 and out["missing_poses"] == 1
+  assert out["per_action"]["A"]["count"] == 1
+  assert np.isfinite(out["PA-MPJPE"])
+  assert out["per_keypoint_MPJPE"][:2] == pytest.approx([0.0, 30.0])
+
+
+def test_coco_result_missing_keypoints_are_zero_and_listed():
+  r = metrics.coco_result(3, np.array([[10, 20, 0.9], [30, 40, 0.8]]), 0.7,
+                          missing=np.array([False, True]))
+  assert r["keypoints"] == [10, 20, 0.9, 0, 0, 0] and r["missing"] == [1]

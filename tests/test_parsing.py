@@ -121,3 +121,28 @@ def test_loc_token_grammar_and_parse():
   np.testing.assert_allclose(ans.values, [1.5 / 4, 3.5 / 4])
   assert ans.score == pytest.approx(0.6)
   assert not parsing.score_loc_answer([6, eos], [0.5, 0.5], loc_ids, eos, 4).ok
+
+
+def test_localize_unparseable_is_missing_never_the_crop_centre():
+  """Two persons x two queries; one answer does not parse: it is missing, its values
+  are 0 (finite), and the parsed ones map back through their own affine."""
+  strs = [None, "[", "]", ",", "0", ".", "1", "2", "5", "x"]
+  eos = 0
+  ans = {"good": [1, 4, 5, 8, 3, 4, 5, 6, 7, 2, eos], "bad": [9, 9, eos]}   # [0.5,0.12] / xx
+  rows = [["good", "bad"], ["good", "good"]]
+  width = max(len(a) for a in ans.values())
+  tokens = np.full((2, 2, width), eos, np.int32)
+  for i, row in enumerate(rows):
+    for j, name in enumerate(row):
+      tokens[i, j, :len(ans[name])] = ans[name]
+  probs = np.ones(tokens.shape, np.float32)
+  affine = np.array([[[2, 0, 10], [0, 2, 20]], [[1, 0, 0], [0, 1, 0]]], np.float32)
+  scorer = lambda t, p: parsing.score_answer(t, p, strs, eos, 2)
+  loc = parsing.localize(tokens, probs, scorer, 2, affine, 32)
+  assert loc.missing.tolist() == [[False, True], [False, False]] and loc.num_failures == 1
+  assert loc.keypoints[0, 1].tolist() == [0.0, 0.0] and loc.values[0, 1].tolist() == [0, 0]
+  assert loc.scores[0, 1] == 0.0 and np.isfinite(loc.keypoints).all()
+  np.testing.assert_allclose(loc.keypoints[0, 0], [0.5 * 32 * 2 + 10, 0.12 * 32 * 2 + 20],
+                             rtol=1e-6)
+  np.testing.assert_allclose(loc.keypoints[1, 1], [16.0, 0.12 * 32], rtol=1e-6)
+  assert loc.ok.tolist() == (~loc.missing).tolist()

@@ -78,3 +78,37 @@ def test_attention_heatmap_and_overlay():
   drawn = viz.draw_keypoints(crop, np.array([[5.0, 5.0], [20.0, 20.0]]), [(0, 1)],
                              ["left wrist", "right wrist"])
   assert (drawn != crop).any() and drawn.shape == crop.shape
+
+
+def test_unanswered_keypoints_are_listed_not_drawn(shared_data, config, model_params, tmp_path,
+                                                   monkeypatch, capsys):
+  """Only the first query parses: the others are listed as missing (JSON and stdout's
+  JSON), have no coordinates, and nothing is drawn at the crop centre (where they were
+  once placed, all on one dot)."""
+  from kptjax import parsing
+  calls = []
+
+  def scorer(tokens, probs, token_strs, eos_id, count):
+    calls.append(1)
+    if len(calls) == 1:
+      return parsing.ParsedAnswer(np.full(count, 0.25, np.float32), 0.9, True, "[0.25,0.25]")
+    return parsing.ParsedAnswer(np.zeros(count, np.float32), 0.0, False, "no idea")
+  monkeypatch.setattr(parsing, "score_answer", scorer)
+  image = shared_data / "coco" / "000000000785.jpg"
+  result = predict.predict(config, str(image), box=predict.parse_box("280,44,218,346"),
+                           keypoints=["nose", "left wrist", "right ankle"],
+                           out_dir=str(tmp_path), model_params=model_params,
+                           tokenizer=tok_lib.load_tokenizer(""))
+  assert result["missing"] == ["left wrist", "right ankle"]
+  first, *rest = result["keypoints"]
+  assert first["parsed"] and np.isfinite([first["x"], first["y"]]).all()
+  assert all(k["x"] is None and k["y"] is None and not k["parsed"] and k["score"] == 0
+             for k in rest)
+  saved = json.loads((tmp_path / "000000000785_keypoints.json").read_text())
+  assert saved["missing"] == result["missing"]
+  drawn = np.asarray(Image.open(result["overlay"]).convert("RGB")).astype(int)
+  original = np.asarray(Image.open(image).convert("RGB")).astype(int)
+  cx, cy = 280 + 218 / 2, 44 + 346 / 2                 # the crop centre in the image
+  patch = np.s_[int(cy) - 6:int(cy) + 7, int(cx) - 6:int(cx) + 7]
+  np.testing.assert_array_equal(drawn[patch], original[patch])
+
