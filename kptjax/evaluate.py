@@ -215,12 +215,43 @@ def _camera_3d(rec: Any, xy: np.ndarray, depth_rel: np.ndarray, root: int = 0) -
   return metrics.pixel_to_camera(xy, z, rec.camera["f"], rec.camera["c"])
 
 
-def category_ids(coco_gt: Optional[str]) -> dict[int, int]:
-  """{annotation id: category id} of a COCO-format file (AP-10K has one per species)."""
+def category_ids(coco_gt: Optional[str], records: Sequence[Any]) -> dict[int, int]:
+  """{record ann_id: category id} for the results: each record's category (the
+  annotation's, or the detection's) by name in the COCO file's ``categories``; a record
+  without one takes the file's only category.
+
+  Raises:
+    DataError: a record's category is not in the file, or it has none and the file has
+      several.
+  """
   if not coco_gt:
     return {}
-  with open(coco_gt) as f:
-    return {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f).get("annotations", [])}
+  by_name = metrics.coco_categories(coco_gt)
+  out = {}
+  for r in records:
+    if r.category is not None and str(r.category) in by_name:
+      out[int(r.ann_id)] = by_name[str(r.category)]
+    elif r.category is None and len(by_name) == 1:
+      out[int(r.ann_id)] = next(iter(by_name.values()))
+    else:
+      raise errors.DataError(coco_gt, f"category {r.category!r} of the person on image "
+                             f"{r.image_id} is not one of the file's {len(by_name)} categories",
+                             field="categories", record=r.ann_id)
+  return out
+
+
+def check_protocol(records: Sequence[Any], mpii_box_pck: bool = False) -> None:
+  """Refuses a dataset whose benchmark metric cannot be computed, before any decoding.
+
+  MPII's metric is PCKh, which needs every record's head box (``headbox_file``);
+  without them only box PCK can be reported, and only when asked (``mpii_box_pck``).
+  """
+  if records and records[0].dataset == "mpii" and not mpii_box_pck and \
+      any(r.head_box is None for r in records):
+    raise errors.ConfigError(
+        f"{getattr(records, 'source', 'mpii')}: MPII is scored by PCKh, which needs the head "
+        "boxes: add headbox_file=<mpii_gt_val.mat> to the dataset, or ask for box PCK only "
+        "(--mpii_box_pck, config.decode.mpii_box_pck)")
 
 
 def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: bool,
@@ -248,7 +279,7 @@ def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: boo
 def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequence[str], *,
                     coco_gt: Optional[str] = None, sigmas: Optional[Sequence[float]] = None,
                     pckh_variant: str = "standard", has_gt: bool = True,
-                    root: int = 0) -> dict[str, Any]:
+                    root: int = 0, mpii_box_pck: bool = False) -> dict[str, Any]:
   """Every metric that applies to these records.
 
   Args:
@@ -260,11 +291,20 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
     pckh_variant: 'standard' or 'locllm' (``metrics.pckh``).
     has_gt: whether records carry ground-truth keypoints (False for detection boxes).
     root: root joint of 3D poses (the spec's ``root_index``).
+    mpii_box_pck: MPII without head boxes reports box PCK only (else ConfigError).
+
+  OKS AP is the benchmark's own protocol (``metrics.ap_protocol`` of the records'
+  dataset: CrowdPose's AP(E/M/H), AIC's mmpose setting, else COCO's) over every image of
+  ``coco_gt`` holding the records' categories (images where the detector found nobody
+  included), or, when only the first persons were decoded (``max_persons``), over their
+  images. Categories are the records' own (annotation's or detection's).
 
   PCKh needs head boxes on every record and 16 keypoints in MPII order (its groups and
   the joints left out of the mean are MPII's).
   """
   ok = np.array([e["ok"] for e in entries], bool).reshape(len(entries), -1)
+  missing = np.array([np.isin(np.arange(len(names)), e.get("missing", [])) for e in entries],
+                     bool).reshape(len(entries), len(names))
   out: dict[str, Any] = {
       "num_persons": len(entries), "num_answers": int(ok.size),
       "parse_failures": int((~ok).sum()),
@@ -274,21 +314,28 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
   columns: dict[str, Any] = {"parse_failures": (~ok).sum(0).astype(float),
                              "mean_score": scores.mean(0) if len(entries) else []}
   if coco_gt and sigmas is not None and len(sigmas) == len(names):
-    cats = category_ids(coco_gt) if has_gt else {}
+    cats = category_ids(coco_gt, records)
     preds = [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
-                                 cats.get(int(e["ann_id"]), 1)) for e in entries]
-    image_ids = sorted({int(records[e["index"]].image_id) for e in entries})
-    out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids)
+                                 cats[int(records[e["index"]].ann_id)], missing=m)
+             for e, m in zip(entries, missing)]
+    partial = len({e["index"] for e in entries}) < len(records)
+    image_ids = sorted({int(records[e["index"]].image_id) for e in entries}) if partial else None
+    out["ap_protocol"] = metrics.ap_protocol(records[0].dataset)
+    out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids,
+                                           category_ids=sorted(set(cats.values())),
+                                           protocol=out["ap_protocol"])
   recs = [records[e["index"]] for e in entries]
+  check_protocol(recs, mpii_box_pck)
   if has_gt and recs and recs[0].keypoints.shape[0] == len(names):
     pred = np.array([np.array(e["keypoints"])[:, :2] for e in entries])
     gt = np.stack([r.keypoints[:, :2] for r in recs])
     vis = np.stack([r.keypoints[:, -1] > 0 for r in recs])
-    pck = metrics.box_pck(pred, gt, vis, np.stack([r.box for r in recs]))
+    pck = metrics.box_pck(pred, gt, vis, np.stack([r.box for r in recs]), missing=missing)
     out["pck"] = {k: v for k, v in pck.items() if k != "per_keypoint"}
     columns.update(pck["per_keypoint"])
     if all(r.head_box is not None for r in recs) and len(names) == 16:
-      pckh = metrics.pckh(pred, gt, vis, np.stack([r.head_box for r in recs]), pckh_variant)
+      pckh = metrics.pckh(pred, gt, vis, np.stack([r.head_box for r in recs]), pckh_variant,
+                          missing=missing)
       out["pckh"] = {k: v for k, v in pckh.items() if k != "per_keypoint"}
       columns.update(pckh["per_keypoint"])
     if all(r.keypoints_3d is not None and r.camera is not None for r in recs) and \
@@ -298,7 +345,7 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
                       for r, e in zip(recs, entries)])
       gt3 = np.stack([r.keypoints_3d[:, :3] for r in recs])
       actions = [r.extra.get("action") or metrics.h36m_action(r.image_path) for r in recs]
-      mp = metrics.mpjpe(cam, gt3, actions, root=root)
+      mp = metrics.mpjpe(cam, gt3, actions, root=root, missing=missing)
       columns["MPJPE"] = mp.pop("per_keypoint_MPJPE")
       out["mpjpe"] = mp
   out["per_keypoint"] = metrics.per_keypoint_table(names, columns)
@@ -311,12 +358,15 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
 
 def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
         max_persons: Optional[int] = None, pckh_variant: str = "standard",
-        progress: bool = True, model_params: Optional[tuple[Any, Any]] = None,
+        mpii_box_pck: bool = False, progress: bool = True,
+        model_params: Optional[tuple[Any, Any]] = None,
         tokenizer: Any = None) -> dict[str, Any]:
   """Evaluates one checkpoint on one dataset; returns the metrics dict.
 
   When ``out_dir`` already holds both outputs, nothing is recomputed (the saved
   metrics are returned). ``model_params`` / ``tokenizer`` skip loading (sweeps, tests).
+  ``mpii_box_pck``: MPII without head boxes reports box PCK (else ConfigError, before
+  any decoding).
   """
   metrics_path = os.path.join(out_dir, METRICS)
   if is_done(out_dir):
@@ -332,6 +382,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   if not len(records):
     raise errors.DataError(getattr(records, "source", dataset), "no persons to evaluate")
   indices = list(range(len(records)))[:max_persons]
+  check_protocol(records, mpii_box_pck)
   spec_names = {records[i].spec for i in indices}
   if len(spec_names) != 1:
     raise errors.ConfigError(f"evaluate asks one keypoint spec per run; the dataset has "
@@ -378,7 +429,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   has_gt = not (dataset and "det_file=" in dataset) and not config.data.eval.get("det_file")
   result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
                            pckh_variant=pckh_variant, has_gt=has_gt,
-                           root=getattr(spec, "root_index", None) or 0)
+                           root=getattr(spec, "root_index", None) or 0,
+                           mpii_box_pck=mpii_box_pck)
   result.update({
       "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint, "spec": spec.name,
       "decode": {"max_new_tokens": localizer.max_new_tokens, "constrained": localizer.constrained,
@@ -388,7 +440,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   })
   root = getattr(spec, "root_index", None) or 0
   write_json_atomic(os.path.join(out_dir, PREDICTIONS), predictions_file(
-      records, entries, is_3d, category_ids(coco_gt) if has_gt else {}, root))
+      records, entries, is_3d, category_ids(coco_gt, records), root))
   write_json_atomic(metrics_path, result)
   os.remove(partial_path)
   return result
@@ -428,7 +480,8 @@ def make_train_evaluator(config: Any, model: Any, mesh: Any = None):
     entries = [e for batch in decode_persons(localizer, records, iter(items),
                                              int(config.decode.batch_persons)) for e in batch]
     result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
-                             has_gt=not config.data.eval.get("det_file"))
+                             has_gt=not config.data.eval.get("det_file"),
+                             mpii_box_pck=bool(config.decode.get("mpii_box_pck", False)))
     out = {"parse_failure_rate": result["parse_failure_rate"]}
     for k in ("PCK@0.05", "PCK@0.1", "PCK@0.2"):
       if k in result.get("pck", {}):
@@ -464,6 +517,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("max_persons", None, "Evaluate only the first N persons.")
   flags.DEFINE_enum("pckh_variant", "standard", ["standard", "locllm"],
                     "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
+  flags.DEFINE_bool("mpii_box_pck", False, "MPII without head boxes: report box PCK only "
+                    "(default: refuse, PCKh needs headbox_file).")
   flags.mark_flag_as_required("config")
 
 
@@ -475,7 +530,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--out (or --workdir) is required")
   try:
     result = run(f.config, out, checkpoint=f.checkpoint, dataset=f.dataset,
-                 max_persons=f.max_persons, pckh_variant=f.pckh_variant)
+                 max_persons=f.max_persons, pckh_variant=f.pckh_variant,
+                 mpii_box_pck=f.mpii_box_pck)
   except errors.KptjaxError as e:
     raise SystemExit(f"error: {e}") from None
   for line in summary_lines(result):

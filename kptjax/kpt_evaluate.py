@@ -215,29 +215,36 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   for i, r in enumerate(records):
     gt[i, :r.num_keypoints] = np.asarray(r.keypoints)[:, :2]
   boxes = np.stack([np.asarray(r.box, np.float64) for r in records])
+  missing = ~visible | ~np.isfinite(pred).all(-1)    # not asked, or no parseable answer
   result = metrics.category_pck(pred, gt, visible, boxes,
-                                [r.category or r.spec for r in records], threshold)
+                                [r.category or r.spec for r in records], threshold,
+                                missing=missing)
   result["questions"] = int(visible.sum())
   if coco_gt:
-    result.update(_coco_ap(coco_gt, records, pred))
+    result.update(_coco_ap(coco_gt, records, pred, missing))
   return result
 
 
-def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray) -> dict[str, float]:
-  """OKS AP of the predictions, one result per instance (score 1) on its own image."""
+def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray,
+             missing: np.ndarray) -> dict[str, float]:
+  """OKS AP of the predictions, one result per instance (score 1) on its own image, in
+  the instance's own category; keypoints not asked or not answered are missing. The
+  images are those of the records' categories (``metrics.coco_keypoint_ap``), so a
+  family split scores alone."""
+  from kptjax import evaluate  # pylint: disable=g-import-not-at-top
   specs = pipeline._specs_for(records)   # pylint: disable=protected-access
   names = {records[0].spec} | {r.spec for r in records}
   if len(names) != 1 or specs[records[0].spec].sigmas is None:
     raise ConfigError(f"OKS AP needs one keypoint spec with sigmas; got {sorted(names)}")
   spec = specs[records[0].spec]
-  with open(coco_gt, encoding="utf-8") as f:
-    category = {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f)["annotations"]}
+  category = evaluate.category_ids(coco_gt, records)
   k = spec.num_keypoints
   results = [metrics.coco_result(r.image_id, np.concatenate([pred[i, :k], np.ones((k, 1))], 1),
-                                 1.0, category.get(int(r.ann_id), 1))
+                                 1.0, category[int(r.ann_id)], missing=missing[i, :k])
              for i, r in enumerate(records)]
   return metrics.coco_keypoint_ap(coco_gt, results, spec.sigmas,
-                                  image_ids=sorted({int(r.image_id) for r in records}))
+                                  category_ids=sorted(set(category.values())),
+                                  protocol=metrics.ap_protocol(records[0].dataset))
 
 
 def _normalize(text: str) -> str:

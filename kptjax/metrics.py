@@ -261,7 +261,14 @@ def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
     raise errors.ConfigError(f"the {protocol} AP needs the keypoint spec's OKS sigmas")
   num_keypoints = 17 if sigmas is None else len(sigmas)
   data = _split(data, image_ids, category_ids)
-  if protocol != "coco":
+  if protocol == "coco":
+    for i, ann in enumerate(data["annotations"]):
+      if not isinstance(ann.get("area"), (int, float)) or not np.isfinite(ann["area"]):
+        raise errors.DataError(source, f"area {ann.get('area')!r}: COCO's OKS scale (a "
+                               "file without areas is CrowdPose's or AIC's protocol)",
+                               field="annotations[].area", record=ann.get("id"),
+                               expected="a finite number")
+  else:
     for ann in data["annotations"]:
       ann.setdefault("iscrowd", 0)
   tool_results = _tool_results(results, data, num_keypoints, drop_unscored=protocol != "coco")

@@ -53,7 +53,7 @@ def test_coco_outputs_and_metrics(shared_data, coco_run):
   preds = json.load(open(os.path.join(out, "predictions.json")))
   assert len(preds) == 5
   for p in preds:
-    assert set(p) == {"image_id", "category_id", "keypoints", "score"}
+    assert set(p) == {"image_id", "category_id", "keypoints", "score", "missing"}
     assert len(p["keypoints"]) == 17 * 3 and 0 <= p["score"] <= 1
   saved = json.load(open(os.path.join(out, "metrics.json")))
   assert saved["num_persons"] == 5 and saved["num_answers"] == 85
