@@ -1,6 +1,7 @@
 """KptLLM under the MP-100 protocol: every query instance, every keypoint labeled in the
-query (and, for visual prompts, in a support), one question each; PCK@0.2 per category
-(normalized by max(box w, h)) and its mean over categories (``metrics.category_pck``).
+query (and, for visual prompts, in a support), one question each; PCK@0.2 (normalized by
+max(box w, h)) per instance, then its mean over instances, as POMNet / CapeFormer do, and
+per category (``metrics.category_pck``). A question not asked or not answered is a miss.
 
   task 'visual'   1- or 5-shot: supports from ``cape.sample_supports(records, shots,
                   seed)`` (seeded: the same supports for every checkpoint); the prompt of
