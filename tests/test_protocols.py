@@ -318,3 +318,16 @@ def test_mpii_without_head_boxes_is_an_error(shared_data):
     evaluate.check_protocol(records)
   out = evaluate.compute_metrics(records, entries, spec.names, mpii_box_pck=True)
   assert "pckh" not in out and 0 < out["pck"]["PCK@0.05"] <= 1
+
+
+def test_results_outside_the_ground_truth_are_refused(shared_data):
+  path = shared_data / "coco" / "test_coco.json"
+  ann = json.loads(path.read_text())["annotations"][0]
+  good = {"image_id": ann["image_id"], "category_id": 1, "keypoints": ann["keypoints"],
+          "score": 1.0}
+  with pytest.raises(errors.DataError, match=r"results\[1\]\.image_id"):
+    metrics.coco_keypoint_ap(str(path), [good, dict(good, image_id=12345)])
+  with pytest.raises(errors.DataError, match=r"results\[0\]\.category_id"):
+    metrics.coco_keypoint_ap(str(path), [dict(good, category_id=7)])
+  with pytest.raises(errors.DataError, match=r"results\[0\]\.score"):
+    metrics.coco_keypoint_ap(str(path), [dict(good, score=float("nan"))])
