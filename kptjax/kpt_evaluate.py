@@ -187,7 +187,8 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   side = int(config.model.vit.image_size)
   k_max = max(r.num_keypoints for r in records)
   pred = np.zeros((len(records), k_max, 2))
-  visible = np.zeros((len(records), k_max), bool)
+  visible = np.zeros((len(records), k_max), bool)        # asked
+  answered = np.zeros((len(records), k_max), bool)       # asked, and the answer parsed
   embed_prompts = _prompt_embedder(model)
   batch: list[dict[str, Any]] = []
 
@@ -201,9 +202,11 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     if not regress:
       xy = np.array([_parse(tokenizer, g, enc.eos_id) for g in np.asarray(generated)[:n]])
     for row, p in zip(batch, xy[:n]):
-      image_xy = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
-      pred[row["index"], row["keypoint"]] = image_xy
       visible[row["index"], row["keypoint"]] = True
+      if np.isfinite(p).all():                # else no answer: stays missing
+        pred[row["index"], row["keypoint"]] = transforms.apply_affine(
+            np.asarray(p)[None] * side, row["affine_inv"])[0]
+        answered[row["index"], row["keypoint"]] = True
     batch.clear()
 
   for question in _questions(config, records, task, shots, seed):
@@ -216,7 +219,7 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   for i, r in enumerate(records):
     gt[i, :r.num_keypoints] = np.asarray(r.keypoints)[:, :2]
   boxes = np.stack([np.asarray(r.box, np.float64) for r in records])
-  missing = ~visible | ~np.isfinite(pred).all(-1)    # not asked, or no parseable answer
+  missing = ~answered                                    # not asked, or no parseable answer
   result = metrics.category_pck(pred, gt, visible, boxes,
                                 [r.category or r.spec for r in records], threshold,
                                 missing=missing)

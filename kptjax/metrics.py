@@ -213,10 +213,11 @@ def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
     'coco'       pycocotools ``COCOeval(iouType='keypoints')``, the annotations' ``area``
                  (COCO, Human-Art, OCHuman, AP-10K).
     'aic'        mmpose's AI Challenger setting, xtcocotools ``COCOeval('keypoints',
-                 use_area=False)``: the object scale is 0.53 x box area (``AREA_FROM_BOX``),
-                 a missing ``iscrowd`` is 0 and results whose keypoint scores are all 0
-                 are ignored, as xtcocotools does; run through pycocotools, which then
-                 computes what xtcocotools does.
+                 use_area=False)``: the object scale is 0.53 x box area (``AREA_FROM_BOX``)
+                 and results whose keypoint scores are all 0 are ignored, as xtcocotools
+                 does; run through pycocotools, which then computes what xtcocotools does.
+
+  Every protocol: an annotation without ``iscrowd`` is not a crowd (xtcocotools' default).
     'crowdpose'  faster-coco-eval ``COCOeval_faster(iouType='keypoints_crowd',
                  use_area=False)``, xtcocotools' port of crowdposetools: AP, AP50, AP75,
                  AR, AR50, AR75 and AP(E), AP(M), AP(H) over the images whose
@@ -243,7 +244,8 @@ def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
     where the evaluator has no ground truth); all 0 when no result is left.
   Raises:
     DataError: a result that is malformed or non-finite (and not marked missing), a
-      result on an image not in ``gt``, a CrowdPose image without ``crowdIndex``.
+      result on an image or in a category not in ``gt``, a COCO-protocol annotation
+      without a finite ``area``, a CrowdPose image without ``crowdIndex``.
   """
   if protocol not in AP_PROTOCOLS:
     raise errors.ConfigError(f"AP protocol must be one of {sorted(AP_PROTOCOLS)}, got "
@@ -251,26 +253,30 @@ def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
   names = AP_PROTOCOLS[protocol]
   source = gt if isinstance(gt, (str, os.PathLike)) else "ground truth"
   data = _read_gt(gt)
-  data.setdefault("categories", [])
-  known = {int(i["id"]) for i in data.get("images", [])}
+  for key in ("images", "annotations", "categories"):
+    data.setdefault(key, [])
+  known_images = {int(i["id"]) for i in data["images"]}
+  known_cats = {int(c["id"]) for c in data["categories"]}
   for i, r in enumerate(results):
-    if int(r.get("image_id", -1)) not in known:
+    if r.get("image_id") not in known_images:
       raise errors.DataError("results", f"image_id {r.get('image_id')!r} is not in {source}",
                              field=f"results[{i}].image_id")
+    if r.get("category_id", 1) not in known_cats:
+      raise errors.DataError("results", f"category_id {r.get('category_id')!r} is not in "
+                             f"{source}", field=f"results[{i}].category_id")
   if sigmas is None and protocol != "coco":
     raise errors.ConfigError(f"the {protocol} AP needs the keypoint spec's OKS sigmas")
   num_keypoints = 17 if sigmas is None else len(sigmas)
   data = _split(data, image_ids, category_ids)
   if protocol == "coco":
-    for i, ann in enumerate(data["annotations"]):
+    for ann in data["annotations"]:
       if not isinstance(ann.get("area"), (int, float)) or not np.isfinite(ann["area"]):
         raise errors.DataError(source, f"area {ann.get('area')!r}: COCO's OKS scale (a "
                                "file without areas is CrowdPose's or AIC's protocol)",
                                field="annotations[].area", record=ann.get("id"),
                                expected="a finite number")
-  else:
-    for ann in data["annotations"]:
-      ann.setdefault("iscrowd", 0)
+  for ann in data["annotations"]:
+    ann.setdefault("iscrowd", 0)       # xtcocotools' default; pycocotools would raise
   tool_results = _tool_results(results, data, num_keypoints, drop_unscored=protocol != "coco")
   if not tool_results:
     return {k: 0.0 for k in names}

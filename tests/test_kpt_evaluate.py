@@ -180,3 +180,25 @@ def test_ap10k_family_perfect_answers_score_ap_one(shared_data, monkeypatch):
                                    coco_gt=str(folder / "test_ap10k.json"))
   assert out["questions"] == len(labeled) == 16
   assert out["PCK@0.2"] == 1.0 and out["AP"] == pytest.approx(1.0)
+
+
+def test_ap10k_unparseable_answers_are_missing_not_perfect(shared_data, monkeypatch):
+  """LocLLM-style text answers that never parse: every keypoint is missing, so PCK and
+  OKS AP are 0 (an unparseable answer once became NaN through the inverse affine, and
+  NaN matched perfectly: AP 0.99999)."""
+  from kptjax.data.sources import read_dataset
+  folder = shared_data / "ap10k"
+  records = read_dataset("ap10k", folder / "test_ap10k.json", folder)
+  c = tiny.get_config().unlock()
+  c.data.update(coord_format="decimal2d", max_len=160)
+  tok = load_tokenizer("")
+  junk = np.asarray(tok.encode("no idea", add_special_tokens=False) + [tok.eos_token_id],
+                    np.int32)
+
+  def babble(model, params, images, tokens, mask, force_keypoint=True, **kw):
+    return None, np.tile(junk, (images.shape[0], 1))
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", babble)
+  out = kpt_evaluate.evaluate_cape(c, None, None, tok, records, task="textual",
+                                   rows_per_batch=8, coco_gt=str(folder / "test_ap10k.json"))
+  assert out["questions"] == out["missing"] == 32
+  assert out["PCK@0.2"] == 0.0 and out["AP"] == 0.0 and out["AR"] == 0.0

@@ -331,3 +331,12 @@ def test_results_outside_the_ground_truth_are_refused(shared_data):
     metrics.coco_keypoint_ap(str(path), [dict(good, category_id=7)])
   with pytest.raises(errors.DataError, match=r"results\[0\]\.score"):
     metrics.coco_keypoint_ap(str(path), [dict(good, score=float("nan"))])
+
+
+def test_evaluate_run_refuses_mpii_without_head_boxes_before_decoding(shared_data, tmp_path):
+  """No model is given or loaded: the refusal comes before any decoding."""
+  from configs import tiny
+  d = shared_data / "mpii"
+  with pytest.raises(errors.ConfigError, match="headbox_file"):
+    evaluate.run(tiny.get_config(), str(tmp_path), progress=False,
+                 dataset=f"mpii,json_file={d / 'test_mpii.json'},image_root={d}")
