@@ -365,8 +365,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
 
   When ``out_dir`` already holds both outputs, nothing is recomputed (the saved
   metrics are returned). ``model_params`` / ``tokenizer`` skip loading (sweeps, tests).
-  ``mpii_box_pck``: MPII without head boxes reports box PCK (else ConfigError, before
-  any decoding).
+  ``mpii_box_pck`` (or ``config.decode.mpii_box_pck``): MPII without head boxes reports
+  box PCK (else ConfigError, before any decoding).
   """
   metrics_path = os.path.join(out_dir, METRICS)
   if is_done(out_dir):
@@ -382,6 +382,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   if not len(records):
     raise errors.DataError(getattr(records, "source", dataset), "no persons to evaluate")
   indices = list(range(len(records)))[:max_persons]
+  mpii_box_pck = mpii_box_pck or bool(config.decode.get("mpii_box_pck", False))
   check_protocol(records, mpii_box_pck)
   spec_names = {records[i].spec for i in indices}
   if len(spec_names) != 1:

@@ -340,3 +340,15 @@ def test_evaluate_run_refuses_mpii_without_head_boxes_before_decoding(shared_dat
   with pytest.raises(errors.ConfigError, match="headbox_file"):
     evaluate.run(tiny.get_config(), str(tmp_path), progress=False,
                  dataset=f"mpii,json_file={d / 'test_mpii.json'},image_root={d}")
+
+
+def test_mpii_box_pck_from_the_config_field(shared_data, tmp_path):
+  """config.decode.mpii_box_pck asks for box PCK: the refusal is gone (the run then needs
+  a model; this stops at loading it from a checkpoint that does not exist)."""
+  from configs import tiny
+  config = tiny.get_config().unlock()
+  config.decode.mpii_box_pck = True
+  d = shared_data / "mpii"
+  with pytest.raises(errors.CheckpointError, match="no such checkpoint"):
+    evaluate.run(config.lock(), str(tmp_path), progress=False, checkpoint=str(tmp_path / "x"),
+                 dataset=f"mpii,json_file={d / 'test_mpii.json'},image_root={d}")
