@@ -154,17 +154,22 @@ def _tool_results(results: Sequence[Mapping[str, Any]], data: dict, num_keypoint
   out, any_missing = [], False
   for i, r in enumerate(results):
     where = f"results[{i}]"
-    kp = np.asarray(r.get("keypoints", []), np.float64)
+    try:
+      kp = np.asarray(r.get("keypoints", []), np.float64)
+      listed = [int(k) for k in r.get("missing", []) or []]
+    except (TypeError, ValueError) as e:
+      raise errors.DataError("results", f"not numbers: {e}", field=f"{where}.keypoints",
+                             expected="3K numbers and a list of keypoint indices") from None
     if kp.size != 3 * num_keypoints:
       raise errors.DataError("results", f"{kp.size} keypoint values", field=f"{where}.keypoints",
                              expected=f"{3 * num_keypoints} (x, y, score per keypoint)")
     kp = kp.reshape(-1, 3)
     missing = np.zeros(num_keypoints, bool)
-    for k in r.get("missing", []) or []:
-      if not 0 <= int(k) < num_keypoints:
+    for k in listed:
+      if not 0 <= k < num_keypoints:
         raise errors.DataError("results", f"keypoint {k} out of range", field=f"{where}.missing",
                                expected=f"indices in [0, {num_keypoints})")
-      missing[int(k)] = True
+      missing[k] = True
     answered = answered_mask(kp[None], missing[None], f"{where}.keypoints")[0]
     score = float(r.get("score", np.nan))
     if not np.isfinite(score):

@@ -352,3 +352,15 @@ def test_mpii_box_pck_from_the_config_field(shared_data, tmp_path):
   with pytest.raises(errors.CheckpointError, match="no such checkpoint"):
     evaluate.run(config.lock(), str(tmp_path), progress=False, checkpoint=str(tmp_path / "x"),
                  dataset=f"mpii,json_file={d / 'test_mpii.json'},image_root={d}")
+
+
+def test_malformed_results_name_the_field(shared_data):
+  path = shared_data / "coco" / "test_coco.json"
+  ann = json.loads(path.read_text())["annotations"][0]
+  good = {"image_id": ann["image_id"], "category_id": 1, "keypoints": ann["keypoints"],
+          "score": 1.0}
+  for bad, field in [(dict(good, keypoints=ann["keypoints"][:-3]), "keypoints"),
+                     (dict(good, keypoints=["x"] * 51), "keypoints"),
+                     (dict(good, missing=[17]), "missing")]:
+    with pytest.raises(errors.DataError, match=rf"results\[0\]\.{field}"):
+      metrics.coco_keypoint_ap(str(path), [bad])
