@@ -86,6 +86,7 @@ def get_config(arg=None):
       curriculum_augment=False,
       tasks="",
       shots=1,
+      strict_images=False,       # True: an unreadable training image stops the run
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -101,6 +102,11 @@ def get_config(arg=None):
       batch_size=batch, num_steps=steps_for(epochs, COCO_TRAIN_PERSONS, batch),
       log_every=50, checkpoint_every=2000, keep_checkpoints=3, eval_every=0, stage=2,
       evaluator="",              # e.g. 'kptjax.evaluate:make_train_evaluator' with eval_every > 0
+      # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
+      # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's
+      # model_config.json stops the run (kptjax.preflight). optim.* / train.* are not
+      # model fields: they may always change.
+      resume_may_change="",
   ))
 
   c.mesh = common.mesh_config(data=-1, fsdp=1, tensor=1)

@@ -71,6 +71,9 @@ def get_config(arg=None):
       curriculum_augment=False,          # augment the curriculum stages too
       tasks="",                          # KptLLM tasks mixed per item: 'visual:1,textual:1'
       shots=1,                           # support instances per query (visual prompts)
+      # a training image that cannot be read: False = skip it, count it (logged as
+      # skipped_images), True = stop with its ImageError (python -m kptjax.train --strict)
+      strict_images=False,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -85,6 +88,11 @@ def get_config(arg=None):
       batch_size=4, num_steps=10, log_every=5, checkpoint_every=10, keep_checkpoints=2,
       eval_every=0, stage=2,
       evaluator="",   # 'package.module:factory' -> eval_fn(state, step) every eval_every steps
+      # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
+      # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's
+      # model_config.json stops the run (kptjax.preflight). optim.* / train.* are not
+      # model fields: they may always change.
+      resume_may_change="",
   ))
 
   c.mesh = common.mesh_config()

@@ -8,10 +8,19 @@ Layout of ``WORKDIR/checkpoints/<step>/``:
 Restoring all three gives a run that continues exactly where the saved one stopped:
 same params, same optimizer moments, same next batch, same dropout keys (they derive
 from the step).
+
+Saves fail where they fail, in one line naming the path and the cause: the directory is
+created and a probe file written (synchronously) when the ``Checkpointer`` is made and
+before every save, so a read-only or full workdir stops the run at once instead of in
+Orbax's background thread; an error of a background save is raised by the next
+``check`` (the train loop calls it every step) or ``wait``, naming the step that made it,
+and that step's partial ``<step>.orbax-checkpoint-tmp*`` dir is removed. Stale tmp dirs of
+an earlier, killed run are removed at start. Finished checkpoints are never touched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -30,6 +39,70 @@ from kptjax.train_step import TrainState
 Params = dict[str, Any]
 
 CHECKPOINT_SUBDIR = "checkpoints"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"   # Orbax's name for a save not yet finalized
+_PROBE = ".kptjax-write-probe"
+
+
+def _root(directory: str | os.PathLike) -> epath.Path:
+  # Orbax writes OCDBT stores, which need absolute paths ('runs/x' is the usual CLI input).
+  d = os.fspath(directory)
+  return epath.Path(d if "://" in d else os.path.abspath(d))
+
+
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+  """The finished checkpoint steps under ``directory``, sorted; writes nothing (a missing
+  directory has none)."""
+  root = _root(directory)
+  if not root.exists():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _reason(e: BaseException) -> str:
+  """One line saying why a write failed: the OS error, and 'the disk is full' /
+  'read-only file system' when that is the cause."""
+  text = (f"[Errno {e.errno}] {e.strerror}: {e.filename}" if isinstance(e, OSError)
+          and e.strerror else str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+  if len(text) > 400:
+    text = text[:400] + " ..."
+  code = getattr(e, "errno", None)
+  if code == errno.ENOSPC or "No space left" in str(e) or "os_error_code='28'" in str(e):
+    text = f"the disk is full ({text})"
+  elif code == errno.EROFS or "Read-only file system" in str(e):
+    text = f"read-only file system ({text})"
+  return text
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+  """Creates ``directory`` (and parents) and writes and removes a 4 KiB probe file in it.
+
+  Raises:
+    CheckpointError: in one line, naming the directory and the OS error (read-only,
+      permission denied, no space left).
+  """
+  root = _root(directory)
+  probe = root / f"{_PROBE}-{jax.process_index()}"
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"\0" * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise CheckpointError(f"{root}: cannot write checkpoints: {_reason(e)}") from None
+
+
+def remove_tmp_dirs(directory: str | os.PathLike, step: int | None = None) -> list[str]:
+  """Removes unfinished saves (``<step>.orbax-checkpoint-tmp*``) of ``step`` (default:
+  all) under ``directory``; returns their names. Finished step dirs are not touched."""
+  root = _root(directory)
+  if not root.exists():
+    return []
+  prefix = "" if step is None else f"{step}{TMP_SUFFIX}"
+  removed = []
+  for p in root.iterdir():
+    if TMP_SUFFIX in p.name and p.name.startswith(prefix):
+      p.rmtree() if p.is_dir() else p.unlink()
+      removed.append(p.name)
+  return sorted(removed)
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -56,9 +129,16 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
                async_save: bool = True):
-    # Orbax writes OCDBT stores, which need absolute paths ('runs/x' is the usual CLI input).
-    d = os.fspath(directory)
-    self.directory = epath.Path(d if "://" in d else os.path.abspath(d))
+    self.directory = _root(directory)
+    if jax.process_index() == 0:
+      check_writable(self.directory)
+      stale = remove_tmp_dirs(self.directory)
+      if stale:
+        logging.warning("%s: removed unfinished saves of an earlier run: %s", self.directory,
+                        stale)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("kptjax_checkpointer_prepared")
+    self._pending: int | None = None   # the step of a background save not yet checked
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -78,12 +158,37 @@ class Checkpointer:
 
     Returns:
       Whether a checkpoint was written (False off the save interval unless ``force``).
+
+    Raises:
+      CheckpointError: the directory cannot be written (checked before the save starts),
+        or the previous background save failed (naming its step).
     """
+    self.wait()   # Orbax waits for the previous save anyway; here its error is named
+    check_writable(self.directory)
     items = dict(params=ocp.args.StandardSave(state.params),
                  opt_state=ocp.args.StandardSave(state.opt_state))
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except (OSError, ValueError) as e:   # the synchronous part (directory creation, ...)
+      self._failed(step, e)
+    self._pending = step if saved else None
+    return saved
+
+  def _failed(self, step: int | None, e: BaseException):
+    removed = remove_tmp_dirs(self.directory, step) if jax.process_index() == 0 else []
+    kept = saved_steps(self.directory)
+    where = self.directory if step is None else self.directory / str(step)
+    raise CheckpointError(
+        f"{where}: saving the checkpoint of step {step} failed: "
+        f"{_reason(e)}" + (f"; removed the partial {removed[0]}" if removed else "")
+        + f"; earlier checkpoints untouched: {kept or 'none'}") from e
+
+  def check(self) -> None:
+    """Raises the error of a finished background save, if any (does not block)."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def restore(self, abstract_state: TrainState, data_iter: Any | None = None,
               step: int | None = None) -> TrainState:
@@ -115,8 +220,17 @@ class Checkpointer:
     return TrainState(step=step_arr, params=out["params"], opt_state=out["opt_state"])
 
   def wait(self) -> None:
-    """Blocks until the background writes have finished."""
-    self._manager.wait_until_finished()
+    """Blocks until the background writes have finished.
+
+    Raises:
+      CheckpointError: the background save failed (naming its step, the path and why).
+    """
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._failed(step, e)
 
   def close(self) -> None:
     self._manager.close()

@@ -15,11 +15,23 @@ keypoint evaluator is ``'kptjax.evaluate:make_train_evaluator'``) and
 ``TrainState``; step: the number of updates done) returns a mapping of scalar metrics,
 written under ``eval/``. ``run(..., eval_fn=...)`` takes the callable directly.
 
+A training image that cannot be read is skipped (``kptjax.data.pipeline``); each logged
+step carries ``skipped_images``, the number skipped since this process started.
+``--strict`` (``data.strict_images=True``) stops at the first one instead.
+
 Outputs in WORKDIR: TensorBoard events, ``metrics.jsonl`` (one JSON object per logged
 step, appended across restarts), ``checkpoints/``, and ``adapter.safetensors`` (the
 trained LoRA + projector weights, ``kptjax.convert.export_adapter``, when not every param
 is trained). ``model_config.json`` holds the model section actually built
 (Hugging Face checkpoints decide the architecture numbers).
+
+Before anything is loaded, compiled or written, the run checks (``_requested_model``):
+the checkpoint dirs are of a supported type, the model agrees with the tokenizer and
+the data (``kptjax.preflight.check_agreement``), and on resume the model is the one the
+workdir holds (``model_config.json``; fields in ``train.resume_may_change`` may differ).
+Then the workdir is checked writable (``checkpoint.Checkpointer``). A failed background
+save stops the run at the next step, naming its step; a non-finite loss names what its
+batch held (``kptjax.divergence``).
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from kptjax import checkpoint, optim, sharding, train_step
+from kptjax import checkpoint, divergence, optim, preflight, sharding, train_step
 from kptjax.errors import ConfigError
 from kptjax.train_step import TrainState
 
@@ -219,26 +231,29 @@ def with_model_config(config: ml_collections.ConfigDict,
   return config.lock()
 
 
-def _pretrained(config: ml_collections.ConfigDict, workdir: str, resuming: bool
-                ) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config with the model section the HF checkpoints decide, their params or None).
+def _requested_model(config: ml_collections.ConfigDict, workdir: str, resuming: bool
+                     ) -> ml_collections.ConfigDict:
+  """``config`` with the model section the run builds, checked before anything is written.
 
-  The resolved model section is kept in ``WORKDIR/model_config.json`` so a resumed run
-  builds the same model without reading the checkpoints again.
+  The Hugging Face checkpoints' config.json decide the architecture numbers
+  (``kptjax.convert.model_config``: no tensor is read). The result must agree with the
+  tokenizer and the data (``preflight.check_agreement``) and, on resume, with the
+  workdir's ``model_config.json`` (``preflight.check_workdir_model``; the fields in
+  ``train.resume_may_change`` may differ).
+
+  Raises:
+    ConfigError / CheckpointError naming the field or file.
   """
-  path = os.path.join(workdir, "model_config.json")
-  if resuming and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return with_model_config(config, ml_collections.ConfigDict(json.load(f))), None
-  params = None
-  if not resuming and (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
-    from kptjax import convert  # pylint: disable=g-import-not-at-top
-    model_config, params = convert.load_vlm(config)
-    config = with_model_config(config, model_config)
-  if jax.process_index() == 0:
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(config.model.to_json(indent=2))
-  return config, params
+  from kptjax import convert, evaluate  # pylint: disable=g-import-not-at-top
+  if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
+    config = with_model_config(config, convert.model_config(config))
+  preflight.check_agreement(config, evaluate.load_tokenizer(config))
+  if resuming:
+    changed = preflight.check_workdir_model(workdir, config.model, preflight.may_change(config))
+    if changed:
+      logging.warning("Resuming %s with changed model fields (train.resume_may_change): %s",
+                      workdir, changed)
+  return config
 
 
 class _JsonlWriter:
@@ -272,14 +287,6 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The rows of ``WORKDIR/metrics.jsonl`` (train and eval), in the order written."""
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def _check_finite(history: list[tuple[int, dict[str, np.ndarray]]]) -> None:
-  for step, m in history:
-    if not np.isfinite(m["loss"]):
-      raise FloatingPointError(
-          f"loss is {m['loss']} at step {step} (grad_norm {m['grad_norm']}, lr {m['lr']}); "
-          "stopping. Lower optim.lr, check the data, or use float32 (model.dtype).")
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
@@ -330,24 +337,35 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
     trainer: reuse the compiled pieces of an earlier ``build(config, mesh)`` (notebooks,
       tests); it must come from the same config.
   """
-  # ------------------------------------------------------------------------ logging
+  # -------------------------------------- checks: before anything is read or written
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
+  from kptjax import convert  # pylint: disable=g-import-not-at-top
+  from kptjax.data.pipeline import SKIPPED_IMAGES  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   workdir = workdir if "://" in workdir else os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+  resuming = bool(checkpoint.saved_steps(ckpt_dir))
+  config = _requested_model(config, workdir, resuming)
+  tc = config.train
+
+  # ------------------------------------------------------------------------ logging
+  # Creating the checkpointer checks that the workdir can be written (one line if not)
+  # and removes the unfinished saves of a killed run.
+  ckpt = checkpoint.Checkpointer(ckpt_dir, every=tc.checkpoint_every,
+                                 keep=tc.keep_checkpoints)
   logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform, workdir)
+  has_model_config = os.path.exists(os.path.join(workdir, preflight.MODEL_CONFIG_FILE))
+  if is_main and (not resuming or has_model_config):
+    preflight.write_model_config(workdir, config.model)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   if is_main:
     writer = metric_writers.MultiWriter(
         [writer, _JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
-                                 every=config.train.checkpoint_every,
-                                 keep=config.train.keep_checkpoints)
-  resuming = ckpt.latest_step() is not None
-  config, hf_params = _pretrained(config, workdir, resuming)
-  tc = config.train
+  hf_params = None
+  if not resuming and (config.checkpoints.llm_dir or config.checkpoints.vit_dir):
+    _, hf_params = convert.load_vlm(config)
 
   # --------------------------------------------------------------- mesh, model, step
   trainer = trainer or build(config, mesh)
@@ -367,6 +385,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   if resuming:
     logging.info("Resuming from %s/%d", ckpt.directory, ckpt.latest_step())
     state = ckpt.restore(abstract_state(trainer), data_iter)
+    if is_main and not has_model_config:   # a workdir of an older kptjax: now it has one
+      logging.warning("%s had no %s: only the param shapes were checked", workdir,
+                      preflight.MODEL_CONFIG_FILE)
+      preflight.write_model_config(workdir, config.model)
   else:
     state = init_state(trainer, config, params=hf_params)
     del hf_params
@@ -388,16 +410,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   # -------------------------------------------------------------------------- loop
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   keys = batch_keys(config)
-  history: list[tuple[int, dict[str, jax.Array]]] = []
+  history: list[tuple[int, dict[str, jax.Array], dict[str, Any]]] = []  # step, metrics, facts
   t_last, steps_timed = None, 0
+  skipped_images = 0   # training elements whose image could not be read (this process)
   bar = tqdm(total=tc.num_steps, initial=first_step, desc="train", disable=not is_main)
   logging.info("Training steps %d..%d; compiling the step", first_step + 1, tc.num_steps)
   try:
     for step in range(first_step + 1, tc.num_steps + 1):
-      batch = sharding.shard_batch(_take(next(data_iter), keys), trainer.mesh)
+      host_batch = next(data_iter)
+      skipped_images += int(np.sum(host_batch.get(SKIPPED_IMAGES, 0)))
+      inputs = _take(host_batch, keys)
+      facts = divergence.inspect_batch(inputs, config.model.llm.vocab_size)
+      batch = sharding.shard_batch(inputs, trainer.mesh)
       with jax.set_mesh(trainer.mesh):
         state, metrics = trainer.step(state, batch)
-      history.append((step, metrics))
+      history.append((step, metrics, facts))
+      ckpt.check()   # a failed background save stops the run now, naming its step
       if t_last is None:  # The first step includes compilation: time from its end.
         history = jax.device_get(history)
         logging.info("First step (with compilation) done")
@@ -412,11 +440,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
       save_now = step % tc.checkpoint_every == 0 or step in (tc.num_steps, preempt_at_step)
       if step % tc.log_every == 0 or save_now:   # never checkpoint a NaN state
         history = jax.device_get(history)
-        _check_finite(history)
+        divergence.check_finite(history, config.model.llm.vocab_size)
         scalars = {k: float(v) for k, v in history[-1][1].items()}
+        scalars[SKIPPED_IMAGES] = skipped_images
         now = time.perf_counter()
         if steps_timed:
-          tokens = sum(float(m["input_tokens"]) for s, m in history[-steps_timed:])
+          tokens = sum(float(m["input_tokens"]) for _, m, _ in history[-steps_timed:])
           scalars.update(step_time=(now - t_last) / steps_timed,
                          tokens_per_sec=tokens / (now - t_last))
         writer.write_scalars(step, scalars)
@@ -430,6 +459,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
         break
   finally:
     bar.close()
+    if skipped_images:
+      logging.warning("Skipped %d training examples whose image could not be read (named "
+                      "above; --strict stops at the first)", skipped_images)
     ckpt.wait()
     ckpt.close()
     writer.flush()
@@ -454,6 +486,8 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
   flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
+  flags.DEFINE_bool("strict", False, "Stop at the first training image that cannot be read "
+                    "(data.strict_images=True) instead of skipping and counting it.")
   flags.DEFINE_integer("preempt_at_step", None,
                        "Stop after this step as if preempted (checkpoint first); for tests.")
 
@@ -462,7 +496,11 @@ def main(argv):
   del argv
   if FLAGS.multihost:
     jax.distributed.initialize()
-  run(FLAGS.config, FLAGS.workdir, preempt_at_step=FLAGS.preempt_at_step)
+  config = FLAGS.config
+  if FLAGS.strict:
+    with config.unlocked():
+      config.data.strict_images = True
+  run(config, FLAGS.workdir, preempt_at_step=FLAGS.preempt_at_step)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,24 @@ def model_params():
   shapes = nn.meta.unbox(vlm.abstract_params(config.model))
   params = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype), shapes)
   return vlm.VLM(config.model), params
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+  """``mount_tmpfs(name, size)``: a fresh tmpfs of ``size`` ('4m') at tmp_path/name (a
+  small disk that fills up, or one to remount read-only); unmounted after the test.
+  Needs root (this project's test machines run as root)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  mounted = []
+
+  def mount(name, size):
+    path = tmp_path / name
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True, capture_output=True)
+    mounted.append(path)
+    return path
+
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)

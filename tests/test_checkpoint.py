@@ -8,11 +8,18 @@
   from a stage-1 checkpoint, and exports ``adapter.safetensors``.
 * Stage 2 initialized from a stage-1 checkpoint holds the stage-1 projector and towers
   exactly, with fresh LoRA factors (B = 0); a checkpoint of another model is refused.
+* Saves fail where they fail (on a real small tmpfs): a full disk fails the background save
+  of its step, named with its path by the next ``check`` within seconds, its partial dir
+  removed; a read-only one fails ``save`` at once, before Orbax starts; the earlier
+  checkpoint restores exactly either way, and the unfinished saves a killed run left are
+  removed at start.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -23,6 +30,7 @@ from flax import traverse_util
 from configs import tiny
 from kptjax import checkpoint, convert, sharding, train
 from kptjax.errors import CheckpointError
+from kptjax.train_step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4
@@ -189,3 +197,79 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   loaded, _ = ckpt_lib.load_params("runs/x", {"w": jnp.zeros(4)},
                                    {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
   np.testing.assert_array_equal(loaded["w"], params["w"])
+
+
+def _random_state(seed):
+  """A TrainState of 2 x 200k random float32 (~1.6 MB uncompressed)."""
+  rng = np.random.default_rng(seed)
+  w = jax.numpy.asarray(rng.normal(size=200_000).astype(np.float32))
+  return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params={"w": w},
+                    opt_state={"mu": w + 1})
+
+
+def _restored_w(directory, step):
+  state = _random_state(0)
+  target = checkpoint.abstract(state, jax.tree.map(lambda x: x.sharding, state))
+  with_ck = checkpoint.Checkpointer(directory, every=1, keep=5)
+  try:
+    return np.asarray(with_ck.restore(target, step=step).params["w"])
+  finally:
+    with_ck.close()
+
+
+def _saved_once(mount_tmpfs):
+  """(tmpfs, its checkpoints dir, a Checkpointer on it, the state saved there as step 1)."""
+  disk = mount_tmpfs("disk", "8m")
+  directory = disk / "checkpoints"
+  ck = checkpoint.Checkpointer(directory, every=1, keep=5)
+  first = _random_state(0)
+  ck.save(1, first, force=True)
+  ck.wait()
+  return disk, directory, ck, first
+
+
+def test_full_disk_fails_at_its_step_and_keeps_the_earlier_checkpoint(mount_tmpfs):
+  disk, directory, ck, first = _saved_once(mount_tmpfs)
+  # Fill the disk up to half a checkpoint's size: the 4 KiB write probe still passes, the
+  # background save of step 2 cannot.
+  used = shutil.disk_usage(disk).used
+  free = shutil.disk_usage(disk).free
+  with open(disk / "filler", "wb") as f:
+    f.write(b"\0" * (free - used // 2))
+  t0 = time.perf_counter()
+  assert ck.save(2, _random_state(1), force=True)   # returns: the arrays write in the background
+  with pytest.raises(CheckpointError) as info:
+    while time.perf_counter() - t0 < 60:
+      ck.check()
+      time.sleep(0.05)
+  assert time.perf_counter() - t0 < 60
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith(f"{directory}/2: saving the checkpoint of step 2 failed: the disk "
+                            "is full")
+  assert "removed the partial 2.orbax-checkpoint-tmp" in message
+  assert message.endswith("earlier checkpoints untouched: [1]")
+  assert sorted(os.listdir(directory)) == ["1"]
+  ck.wait()   # the error was raised once
+  ck.close()
+
+  # A killed run's unfinished save is removed when the next run starts; step 1 restores.
+  os.remove(disk / "filler")
+  (directory / "3.orbax-checkpoint-tmp-1234" / "params").mkdir(parents=True)
+  np.testing.assert_array_equal(_restored_w(directory, 1), np.asarray(first.params["w"]))
+  assert sorted(os.listdir(directory)) == ["1"]
+
+
+def test_read_only_workdir_fails_in_one_line_at_once(mount_tmpfs):
+  disk, directory, ck, first = _saved_once(mount_tmpfs)
+  subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+  t0 = time.perf_counter()
+  with pytest.raises(CheckpointError, match=rf"^{directory}: cannot write checkpoints: "
+                     r"read-only file system \(\[Errno 30\][^\n]*$"):
+    ck.save(2, _random_state(1), force=True)
+  with pytest.raises(CheckpointError, match="read-only file system"):
+    checkpoint.Checkpointer(directory, every=1, keep=5)
+  assert time.perf_counter() - t0 < 30
+  ck.close()
+  subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+  np.testing.assert_array_equal(_restored_w(directory, 1), np.asarray(first.params["w"]))

@@ -4,15 +4,30 @@
   at init (ln 512 for the tiny vocabulary) by more than 40% in 20 steps;
 * the periodic evaluation hook is called with the live state and its metrics are
   written; every logged step has loss / accuracy / lr / grad_norm / step time / tokens/s;
-* a NaN loss stops the run with an error naming the step;
+* a NaN loss stops the run with an error naming the step and what its batch held (NaN
+  inputs, token ids past the vocabulary) instead of guessing;
+* a workdir belongs to one model: resuming it with another width stops before anything
+  is built or written, listing the differing fields (``model_config.json`` unchanged);
+  a field listed in ``train.resume_may_change`` may change; a workdir without
+  ``model_config.json`` is refused by the restore and gets none written;
+* a workdir that turns read-only mid-run stops the run at the next save in one line
+  within seconds (not after Orbax's 300 s timeout), and a resume on it stops at once;
+  the earlier checkpoint stays restorable;
 * stage 1: LLaVA-style caption pairs become batches of the same contract (loss on the
-  caption and </s> only) that the train step accepts.
+  caption and </s> only) that the train step accepts;
+* a real run on the COCO sample with one of its images corrupt completes, counting the
+  skipped persons in metrics.jsonl; ``python -m kptjax.train --strict`` stops at it.
 """
 
 import glob
 import json
 import math
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
 
 import grain
 import jax
@@ -20,8 +35,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import sharding, train
+from kptjax import checkpoint, sharding, train
 from kptjax.data import pipeline, tokenizer
+from kptjax.errors import CheckpointError, ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 NUM_STEPS = 20
 EVAL_EVERY = 10
@@ -103,9 +121,131 @@ def test_nan_loss_stops_with_clear_error(tmp_path, trainer):
   config = _config()
   dataset, _ = _fixed_batches(config, 1)
   poisoned = dataset.map(lambda b: {**b, "image": np.full_like(b["image"], np.nan)})
-  with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+  n_image = dataset_first(poisoned)["image"].size
+  with pytest.raises(FloatingPointError, match=rf"loss is nan at step 1, on the batch of step 1 "
+                     rf".*the batch has non-finite inputs: image {n_image} NaN/inf values$"):
     train.run(config, str(tmp_path), dataset=poisoned, trainer=trainer)
   assert not os.path.isdir(os.path.join(tmp_path, "checkpoints", "1"))
+
+
+def dataset_first(dataset):
+  return next(iter(dataset))
+
+
+def test_nan_loss_from_token_ids_past_the_vocabulary_says_so(tmp_path, trainer):
+  """Ids past the 512-row table read jnp.take's NaN fill: the message names the ids, not
+  the learning rate."""
+  config = _config()
+  dataset, _ = _fixed_batches(config, 1)
+
+  def past_the_table(b):
+    tokens = b["tokens"].copy()
+    tokens[b["loss_mask"] > 0] = 600   # every answer token
+    return {**b, "tokens": tokens}
+  bad = dataset.map(past_the_table)
+  n_bad = int((dataset_first(dataset)["loss_mask"] > 0).sum())
+  with pytest.raises(FloatingPointError, match=rf"loss is nan at step 1.*token ids outside "
+                     rf"the vocabulary \[0, 512\) .*: tokens {n_bad} ids \(min 0, max 600\)$"
+                     ) as info:
+    train.run(config, str(tmp_path), dataset=bad, trainer=trainer)
+  assert "optim.lr" not in str(info.value)
+
+
+def _snapshot(workdir):
+  """{relative path: bytes} of every file under workdir."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+def test_resume_with_another_width_is_refused(overfit, tmp_path, trainer, monkeypatch):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(overfit["workdir"], workdir)
+  before = _snapshot(workdir)
+  config = _config()
+  with config.unlocked():
+    config.model.llm.hidden_size = 64
+    config.model.dtype = "bfloat16"
+  monkeypatch.setattr(train, "build", lambda *a, **k: pytest.fail("built before the check"))
+  with pytest.raises(ConfigError, match=r"model_config\.json: this workdir holds another "
+                     r"model: model\.dtype \(saved 'float32', requested 'bfloat16'\), "
+                     r"model\.llm\.hidden_size \(saved 32, requested 64\)\. ") as info:
+    train.run(config, workdir, dataset=_fixed_batches(config, 1)[0])
+  assert "train.resume_may_change" in str(info.value)
+  assert _snapshot(workdir) == before   # nothing written, model_config.json included
+  monkeypatch.undo()
+
+  # A field listed in train.resume_may_change may change; the workdir then records it.
+  config = _config()
+  with config.unlocked():
+    config.model.remat_policy = "none"
+    config.train.resume_may_change = "model.remat_policy"
+  state = train.run(config, workdir, dataset=_fixed_batches(config, 1)[0], trainer=trainer)
+  assert int(jax.device_get(state.step)) == NUM_STEPS
+  with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
+    assert json.load(f)["remat_policy"] == "none"
+
+
+def test_resume_without_model_config_writes_nothing_when_restore_fails(overfit, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(overfit["workdir"], workdir)
+  os.remove(os.path.join(workdir, "model_config.json"))
+  config = _config()
+  with config.unlocked():
+    config.model.llm.hidden_size = 64
+  with pytest.raises(CheckpointError, match="cannot restore the train state"):
+    train.run(config, workdir, dataset=_fixed_batches(config, 1)[0],
+              mesh=jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
+                                 axis_types=(jax.sharding.AxisType.Auto,) * 3))
+  assert not os.path.exists(os.path.join(workdir, "model_config.json"))
+
+
+def test_read_only_workdir_mid_run_fails_at_the_next_save(tmp_path, trainer, mount_tmpfs):
+  """checkpoints/ is a tmpfs remounted read-only after the save of step 2 (by the eval
+  hook at step 3); the save of step 4 stops the run in one line naming it."""
+  workdir = tmp_path / "run"
+  disk = mount_tmpfs("run/checkpoints", "64m")
+  config = _config()
+  with config.unlocked():
+    config.train.update(num_steps=6, checkpoint_every=2, eval_every=3)
+  turned = {}
+
+  def turn_read_only(state, step):
+    del state
+    if step == 3:
+      while not (disk / "2").is_dir() or any(".orbax-checkpoint-tmp" in p for p in
+                                             os.listdir(disk)):
+        time.sleep(0.05)   # the background save of step 2 finalizes
+      subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+      turned["at"] = time.perf_counter()
+
+  dataset, _ = _fixed_batches(config, 2)
+  with pytest.raises(CheckpointError) as info:
+    train.run(config, str(workdir), eval_fn=turn_read_only, dataset=dataset, trainer=trainer)
+  assert time.perf_counter() - turned["at"] < 60
+  message = str(info.value)
+  assert message.startswith(f"{disk}: cannot write checkpoints: read-only file system")
+  assert "\n" not in message
+  assert _losses_logged(workdir) == [1, 2, 3, 4]
+
+  # A resume on the read-only workdir stops before anything is built.
+  t0 = time.perf_counter()
+  with pytest.raises(CheckpointError, match="read-only file system"):
+    train.run(config, str(workdir), dataset=dataset, trainer=trainer)
+  assert time.perf_counter() - t0 < 30
+  subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+  ckpt = checkpoint.Checkpointer(disk, every=1, keep=2)
+  restored = ckpt.restore(train.abstract_state(trainer), step=2)
+  ckpt.close()
+  assert int(jax.device_get(restored.step)) == 2
+
+
+def _losses_logged(workdir):
+  return [r["step"] for r in train.read_metrics(str(workdir)) if "loss" in r]
 
 
 def test_stage1_caption_batches(tmp_path, trainer, shared_data):
@@ -145,3 +285,62 @@ def test_stage1_caption_batches(tmp_path, trainer, shared_data):
       {k: batch[k] for k in train.BATCH_KEYS}, trainer.mesh))
   assert np.isfinite(float(metrics["loss"]))
   assert float(metrics["answer_tokens"]) == batch["loss_mask"].sum()
+
+
+# ------------------------------------------------------------- a corrupt training image
+
+
+@pytest.fixture(scope="module")
+def corrupt_coco(tmp_path_factory, shared_data):
+  """The COCO sample's annotations over copies of its images, one cut to 2 kB (a JPEG
+  whose header reads but whose pixels do not decode), and that image's path."""
+  root = tmp_path_factory.mktemp("coco_corrupt")
+  for src in (shared_data / "coco").glob("*.jpg"):
+    shutil.copy(src, root / src.name)
+  bad = root / "000000196141.jpg"
+  bad.write_bytes(bad.read_bytes()[:2048])
+  return shared_data / "coco" / "test_coco.json", root, bad
+
+
+def _coco_config(ann, root, steps):
+  config = _config()
+  with config.unlocked():
+    config.data.train.update(source="coco", ann_file=str(ann), image_root=str(root))
+    config.train.update(num_steps=steps, checkpoint_every=steps, eval_every=0)
+  return config
+
+
+def test_corrupt_image_is_skipped_and_counted_in_a_real_run(tmp_path, trainer, corrupt_coco):
+  ann, root, bad = corrupt_coco
+  steps = 4
+  config = _coco_config(ann, root, steps)
+  state = train.run(config, str(tmp_path), trainer=trainer)
+  assert int(jax.device_get(state.step)) == steps
+  rows = [r for r in train.read_metrics(str(tmp_path)) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  # Expected count from the shuffled stream of the 12 persons: how often one on the
+  # corrupt image comes up before the last of the 4 x 4 persons trained on.
+  records = pipeline.load_records(config, "train")
+  on_bad = {i for i, r in enumerate(records) if r.image_path == str(bad)}
+  assert len(records) == 12 and len(on_bad) == 4       # 5 people there, 1 unlabeled
+  stream = grain.MapDataset.source(list(range(12))).shuffle(seed=config.seed).repeat()
+  order = [stream[i] for i in range(64)]
+  kept = [j for j, item in enumerate(order) if item not in on_bad][:steps * 4]
+  expected = sum(item in on_bad for item in order[:kept[-1]])
+  counts = [r["skipped_images"] for r in rows]
+  assert counts == sorted(counts) and counts[-1] == expected > 0
+
+
+def test_strict_flag_stops_a_real_run_at_the_corrupt_image(tmp_path, corrupt_coco):
+  ann, root, bad = corrupt_coco
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, "-m", "kptjax.train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path / "run"), "--strict", "--config.data.train.source=coco",
+         f"--config.data.train.ann_file={ann}", f"--config.data.train.image_root={root}",
+         "--config.train.num_steps=4", "--config.train.checkpoint_every=4"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "ImageError" in proc.stderr and f"{bad}, field 'image'" in proc.stderr, \
+      proc.stderr[-3000:]
+  assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "4")

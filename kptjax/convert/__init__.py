@@ -29,7 +29,8 @@ from kptjax.convert.export import (adapter_params, apply_adapter, export_adapter
                                    export_llama_hf, flatten, load_params, save_params,
                                    unflatten)
 from kptjax.convert.hf_io import load_tensors, read_config
-from kptjax.convert.llama import llm_config_from_hf, load_llama
+from kptjax.convert.identify import identify
+from kptjax.convert.llama import llm_config_from_dir, llm_config_from_hf, load_llama
 from kptjax.errors import CheckpointError
 from kptjax.models.lora import lora_a_init
 from kptjax.models.projector import Projector
@@ -38,7 +39,8 @@ __all__ = [
     "load_llama", "llm_config_from_hf", "load_dinov2", "load_clip_vision", "load_vit",
     "load_vlm", "export_llama_hf",
     "export_adapter", "apply_adapter", "adapter_params", "save_params", "load_params",
-    "read_config", "load_tensors", "CheckpointError",
+    "read_config", "load_tensors", "CheckpointError", "identify", "model_config",
+    "llm_config_from_dir", "vit_config_from_dir",
 ]
 
 # Architecture fields a checkpoint decides (a config's values are replaced by the dir's).
@@ -58,12 +60,23 @@ def load_clip_vision(ckpt_dir, *, param_dtype=None, image_size=None):
   return clip.load_clip_vision(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
 
 
+_CLIP_TYPES = ("clip_vision_model", "clip", "llava")
+
+
 def load_vit(ckpt_dir, *, param_dtype=None, image_size=None):
-  """A vision tower dir by its config.json ``model_type``: 'clip_vision_model', 'clip' or
-  'llava' (load_clip_vision), else DINOv2 (load_dinov2, which rejects other types)."""
-  model_type = read_config(ckpt_dir).get("model_type", "dinov2")
-  load = load_clip_vision if model_type in ("clip_vision_model", "clip", "llava") else load_dinov2
+  """A vision tower dir by its config.json ``model_type`` (``identify``): 'clip_vision_model',
+  'clip' or 'llava' (load_clip_vision), 'dinov2' or 'dinov2_with_registers' (load_dinov2)."""
+  model_type = identify(ckpt_dir, read_config(ckpt_dir), "vit")
+  load = load_clip_vision if model_type in _CLIP_TYPES else load_dinov2
   return load(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
+
+
+def vit_config_from_dir(ckpt_dir, *, image_size=None) -> ml_collections.ConfigDict:
+  """config.model.vit fields of a DINOv2 or CLIP dir, from its config.json only."""
+  from kptjax.convert import clip, dinov2  # pylint: disable=g-import-not-at-top
+  hf = read_config(ckpt_dir)
+  module = clip if identify(ckpt_dir, hf, "vit") in _CLIP_TYPES else dinov2
+  return module.vit_config_from_hf(hf, image_size)
 
 
 def _report_changes(section: str, old: ml_collections.ConfigDict, new: ml_collections.ConfigDict,
@@ -88,14 +101,45 @@ def _init_missing_leaf(name: str, shape: tuple[int, ...], dtype, key) -> jax.Arr
                         "a LoRA leaf")
 
 
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model section a run builds, from config.json files alone (no tensor is read).
+
+  ``config.model`` with the architecture numbers of ``config.checkpoints.llm_dir`` /
+  ``vit_dir`` (each dir identified first: ``identify``); differences from config.model
+  are logged. Choices of the experiment (``vit.feature_layer``, a longer
+  ``llm.max_position_embeddings``, the input ``vit.image_size``) stay the config's.
+
+  Returns:
+    A locked ConfigDict shaped like ``config.model``.
+  """
+  mc = ml_collections.ConfigDict(config.model.to_dict())
+  llm_dir, vit_dir = config.checkpoints.llm_dir, config.checkpoints.vit_dir
+  if llm_dir:
+    llm_config = llm_config_from_dir(llm_dir)
+    _report_changes("llm", mc.llm, llm_config, _LLM_ARCH)
+    llm_config.max_position_embeddings = max(llm_config.max_position_embeddings,
+                                             mc.llm.max_position_embeddings)
+    mc.llm = llm_config
+  if vit_dir:
+    vit_config = vit_config_from_dir(vit_dir, image_size=mc.vit.image_size)
+    for k in ("feature_layer",):   # choices of the experiment, not of the checkpoint
+      vit_config[k] = mc.vit[k]
+    _report_changes("vit", mc.vit, vit_config,
+                    ("hidden_size", "num_layers", "num_heads", "patch_size",
+                     "num_register_tokens", "hidden_act", "patch_bias", "pre_layernorm",
+                     "layerscale", "final_layernorm"))
+    mc.vit = vit_config
+  return mc.lock()
+
+
 def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
              param_dtype: Any = None) -> tuple[ml_collections.ConfigDict, dict]:
   """Builds VLM params from ``config.checkpoints.llm_dir`` / ``vit_dir``.
 
-  The towers come from the checkpoints (their config.json decide the architecture numbers;
-  the ViT dir may be DINOv2 or CLIP, picked by its model_type;
-  differences from config.model are logged), LoRA leaves are freshly initialized (B = 0),
-  the projector randomly. An empty dir means that tower is randomly initialized.
+  The towers come from the checkpoints (their config.json decide the architecture numbers:
+  ``model_config``, which identifies both dirs before any tensor is read; the ViT dir may
+  be DINOv2 or CLIP, picked by its model_type), LoRA leaves are freshly initialized
+  (B = 0), the projector randomly. An empty dir means that tower is randomly initialized.
 
   Args:
     config: a full kptjax config (uses config.model and config.checkpoints).
@@ -106,29 +150,15 @@ def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
     (model config to build ``VLM`` with, params nested dict: 'vit', 'projector', 'llm').
   """
   from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
-  mc = ml_collections.ConfigDict(config.model.to_dict())
+  mc = model_config(config)
   param_dtype = param_dtype or mc.param_dtype
   rng = jax.random.key(config.get("seed", 0)) if rng is None else rng
   loaded: dict = {}
   llm_dir, vit_dir = config.checkpoints.llm_dir, config.checkpoints.vit_dir
   if llm_dir:
-    llm_config, loaded["llm"] = load_llama(llm_dir, param_dtype=param_dtype,
-                                           scan_layers=mc.scan_layers)
-    _report_changes("llm", mc.llm, llm_config, _LLM_ARCH)
-    llm_config.max_position_embeddings = max(llm_config.max_position_embeddings,
-                                             mc.llm.max_position_embeddings)
-    mc.llm = llm_config
+    _, loaded["llm"] = load_llama(llm_dir, param_dtype=param_dtype, scan_layers=mc.scan_layers)
   if vit_dir:
-    vit_config, loaded["vit"] = load_vit(vit_dir, param_dtype=param_dtype,
-                                         image_size=mc.vit.image_size)
-    for k in ("feature_layer",):   # choices of the experiment, not of the checkpoint
-      vit_config[k] = mc.vit[k]
-    _report_changes("vit", mc.vit, vit_config,
-                    ("hidden_size", "num_layers", "num_heads", "patch_size",
-                     "num_register_tokens", "hidden_act", "patch_bias", "pre_layernorm",
-                     "layerscale", "final_layernorm"))
-    mc.vit = vit_config
-  mc.lock()
+    _, loaded["vit"] = load_vit(vit_dir, param_dtype=param_dtype, image_size=mc.vit.image_size)
 
   init_rng, proj_rng, lora_rng = jax.random.split(rng, 3)
   expected = flatten(nn.meta.unbox(vlm.abstract_params(mc)))

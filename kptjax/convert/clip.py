@@ -8,6 +8,8 @@ used) and llava-hf ``LlavaForConditionalGeneration`` ones ('llava' with a CLIP
 ``model.vision_tower.vision_model.``), e.g. LLaVA-1.5's ``clip-vit-large-patch14-336``.
 Tensors stream one at a time into preallocated layer-stacked numpy arrays, in their stored
 dtype unless ``param_dtype`` asks for another, as in ``kptjax.convert.dinov2``.
+Tensors outside the vision tower are not read; inside it, one the ViT has no place for
+(``ALLOWED_UNUSED`` excepted) is an error naming it.
 
 The returned config has CLIP's flags (configs/common.py ``vit_config``): no patch bias, the
 ``pre_layrnorm`` as 'pre_norm', no LayerScale, ``final_layernorm=False`` (CLIP's
@@ -26,13 +28,13 @@ import pathlib
 import re
 from typing import Any
 
-from absl import logging
 import ml_collections
 import numpy as np
 
 from kptjax.convert import hf_io
 from kptjax.convert.dinov2 import (Rule, _abstract_params, _conv_shape, _flatten, _linear,
-                                   _same, _side, _unflatten, place_tensor)
+                                   _same, _side, _unflatten, place_tensor, raise_if_dropped)
+from kptjax.convert.identify import identify
 from kptjax.errors import CheckpointError
 from kptjax.models.layers import to_dtype
 
@@ -40,7 +42,8 @@ MODEL_TYPES = ("clip_vision_model", "clip")
 _PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_model.")
 # transformers v5's CLIPVisionModel.save_pretrained writes the names unprefixed.
 _UNPREFIXED = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
-_UNUSED = ("embeddings.position_ids", "post_layernorm.weight", "post_layernorm.bias")
+# Vision-tower tensors (names without the prefix) the ViT does not use, on purpose.
+ALLOWED_UNUSED = ("embeddings.position_ids", "post_layernorm.weight", "post_layernorm.bias")
 
 
 def vision_hf_config(hf_config: dict) -> dict:
@@ -153,7 +156,9 @@ def load_clip_vision(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       wrong shape (the message names the tensor, the expected and the found shape).
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
-  config = vit_config_from_hf(hf_io.read_config(ckpt_dir), image_size)
+  hf = hf_io.read_config(ckpt_dir)
+  identify(ckpt_dir, hf, "vit")
+  config = vit_config_from_hf(hf, image_size)
   target_dtype = None if param_dtype is None else to_dtype(param_dtype)
   expected = _flatten(_abstract_params(config))
   layer_rules = _layer_rules()
@@ -175,16 +180,14 @@ def load_clip_vision(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
     if m is None:
       rule = _EMBED_RULES.get(name)
     if rule is None or (layer is not None and layer >= num_layers):
-      skipped.append(raw_name)
+      if name not in ALLOWED_UNUSED:
+        skipped.append(raw_name)
       continue
     path, convert, hf_shape = rule
     path = ("layers",) + path if layer is not None else path
     place_tensor(arrays, filled, expected, path, layer, tensor, (convert, hf_shape),
                  target_dtype, f"{ckpt_dir}: tensor {raw_name!r}")
-  unused = [n for n in skipped if not any(n.endswith(u) for u in _UNUSED)]
-  if unused:
-    logging.info("load_clip_vision(%s): %d tensors not used: %s", ckpt_dir, len(unused),
-                 unused[:8])
+  raise_if_dropped(ckpt_dir, skipped)
 
   for path, shape in expected.items():
     if path[0] == "layers":

@@ -6,8 +6,9 @@ in either tensor naming: the hub's (``attention.attention.query``, ``attention.o
 fused SwiGLU ``mlp.weights_in``) or transformers v5's (``attention.q_proj``, ``o_proj``,
 ``mlp.gate_proj`` / ``up_proj``). Tensors stream one at a time into preallocated
 layer-stacked numpy arrays, in their stored dtype (bf16 stays bf16) unless ``param_dtype``
-asks for another. ``embeddings.mask_token`` (masked-image pretraining only) and classifier
-heads are not used.
+asks for another. ``embeddings.mask_token`` (masked-image pretraining only) and the classifier
+head of ``*ForImageClassification`` are not used (``ALLOWED_UNUSED``); any other tensor
+the model has no place for (an extra block, an unknown name) is an error naming it.
 
     >>> vit_config, params = load_dinov2("/ckpt/dinov2-large", image_size=224)
     >>> feats = ViT(vit_config).apply({"params": params}, images)   # [B, 256, 1024]
@@ -19,7 +20,6 @@ import pathlib
 import re
 from typing import Any, Callable
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,12 +27,14 @@ import ml_collections
 import numpy as np
 
 from kptjax.convert import hf_io
+from kptjax.convert.identify import identify
 from kptjax.errors import CheckpointError
 from kptjax.models.layers import to_dtype
 from kptjax.models.vit import ViT
 
 _PREFIXES = ("dinov2_with_registers.", "dinov2.")
-_UNUSED = ("embeddings.mask_token",)
+# Tensors (names without the backbone prefix) the ViT does not use, on purpose.
+ALLOWED_UNUSED = ("embeddings.mask_token", "classifier.weight", "classifier.bias")
 
 
 def _swiglu_width(hidden_size: int, mlp_ratio: float) -> int:
@@ -229,6 +231,15 @@ def place_tensor(arrays: dict, filled: dict, expected: dict, path: tuple[str, ..
   filled.setdefault(path, set()).add(layer)
 
 
+def raise_if_dropped(ckpt_dir: pathlib.Path, dropped: list[str]) -> None:
+  """CheckpointError listing the tensors a ViT loader found no place for, if any."""
+  if dropped:
+    raise CheckpointError(
+        f"{ckpt_dir}: {len(dropped)} tensors have no place in the ViT its config.json "
+        f"describes and would be dropped: {', '.join(dropped[:6])}"
+        + (" ..." if len(dropped) > 6 else ""))
+
+
 def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
                 image_size: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
   """Loads a DINOv2 (with or without registers) Hugging Face checkpoint directory.
@@ -249,7 +260,9 @@ def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       message names the tensor, the expected and the found shape).
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
-  config = vit_config_from_hf(hf_io.read_config(ckpt_dir), image_size)
+  hf = hf_io.read_config(ckpt_dir)
+  identify(ckpt_dir, hf, "vit")
+  config = vit_config_from_hf(hf, image_size)
   target_dtype = None if param_dtype is None else to_dtype(param_dtype)
   expected = _flatten(_abstract_params(config))
   layer_rules = _layer_rules(config.intermediate_size)
@@ -270,19 +283,17 @@ def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
     if m is None:
       rules = _EMBED_RULES.get(name)
     if not rules or (layer is not None and layer >= num_layers):
-      skipped.append(raw_name)
+      if name not in ALLOWED_UNUSED:
+        skipped.append(raw_name)
       continue
     for path, convert, hf_shape in rules:
       path = ("layers",) + path if layer is not None else path
       if path not in expected:
-        skipped.append(raw_name)   # e.g. fc1 in a SwiGLU model: reported below as missing
+        skipped.append(raw_name)   # e.g. fc1 in a SwiGLU model
         continue
       place_tensor(arrays, filled, expected, path, layer, tensor, (convert, hf_shape),
                    target_dtype, f"{ckpt_dir}: tensor {raw_name!r}")
-  unused = [n for n in skipped if not any(n.endswith(u) for u in _UNUSED)]
-  if unused:
-    logging.info("load_dinov2(%s): %d tensors not used: %s", ckpt_dir, len(unused),
-                 unused[:8])
+  raise_if_dropped(ckpt_dir, skipped)
 
   for path, shape in expected.items():
     if path[0] == "layers":

@@ -66,12 +66,8 @@ _SAFETENSORS_DTYPES = {
 _DTYPE_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-  """Reads a .safetensors file directly (8-byte header length, JSON header, raw data).
-
-  safetensors' own numpy backend cannot represent bf16, so the header is parsed here and
-  each tensor is copied out of a memory map in its stored dtype, one at a time.
-  """
+def _safetensors_header(path: pathlib.Path) -> tuple[int, dict]:
+  """(header length, header dict without ``__metadata__``) of a .safetensors file."""
   try:
     with open(path, "rb") as fh:
       header_len = int(np.frombuffer(fh.read(8), dtype="<u8")[0])
@@ -79,6 +75,26 @@ def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   except (OSError, ValueError, IndexError) as e:
     raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from e
   header.pop("__metadata__", None)
+  return header_len, header
+
+
+def tensor_shapes(ckpt_dir: str | pathlib.Path) -> dict[str, tuple[int, ...]] | None:
+  """{name: shape} of every tensor from the safetensors headers alone (no data read);
+  None for ``pytorch_model*.bin`` checkpoints (their names need the whole file)."""
+  files = _weight_files(pathlib.Path(ckpt_dir))
+  if any(f.suffix != ".safetensors" for f in files):
+    return None
+  return {name: tuple(info["shape"]) for f in files
+          for name, info in _safetensors_header(f)[1].items()}
+
+
+def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+  """Reads a .safetensors file directly (8-byte header length, JSON header, raw data).
+
+  safetensors' own numpy backend cannot represent bf16, so the header is parsed here and
+  each tensor is copied out of a memory map in its stored dtype, one at a time.
+  """
+  header_len, header = _safetensors_header(path)
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
   for name, info in header.items():
     dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))

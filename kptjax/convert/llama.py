@@ -5,6 +5,12 @@
 ``kptjax.convert.load_vlm``) as numpy arrays in the stored dtype (bf16 stays bf16) or in
 ``param_dtype``. Tensors are read one at a time into preallocated arrays, so the model is
 never held twice.
+
+The dir is identified first (``identify``: config.json's ``model_type`` must be 'llama').
+Every tensor of the checkpoint must have a place in the model: one the model would drop
+(a q/k/v bias of a Qwen2 relabelled 'llama', an extra layer) is an error naming it;
+only ``ALLOWED_UNUSED`` (the rotary ``inv_freq`` buffers old exports include, which
+kptjax recomputes) is skipped.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from kptjax.convert import hf_io
+from kptjax.convert.identify import identify
 from kptjax.errors import CheckpointError
 from kptjax.models import layers
 from kptjax.models.llama import LlamaConfig
@@ -37,32 +43,39 @@ _BLOCK_TENSORS = {
     "input_layernorm": (("input_layernorm", "scale"), False),
     "post_attention_layernorm": (("post_attention_layernorm", "scale"), False),
 }
+# Tensors a Llama checkpoint may hold that the model recomputes (name suffixes).
+ALLOWED_UNUSED = ("rotary_emb.inv_freq",)
 _DEFAULT_ROPE_SCALING = dict(rope_type="default", factor=1.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 
-def llm_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
+def llm_config_from_hf(hf: dict, source: str = "config.json") -> ml_collections.ConfigDict:
   """config.json dict of a Llama checkpoint -> config.model.llm fields.
 
   Reads both the classic layout (``rope_theta`` + ``rope_scaling``) and transformers v5's
-  ``rope_parameters``. Raises CheckpointError for variants this Llama does not implement.
+  ``rope_parameters``. Raises CheckpointError (messages start with ``source``) for
+  variants this Llama does not implement and for missing required fields.
   """
+  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                         "num_hidden_layers", "num_attention_heads") if k not in hf]
+  if missing:
+    raise CheckpointError(f"{source}: fields {missing} missing (a Llama config.json has them)")
   if hf.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"config.json: hidden_act={hf['hidden_act']!r} (expected 'silu')")
+    raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} (expected 'silu')")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
-      raise CheckpointError(f"config.json: {flag}=true is not supported (expected false)")
+      raise CheckpointError(f"{source}: {flag}=true is not supported (expected false)")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
   rope_type = rope.pop("rope_type", rope.pop("type", "default"))
   if rope_type not in ("default", "llama3"):
-    raise CheckpointError(f"config.json: rope type {rope_type!r} (expected default or llama3)")
+    raise CheckpointError(f"{source}: rope type {rope_type!r} (expected default or llama3)")
   scaling = {"rope_type": rope_type}
   if rope_type == "llama3":
     for key in ("factor", "low_freq_factor", "high_freq_factor",
                 "original_max_position_embeddings"):
       if key not in rope:
-        raise CheckpointError(f"config.json: llama3 rope scaling lacks {key!r}")
+        raise CheckpointError(f"{source}: llama3 rope scaling lacks {key!r}")
       scaling[key] = rope[key]
   num_heads = int(hf["num_attention_heads"])
   # The fields of configs/common.py llm_config (kept in sync; kptjax does not import configs/).
@@ -77,6 +90,14 @@ def llm_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       max_position_embeddings=int(hf.get("max_position_embeddings", 2048))))
+
+
+def llm_config_from_dir(ckpt_dir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """config.model.llm fields of a Llama checkpoint dir, from its config.json only (the dir
+  is identified first; errors name it)."""
+  hf = hf_io.read_config(ckpt_dir)
+  identify(ckpt_dir, hf, "llm")
+  return llm_config_from_hf(hf, source=f"{ckpt_dir}/config.json")
 
 
 def expected_shapes(llm_config: Any) -> dict[str, tuple[tuple[str, ...], int | None, bool,
@@ -127,6 +148,19 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
   return params
 
 
+def _check_dropped(ckpt_dir: pathlib.Path, shapes: dict[str, tuple[int, ...]],
+                   expected: dict) -> None:
+  """Raises CheckpointError listing the tensors of ``shapes`` the model has no place for
+  (``ALLOWED_UNUSED`` excepted)."""
+  dropped = [f"{n} {tuple(s)}" for n, s in shapes.items()
+             if _canonical(n) not in expected and not n.endswith(ALLOWED_UNUSED)]
+  if dropped:
+    raise CheckpointError(
+        f"{ckpt_dir}: {len(dropped)} tensors have no place in the Llama its config.json "
+        f"describes and would be dropped: {', '.join(dropped[:6])}"
+        + (" ..." if len(dropped) > 6 else "") + " (a Llama-family checkpoint has none)")
+
+
 def load_llama(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
                scan_layers: bool = True) -> tuple[ml_collections.ConfigDict, dict]:
   """Loads a Hugging Face Llama checkpoint dir.
@@ -144,19 +178,20 @@ def load_llama(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
     CheckpointError naming the tensor when one is missing or has the wrong shape.
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
-  config = llm_config_from_hf(hf_io.read_config(ckpt_dir))
+  config = llm_config_from_dir(ckpt_dir)
   c = LlamaConfig.from_config(config)
   expected = expected_shapes(config)
   dtype = None if param_dtype is None else layers.to_dtype(param_dtype)
   params: dict = {}
   arrays: dict[tuple[str, ...], np.ndarray] = {}
   seen: set[str] = set()
+  # Names from the safetensors headers: a tensor the model would drop stops the load
+  # before any data is read (a .bin checkpoint is checked while it streams).
+  _check_dropped(ckpt_dir, hf_io.tensor_shapes(ckpt_dir) or {}, expected)
   for raw_name, tensor in hf_io.iter_tensors(ckpt_dir):
     name = _canonical(raw_name)
     if name not in expected:
-      if not name.endswith("rotary_emb.inv_freq"):
-        logging.warning("load_llama: %s: ignoring unexpected tensor %s %s",
-                        ckpt_dir, raw_name, tensor.shape)
+      _check_dropped(ckpt_dir, {raw_name: tensor.shape}, expected)
       continue
     path, layer, is_linear, hf_shape = expected[name]
     if tuple(tensor.shape) != hf_shape:
