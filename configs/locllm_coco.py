@@ -115,6 +115,7 @@ def get_config(arg=None):
       max_new_tokens=13,         # '[0.xxx,0.yyy]' is 13 Llama tokens
       constrained=False, share_prefix=True, batch_persons=8,
       eval_persons=0,            # periodic eval during training: first N persons (0 = all)
+      mpii_box_pck=False,        # MPII without head boxes: box PCK only (else an error)
   ))
 
   if args.get("runlocal"):

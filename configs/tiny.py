@@ -100,5 +100,6 @@ def get_config(arg=None):
   c.decode = ml_collections.ConfigDict(dict(
       max_new_tokens=16, constrained=False, share_prefix=True, batch_persons=8,
       eval_persons=0,            # periodic eval during training: first N persons (0 = all)
+      mpii_box_pck=False,        # MPII without head boxes: box PCK only (else an error)
   ))
   return c.lock()

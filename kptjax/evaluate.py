@@ -418,12 +418,43 @@ def _camera_3d(rec: Any, xy: np.ndarray, depth_rel: np.ndarray, root: int = 0) -
   return metrics.pixel_to_camera(xy, z, rec.camera["f"], rec.camera["c"])
 
 
-def category_ids(coco_gt: Optional[str]) -> dict[int, int]:
-  """{annotation id: category id} of a COCO-format file (AP-10K has one per species)."""
+def category_ids(coco_gt: Optional[str], records: Sequence[Any]) -> dict[int, int]:
+  """{record ann_id: category id} for the results: each record's category (the
+  annotation's, or the detection's) by name in the COCO file's ``categories``; a record
+  without one takes the file's only category.
+
+  Raises:
+    DataError: a record's category is not in the file, or it has none and the file has
+      several.
+  """
   if not coco_gt:
     return {}
-  with open(coco_gt) as f:
-    return {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f).get("annotations", [])}
+  by_name = metrics.coco_categories(coco_gt)
+  out = {}
+  for r in records:
+    if r.category is not None and str(r.category) in by_name:
+      out[int(r.ann_id)] = by_name[str(r.category)]
+    elif r.category is None and len(by_name) == 1:
+      out[int(r.ann_id)] = next(iter(by_name.values()))
+    else:
+      raise errors.DataError(coco_gt, f"category {r.category!r} of the person on image "
+                             f"{r.image_id} is not one of the file's {len(by_name)} categories",
+                             field="categories", record=r.ann_id)
+  return out
+
+
+def check_protocol(records: Sequence[Any], mpii_box_pck: bool = False) -> None:
+  """Refuses a dataset whose benchmark metric cannot be computed, before any decoding.
+
+  MPII's metric is PCKh, which needs every record's head box (``headbox_file``);
+  without them only box PCK can be reported, and only when asked (``mpii_box_pck``).
+  """
+  if records and records[0].dataset == "mpii" and not mpii_box_pck and \
+      any(r.head_box is None for r in records):
+    raise errors.ConfigError(
+        f"{getattr(records, 'source', 'mpii')}: MPII is scored by PCKh, which needs the head "
+        "boxes: add headbox_file=<mpii_gt_val.mat> to the dataset, or ask for box PCK only "
+        "(--mpii_box_pck, config.decode.mpii_box_pck)")
 
 
 def _coco_entry(e: dict, categories: dict[int, int]) -> dict:
@@ -459,7 +490,7 @@ def predictions_file(records: Sequence[Any], entries: Sequence[dict], is_3d: boo
 def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequence[str], *,
                     coco_gt: Optional[str] = None, sigmas: Optional[Sequence[float]] = None,
                     pckh_variant: str = "standard", has_gt: bool = True,
-                    root: int = 0) -> dict[str, Any]:
+                    root: int = 0, mpii_box_pck: bool = False) -> dict[str, Any]:
   """Every metric that applies to these records.
 
   Args:
@@ -471,6 +502,13 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
     pckh_variant: 'standard' or 'locllm' (``metrics.pckh``).
     has_gt: whether records carry ground-truth keypoints (False for detection boxes).
     root: root joint of 3D poses (the spec's ``root_index``).
+    mpii_box_pck: MPII without head boxes reports box PCK only (else ConfigError).
+
+  OKS AP is the benchmark's own protocol (``metrics.ap_protocol`` of the records'
+  dataset: CrowdPose's AP(E/M/H), AIC's mmpose setting, else COCO's) over every image of
+  ``coco_gt`` holding the records' categories (images where the detector found nobody
+  included), or, when only the first persons were decoded (``max_persons``), over their
+  images. Categories are the records' own (annotation's or detection's).
 
   PCKh needs head boxes on every record and 16 keypoints in MPII order (its groups and
   the joints left out of the mean are MPII's).
@@ -493,11 +531,16 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
                              "missing": missing.sum(0).astype(float),
                              "mean_score": scores.mean(0) if len(entries) else []}
   if coco_gt and sigmas is not None and len(sigmas) == len(names):
-    cats = category_ids(coco_gt) if has_gt else {}
+    cats = category_ids(coco_gt, records)
     preds = [_coco_entry(e, cats) for e in entries]
-    image_ids = sorted({int(records[e["index"]].image_id) for e in entries})
-    out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids)
+    partial = len({e["index"] for e in entries}) < len(records)
+    image_ids = sorted({int(records[e["index"]].image_id) for e in entries}) if partial else None
+    out["ap_protocol"] = metrics.ap_protocol(records[0].dataset)
+    out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids,
+                                           category_ids=sorted(set(cats.values())),
+                                           protocol=out["ap_protocol"])
   recs = [records[e["index"]] for e in entries]
+  check_protocol(recs, mpii_box_pck)
   if has_gt and recs and recs[0].keypoints.shape[0] == len(names):
     pred = np.array([np.array(e["keypoints"])[:, :2] for e in entries])
     gt = np.stack([r.keypoints[:, :2] for r in recs])
@@ -530,7 +573,8 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
 
 def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
         max_persons: Optional[int] = None, pckh_variant: str = "standard",
-        progress: bool = True, model_params: Optional[tuple[Any, Any]] = None,
+        mpii_box_pck: bool = False, progress: bool = True,
+        model_params: Optional[tuple[Any, Any]] = None,
         tokenizer: Any = None, step: Optional[int] = None,
         model_loader: Optional[Callable[..., tuple[Any, Any, Any]]] = None) -> dict[str, Any]:
   """Evaluates one checkpoint on one dataset; returns the metrics dict.
@@ -540,6 +584,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   outputs or partial predictions made otherwise are discarded (logged).
 
   Args:
+    mpii_box_pck: (or ``config.decode.mpii_box_pck``) MPII without head boxes reports
+      box PCK (else ConfigError, before any decoding).
     step: the checkpoint step to evaluate (default: its latest).
     model_params: (model, params) to use instead of loading (sweeps, tests; the caller
       vouches that they are ``checkpoint``'s at ``step``).
@@ -564,6 +610,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
     return saved
   os.makedirs(out_dir, exist_ok=True)
   indices = list(range(len(records)))[:max_persons]
+  mpii_box_pck = mpii_box_pck or bool(config.decode.get("mpii_box_pck", False))
+  check_protocol(records, mpii_box_pck)
   spec_names = {records[i].spec for i in indices}
   if len(spec_names) != 1:
     raise errors.ConfigError(f"evaluate asks one keypoint spec per run; the dataset has "
@@ -614,7 +662,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   has_gt = not (dataset and "det_file=" in dataset) and not config.data.eval.get("det_file")
   result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
                            pckh_variant=pckh_variant, has_gt=has_gt,
-                           root=getattr(spec, "root_index", None) or 0)
+                           root=getattr(spec, "root_index", None) or 0,
+                           mpii_box_pck=mpii_box_pck)
   result.update({
       "dataset": dataset or dict(config.data.eval), "checkpoint": checkpoint,
       "checkpoint_step": step, "spec": spec.name,
@@ -627,7 +676,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   root = getattr(spec, "root_index", None) or 0
   predictions_path = os.path.join(out_dir, PREDICTIONS)
   write_json_atomic(predictions_path, predictions_file(
-      records, entries, is_3d, category_ids(coco_gt) if has_gt else {}, root))
+      records, entries, is_3d, category_ids(coco_gt, records), root))
   write_json_atomic(os.path.join(out_dir, PREDICTIONS_PROVENANCE),
                     {"provenance": record, "predictions": PREDICTIONS,
                      "sha256": _sha256_file(predictions_path)})
@@ -670,7 +719,8 @@ def make_train_evaluator(config: Any, model: Any, mesh: Any = None):
     entries = [e for batch in decode_persons(localizer, records, iter(items),
                                              int(config.decode.batch_persons)) for e in batch]
     result = compute_metrics(records, entries, spec.names, coco_gt=coco_gt, sigmas=spec.sigmas,
-                             has_gt=not config.data.eval.get("det_file"))
+                             has_gt=not config.data.eval.get("det_file"),
+                             mpii_box_pck=bool(config.decode.get("mpii_box_pck", False)))
     out = {"parse_failure_rate": result["parse_failure_rate"]}
     for k in ("PCK@0.05", "PCK@0.1", "PCK@0.2"):
       if k in result.get("pck", {}):
@@ -708,6 +758,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
   flags.DEFINE_enum("pckh_variant", "standard", ["standard", "locllm"],
                     "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
+  flags.DEFINE_bool("mpii_box_pck", False, "MPII without head boxes: report box PCK only "
+                    "(default: refuse, PCKh needs headbox_file).")
   flags.mark_flag_as_required("config")
 
 
@@ -719,7 +771,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--out (or --workdir) is required")
   try:
     result = run(f.config, out, checkpoint=f.checkpoint, dataset=f.dataset,
-                 max_persons=f.max_persons, pckh_variant=f.pckh_variant, step=f.step)
+                 max_persons=f.max_persons, pckh_variant=f.pckh_variant, step=f.step,
+                 mpii_box_pck=f.mpii_box_pck)
   except errors.KptjaxError as e:
     raise SystemExit(f"error: {e}") from None
   for line in summary_lines(result):

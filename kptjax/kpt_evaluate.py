@@ -1,6 +1,7 @@
 """KptLLM under the MP-100 protocol: every query instance, every keypoint labeled in the
-query (and, for visual prompts, in a support), one question each; PCK@0.2 per category
-(normalized by max(box w, h)) and its mean over categories (``metrics.category_pck``).
+query (and, for visual prompts, in a support), one question each; PCK@0.2 (normalized by
+max(box w, h)) per instance, then its mean over instances, as POMNet / CapeFormer do, and
+per category (``metrics.category_pck``). A question not asked or not answered is a miss.
 
   task 'visual'   1- or 5-shot: supports from ``cape.sample_supports(records, shots,
                   seed)`` (seeded: the same supports for every checkpoint); the prompt of
@@ -201,7 +202,7 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   side = int(config.model.vit.image_size)
   k_max = max(r.num_keypoints for r in records)
   pred = np.zeros((len(records), k_max, 2))
-  visible = np.zeros((len(records), k_max), bool)
+  visible = np.zeros((len(records), k_max), bool)    # asked
   missing = np.zeros((len(records), k_max), bool)    # asked, no answer
   unreadable: dict[int, str] = {}                    # query index -> unreadable image
   embed_prompts = _prompt_embedder(model)
@@ -218,7 +219,7 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
         [_parse(tokenizer, g, enc.eos_id) for g in np.asarray(generated)[:n]]
     for row, p in zip(batch, answers):
       visible[row["index"], row["keypoint"]] = True
-      if p is None:
+      if p is None or not np.isfinite(p).all():
         missing[row["index"], row["keypoint"]] = True
         continue
       image_xy = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
@@ -254,21 +255,23 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
 
 def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray,
              missing: np.ndarray) -> dict[str, float]:
-  """OKS AP of the predictions, one result per instance (score 1) on its own image;
-  ``missing`` bool[N, K] keypoints without an answer (or not asked)."""
+  """OKS AP of the predictions, one result per instance (score 1) on its own image, in
+  the instance's own category; ``missing`` bool[N, K] keypoints not asked or not
+  answered. The images are those of the records' categories
+  (``metrics.coco_keypoint_ap``), so a family split scores alone."""
   specs = pipeline._specs_for(records)   # pylint: disable=protected-access
   names = {records[0].spec} | {r.spec for r in records}
   if len(names) != 1 or specs[records[0].spec].sigmas is None:
     raise ConfigError(f"OKS AP needs one keypoint spec with sigmas; got {sorted(names)}")
   spec = specs[records[0].spec]
-  with open(coco_gt, encoding="utf-8") as f:
-    category = {int(a["id"]): int(a.get("category_id", 1)) for a in json.load(f)["annotations"]}
+  category = evaluate.category_ids(coco_gt, records)
   k = spec.num_keypoints
   results = [metrics.coco_result(r.image_id, np.concatenate([pred[i, :k], np.ones((k, 1))], 1),
-                                 1.0, category.get(int(r.ann_id), 1), missing=missing[i, :k])
+                                 1.0, category[int(r.ann_id)], missing=missing[i, :k])
              for i, r in enumerate(records)]
   return metrics.coco_keypoint_ap(coco_gt, results, spec.sigmas,
-                                  image_ids=sorted({int(r.image_id) for r in records}))
+                                  category_ids=sorted(set(category.values())),
+                                  protocol=metrics.ap_protocol(records[0].dataset))
 
 
 def _normalize(text: str) -> str:

@@ -84,22 +84,36 @@ def test_support_keypoint_mask_needs_a_labeled_support(tmp_path):
   assert cape.support_keypoint_mask(query, [unlabeled_support, other]).all()
 
 
-def test_category_pck_by_hand():
-  # Two categories. Box 100 x 50 -> normalizer 100 -> threshold 20 px.
-  gt = np.zeros((3, 2, 2))
+def test_category_pck_per_instance_by_hand():
+  """MP-100's PCK averages each instance's PCK (POMNet / CapeFormer ``_report_metric``);
+  a distance of exactly t is a miss (mmpose's keypoint_pck_accuracy: d < t)."""
+  # Box 100 x 50 -> normalizer 100 -> threshold 20 px.
+  gt = np.zeros((5, 2, 2))
   pred = gt.copy()
-  pred[0, 0] = (19.0, 0.0)      # cat a: hit
-  pred[0, 1] = (0.0, 21.0)      # cat a: miss
-  pred[1, 0] = (12.0, 16.0)     # cat a: distance 20 -> hit (<= t)
-  pred[1, 1] = (50.0, 50.0)     # cat a: not visible, does not count
-  pred[2] = (30.0, 0.0)         # cat b: both miss ... but only one keypoint is visible
-  pred[2, 1] = (1.0, 1.0)       #        ... and it hits
-  visible = np.array([[1, 1], [1, 0], [0, 1]], bool)
-  boxes = np.tile([0.0, 0.0, 100.0, 50.0], (3, 1))
-  out = metrics.category_pck(pred, gt, visible, boxes, ["a", "a", "b"], 0.2)
-  assert out["per_category"] == {"a": pytest.approx(2 / 3), "b": 1.0}
-  assert out["PCK@0.2"] == pytest.approx((2 / 3 + 1.0) / 2)   # mean of categories,
-  assert out["count"] == {"a": 3, "b": 1}                       # not of keypoints (3/4)
+  pred[0] = [(19.0, 0.0), (0.0, 21.0)]   # a: 1 of 2
+  pred[1] = [(12.0, 16.0), (50.0, 50.0)]  # a: distance 20 -> miss; 2nd not visible: 0 of 1
+  pred[2] = [(30.0, 0.0), (1.0, 1.0)]    # b: 1st not visible; 1 of 1
+  pred[3] = [(1.0, 0.0), (0.0, 2.0)]     # b: 2 of 2
+  pred[4] = [(0.0, 5.0), (90.0, 0.0)]    # a: 1 of 1 (2nd not visible)
+  visible = np.array([[1, 1], [1, 0], [0, 1], [1, 1], [1, 0]], bool)
+  boxes = np.tile([0.0, 0.0, 100.0, 50.0], (5, 1))
+  out = metrics.category_pck(pred, gt, visible, boxes, ["a", "a", "b", "b", "a"], 0.2)
+  per_instance = [0.5, 0.0, 1.0, 1.0, 1.0]
+  assert out["PCK@0.2"] == pytest.approx(np.mean(per_instance))              # 0.7
+  assert out["PCK@0.2(pooled)"] == pytest.approx(5 / 7)                      # keypoints
+  assert out["per_category"] == {"a": pytest.approx(0.5), "b": 1.0}
+  assert out["PCK@0.2(category_mean)"] == pytest.approx(0.75)
+  assert out["count"] == {"a": 3, "b": 2} and out["keypoints"] == 7
+  # A missing answer is a miss, whatever its value; non-finite unmarked is refused.
+  pred[3, 1] = np.nan
+  with pytest.raises(DataError, match="pred"):
+    metrics.category_pck(pred, gt, visible, boxes, ["a", "a", "b", "b", "a"], 0.2)
+  missing = np.zeros((5, 2), bool)
+  missing[3, 1] = True
+  out = metrics.category_pck(pred, gt, visible, boxes, ["a", "a", "b", "b", "a"], 0.2,
+                             missing=missing)
+  assert out["PCK@0.2"] == pytest.approx(np.mean([0.5, 0.0, 1.0, 0.5, 1.0]))
+  assert out["missing"] == 1
 
 
 def test_ap10k_families(tmp_path):

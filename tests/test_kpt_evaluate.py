@@ -81,15 +81,15 @@ def test_answers_map_back_to_image_pixels(setup, monkeypatch, coord_format):
   out = kpt_evaluate.evaluate_cape(config, None, None, tok, records, task="textual",
                                    rows_per_batch=4)
   assert out["questions"] == sum(int((r.keypoints[:, 2] > 0).sum()) for r in records)
-  assert sum(out["count"].values()) == sum(r.num_keypoints for r in records)
-  per_cat = {}
+  assert out["keypoints"] == sum(r.num_keypoints for r in records)
+  per_cat = {}                          # each instance's PCK, then the mean per category
   for r in records:
     x, y, w, h = r.box
     d = np.linalg.norm(r.keypoints[:, :2] - [x + w / 2, y + h / 2], axis=1) / max(w, h)
-    a, b = per_cat.get(r.category, (0, 0))
-    per_cat[r.category] = (a + int(np.sum(d <= 0.2)), b + len(d))
-  assert out["per_category"] == pytest.approx({c: a / b for c, (a, b) in per_cat.items()},
+    per_cat.setdefault(r.category, []).append(np.mean(d < 0.2))
+  assert out["per_category"] == pytest.approx({c: np.mean(v) for c, v in per_cat.items()},
                                               abs=1e-6)
+  assert out["PCK@0.2"] == pytest.approx(np.mean([v for vs in per_cat.values() for v in vs]))
 
 
 def test_tiny_model_end_to_end(setup):
@@ -229,3 +229,25 @@ def test_unreadable_query_image_is_missing_and_counted(setup, monkeypatch, tmp_p
   assert out["missing_keypoints"] == k0 and out["parse_failures"] == 0
   assert out["questions"] == sum(int((r.keypoints[:, 2] > 0).sum()) for r in records)
   assert out["num_answers"] == out["questions"] - k0
+
+
+def test_ap10k_unparseable_answers_are_missing_not_perfect(shared_data, monkeypatch):
+  """LocLLM-style text answers that never parse: every keypoint is missing, so PCK and
+  OKS AP are 0 (an unparseable answer once became NaN through the inverse affine, and
+  NaN matched perfectly: AP 0.99999)."""
+  from kptjax.data.sources import read_dataset
+  folder = shared_data / "ap10k"
+  records = read_dataset("ap10k", folder / "test_ap10k.json", folder)
+  c = tiny.get_config().unlock()
+  c.data.update(coord_format="decimal2d", max_len=160)
+  tok = load_tokenizer("")
+  junk = np.asarray(tok.encode("no idea", add_special_tokens=False) + [tok.eos_token_id],
+                    np.int32)
+
+  def babble(model, params, images, tokens, mask, force_keypoint=True, **kw):
+    return None, np.tile(junk, (images.shape[0], 1))
+  monkeypatch.setattr(kpt_decode, "generate_keypoints", babble)
+  out = kpt_evaluate.evaluate_cape(c, None, None, tok, records, task="textual",
+                                   rows_per_batch=8, coco_gt=str(folder / "test_ap10k.json"))
+  assert out["questions"] == out["missing"] == 32
+  assert out["PCK@0.2"] == 0.0 and out["AP"] == 0.0 and out["AR"] == 0.0

@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kptjax import metrics
+from kptjax import errors, metrics
 
 # Published OKS sigmas, copied from their definitions:
 # COCO: pycocotools/cocoeval.py Params.setKpParams (also Human-Art's 17 and OCHuman).
@@ -69,19 +69,35 @@ def test_coco_ap_equals_direct_pycocotools(shared_data, tmp_path, case):
 
 
 def test_coco_ap_other_sigmas_crowdpose(shared_data, tmp_path):
-  """14-keypoint data: our sigmas reach COCOeval (perfect = 1, jitter equals direct run)."""
+  """14-keypoint data: our sigmas reach the evaluator (perfect = 1; jittered equals
+  xtcocotools' keypoints_crowd, mmpose's CrowdPose setting, run directly)."""
+  from xtcocotools.coco import COCO as XtCOCO
+  from xtcocotools.cocoeval import COCOeval as XtCOCOeval
   gt_path = shared_data / "crowdpose" / "test_crowdpose.json"
   gt_json = json.loads(gt_path.read_text())
   perfect = _results_from_gt(gt_json, np.random.default_rng(1))
-  assert metrics.coco_keypoint_ap(str(gt_path), perfect, CROWDPOSE_SIGMAS)["AP"] == \
-      pytest.approx(1.0)
+  assert metrics.coco_keypoint_ap(str(gt_path), perfect, CROWDPOSE_SIGMAS,
+                                  protocol="crowdpose")["AP"] == pytest.approx(1.0)
   jittered = _results_from_gt(gt_json, np.random.default_rng(1), jitter_px=5)
-  ours = metrics.coco_keypoint_ap(gt_json, jittered, CROWDPOSE_SIGMAS)
-  for ann in gt_json["annotations"]:   # CrowdPose has no 'area': the box area stands in
-    ann["area"] = ann["bbox"][2] * ann["bbox"][3]
-  (tmp_path / "gt.json").write_text(json.dumps(gt_json))
-  ref = _direct_cocoeval(tmp_path / "gt.json", jittered, tmp_path, CROWDPOSE_SIGMAS)
-  assert [ours[k] for k in metrics.COCO_AP_NAMES] == pytest.approx(ref, abs=0, rel=0)
+  ours = metrics.coco_keypoint_ap(gt_json, jittered, CROWDPOSE_SIGMAS, protocol="crowdpose")
+  (tmp_path / "res.json").write_text(json.dumps(jittered))
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt = XtCOCO(str(gt_path))
+    ev = XtCOCOeval(gt, gt.loadRes(str(tmp_path / "res.json")), "keypoints_crowd",
+                    np.array(CROWDPOSE_SIGMAS), use_area=False)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+  assert [ours[k] for k in metrics.CROWDPOSE_AP_NAMES] == pytest.approx(list(ev.stats), abs=1e-6)
+
+
+def test_coco_protocol_needs_area(shared_data):
+  """COCO's protocol reads each annotation's area; a file without (CrowdPose) is refused
+  with the field named, not a KeyError from inside pycocotools."""
+  gt_path = shared_data / "crowdpose" / "test_crowdpose.json"
+  results = _results_from_gt(json.loads(gt_path.read_text()), np.random.default_rng(1))
+  with pytest.raises(errors.DataError, match="area"):
+    metrics.coco_keypoint_ap(str(gt_path), results, CROWDPOSE_SIGMAS)
 
 
 def test_coco_ap_no_results_is_zero(shared_data):
@@ -140,6 +156,43 @@ def test_pckh_hand_computed():
   keep[[8, 9]] = False
   assert loc["PCKh@0.5"] == pytest.approx(np.sum(per[keep] * counts[keep]) / counts[keep].sum())
   assert "PCKh@0.1(locllm)" in loc
+
+
+def test_pck_missing_is_a_miss_and_nan_is_refused():
+  gt = np.zeros((1, 5, 2))
+  pred = gt + np.array([[0, 0], [4, 0], [0, 8], [12, 0], [30, 0]])[None]
+  vis = np.array([[1, 1, 1, 1, 0]], bool)
+  box = np.array([[10, 10, 100, 50]])
+  missing = np.array([[True, False, False, False, False]])
+  pred[0, 0] = np.nan                       # the value of a missing keypoint is not read
+  out = metrics.box_pck(pred, gt, vis, box, missing=missing)
+  assert out["count"] == 4 and out["missing"] == 1
+  assert out["PCK@0.05"] == pytest.approx(1 / 4)   # keypoint 0 would have hit (error 0)
+  assert out["per_keypoint"]["PCK@0.05"][0] == 0.0
+  with pytest.raises(errors.DataError, match="'pred'.*person 0, keypoint 0"):
+    metrics.box_pck(pred, gt, vis, box)
+  pred[0, 0] = np.inf
+  with pytest.raises(errors.DataError, match="non-finite"):
+    metrics.pckh(np.tile(pred[:, :1], (1, 16, 1)), np.zeros((1, 16, 2)), np.ones((1, 16), bool),
+                 np.array([[0, 0, 30, 40]]))
+
+
+def test_mpjpe_counts_missing_joints():
+  rng = np.random.default_rng(0)
+  gt = rng.normal(0, 300, (2, 17, 3))
+  pred = gt.copy()
+  pred[0, 5] += [30, 40, 0]                 # 50 mm off, but missing: not averaged
+  missing = np.zeros((2, 17), bool)
+  missing[0, 5] = True
+  pred[0, 5] = np.nan
+  missing[1, 0] = True                      # the root of pose 1: nothing to align it with
+  out = metrics.mpjpe(pred, gt, missing=missing)
+  assert out["MPJPE"] == pytest.approx(0.0, abs=1e-9)
+  assert out["missing_joints"] == 1 + 17 and out["missing_poses"] == 1
+  per = np.array(out["per_keypoint_MPJPE"])      # joint 5 never scored: NaN, not a number
+  assert np.isnan(per[5]) and np.isfinite(np.delete(per, 5)).all()
+  with pytest.raises(errors.DataError, match="non-finite"):
+    metrics.mpjpe(pred, gt)
 
 
 def test_mpjpe_hand_computed():
