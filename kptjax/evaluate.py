@@ -250,13 +250,14 @@ def load_eval_records(config: Any, dataset: str = "") -> Any:
   from kptjax.data import pipeline
   if not dataset:
     return pipeline.load_records(config, "eval")
-  from kptjax.data.sources import read_dataset
+  from kptjax.data.sources import eval_options, read_dataset
   name, *rest = [p.strip() for p in dataset.split(",") if p.strip()]
   for part in rest:
     if "=" not in part:
       raise errors.ConfigError(f"--dataset: expected key=value after the source name, "
                                f"got '{part}'")
-  return read_dataset(name, **pipeline._parse_options(",".join(rest)))  # pylint: disable=protected-access
+  options = pipeline._parse_options(",".join(rest))  # pylint: disable=protected-access
+  return read_dataset(name, **eval_options(name, options))
 
 
 def _dataset_paths(config: Any, dataset: str, records: Any) -> list[str]:

@@ -293,6 +293,20 @@ def test_corrupt_image_people_are_scored_as_missing(model_params, tokenizer, tmp
              for r in caplog.records)
 
 
+def test_missing_image_file_people_are_scored_as_missing(model_params, tokenizer, tmp_path,
+                                                         monkeypatch):
+  """An image file absent from disk: the reader keeps its person for evaluation (training
+  readers skip it), so it is scored as missing instead of leaving the denominator."""
+  dataset, _ = _centre_dataset(tmp_path)
+  (tmp_path / "img2.jpg").unlink()
+  _answer_everywhere(monkeypatch, ok=True)
+  result = evaluate.run(_config(), str(tmp_path / "eval"), dataset=dataset, progress=False,
+                        model_params=model_params, tokenizer=tokenizer)
+  assert result["num_persons"] == 3 and result["image_errors"] == 1
+  assert result["unreadable_images"] == [str(tmp_path / "img2.jpg")]
+  assert result["pck"]["count"] == 51 and result["pck"]["PCK@0.05"] == pytest.approx(2 / 3)
+
+
 def _run(out, dataset, model_params, tokenizer, **kw):
   return evaluate.run(_config(**kw.pop("decode", {})), str(out), dataset=dataset,
                       progress=False, model_params=model_params, tokenizer=tokenizer,

@@ -69,7 +69,7 @@ from kptjax.data import conversation
 from kptjax.data import synthetic
 from kptjax.data import synthetic_objects
 from kptjax.data import transforms
-from kptjax.data.sources import Records, read_dataset
+from kptjax.data.sources import Records, eval_options, read_dataset
 from kptjax.errors import ConfigError, DataError, ImageError
 from kptjax.keypoints import get_spec
 
@@ -124,8 +124,10 @@ def load_records(config: Any, split: str) -> Records:
     layout = _LAYOUTS.get(source, _LAYOUTS["coco"])
     ann_file = os.path.join(d.path, layout[0].format(split=d.split))
     image_root = image_root or os.path.join(d.path, layout[1].format(split=d.split))
-  return read_dataset(source, ann_file, image_root, **det,
-                      **_parse_options(d.get("options", "")))
+  options = {**det, **_parse_options(d.get("options", ""))}
+  if split == "eval":
+    options = eval_options(source, options)
+  return read_dataset(source, ann_file, image_root, **options)
 
 
 def _specs_for(records: Sequence[Any]) -> dict[str, Any]:

@@ -86,6 +86,20 @@ def read_dataset(name: str, *args: Any, **kwargs: Any) -> Records:
   return reader(*args, **kwargs)
 
 
+def reader_accepts(name: str, key: str) -> bool:
+  """Whether the reader of dataset ``name`` takes keyword ``key``."""
+  return name in READERS and key in inspect.signature(READERS[name]).parameters
+
+
+def eval_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+  """``options`` for reading an evaluation split: a person whose image file is missing is
+  kept (``check_images=False``, unless the options say otherwise), so evaluation scores
+  it as missing instead of dropping it from the denominator."""
+  if reader_accepts(name, "check_images") and "check_images" not in options:
+    return {**options, "check_images": False}
+  return dict(options)
+
+
 def _coerce(source: str, key: str, value: str, default: Any) -> Any:
   """A command-line string -> the type of the reader's default (bool, int, float)."""
   try:
