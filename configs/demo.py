@@ -44,17 +44,21 @@ def get_config(arg=None):
 
   d = int(args.get("width", 128))
   layers = int(args.get("layers", 4))
+  ffn = int(args.get("ffn", 2)) * d
   c.model.vit = common.vit_config(image_size=int(args.get("image", 48)),
                                   patch_size=int(args.get("patch", 8)), hidden_size=d, num_layers=layers,
-                                  num_heads=4, intermediate_size=4 * d)
+                                  num_heads=4, intermediate_size=ffn)
   c.model.vit.pos_embed = "sincos2d"
-  c.model.llm = common.llm_config(vocab_size=512, hidden_size=d, intermediate_size=4 * d,
+  c.model.llm = common.llm_config(vocab_size=512, hidden_size=d, intermediate_size=ffn,
                                   num_layers=layers, num_heads=4, num_kv_heads=4,
                                   max_position_embeddings=512,
                                   rope_theta=float(args.get("theta", 1e6)))
   c.model.projector.kind = "linear"
   c.model.init = "fan_in"    # from scratch at width 128: unit-scale init (vlm.rescale_init)
   c.model.remat_policy = "none"
+  # Unrolled LLM blocks: at width 128 on a CPU the scan's per-layer slicing and stacking
+  # of residuals costs ~1/6 of the step (experiments/bench_train.py, demo rows).
+  c.model.scan_layers = False
 
   knobs = args.get("knobs", "people=1:1,marker_size=0.07,occluder_prob=0.0").replace(";", ",")
   c.data.train.update(num_images=4000, knobs=knobs, seed=0)
@@ -75,7 +79,7 @@ def get_config(arg=None):
   c.optim.update(lr=2e-3, warmup_ratio=0.03, schedule="wsd", decay_ratio=0.2, weight_decay=0.01,
                  trainable="all")
 
-  c.train.update(batch_size=32, num_steps=2100, log_every=25, checkpoint_every=400,
+  c.train.update(batch_size=32, num_steps=1700, log_every=25, checkpoint_every=400,
                  keep_checkpoints=1)
   c.decode.update(max_new_tokens=14, batch_persons=50)
 
