@@ -87,6 +87,7 @@ def get_config(arg=None):
       curriculum_augment=False,
       tasks="",
       shots=1,
+      strict_images=False,       # True: an unreadable training image stops the run
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -74,6 +74,9 @@ def get_config(arg=None):
       curriculum_augment=False,          # augment the curriculum stages too
       tasks="",                          # KptLLM tasks mixed per item: 'visual:1,textual:1'
       shots=1,                           # support instances per query (visual prompts)
+      # a training image that cannot be read: False = skip it, count it (logged as
+      # skipped_images), True = stop with its ImageError (python -m kptjax.train --strict)
+      strict_images=False,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

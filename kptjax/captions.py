@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from kptjax.data import conversation, transforms
+from kptjax.data import conversation, pipeline, transforms
 from kptjax.errors import ConfigError
 
 
@@ -87,6 +87,9 @@ def make_caption_dataset(config: Any, tokenizer: Any, records: Sequence[Any], *,
     config: the full config (model.vit, model.image_token_id, data, train, seed).
     tokenizer: the tokenizer the model uses.
     records: CaptionRecords; each process takes ``records[process_index::process_count]``.
+
+  Batches: ``CaptionTransform``'s fields and ``skipped_images`` i32[B] (pairs whose image
+  could not be read, skipped as ``pipeline.skip_unreadable`` does).
   """
   if not records:
     raise ConfigError("no caption records for stage 1")
@@ -94,6 +97,8 @@ def make_caption_dataset(config: Any, tokenizer: Any, records: Sequence[Any], *,
   mine = list(records)[process_index::process_count]
   logging.info("caption pipeline: %d pairs for process %d/%d, batch %d", len(mine),
                process_index, process_count, batch)
-  ds = (grain.MapDataset.source(mine).shuffle(seed=int(config.seed)).repeat()
-        .map(CaptionTransform(config, tokenizer)))
-  return ds.to_iter_dataset().batch(batch, drop_remainder=True)
+  ds = grain.MapDataset.source(mine).shuffle(seed=int(config.seed)).repeat()
+  # An unreadable image is skipped and counted as in the keypoint pipelines.
+  it = pipeline.skip_unreadable(ds, CaptionTransform(config, tokenizer), config,
+                                limit=len(mine), random=False)
+  return it.batch(batch, drop_remainder=True)

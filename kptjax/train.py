@@ -15,6 +15,10 @@ keypoint evaluator is ``'kptjax.evaluate:make_train_evaluator'``) and
 ``TrainState``; step: the number of updates done) returns a mapping of scalar metrics,
 written under ``eval/``. ``run(..., eval_fn=...)`` takes the callable directly.
 
+A training image that cannot be read is skipped (``kptjax.data.pipeline``); each logged
+step carries ``skipped_images``, the number skipped since this process started.
+``--strict`` (``data.strict_images=True``) stops at the first one instead.
+
 Outputs in WORKDIR: TensorBoard events, ``metrics.jsonl`` (one JSON object per logged
 step, appended across restarts), ``checkpoints/``, and ``adapter.safetensors`` (the
 trained LoRA + projector weights, ``kptjax.convert.export_adapter``, when not every param
@@ -333,6 +337,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   """
   # ------------------------------------------------------------------------ logging
   from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
+  from kptjax.data.pipeline import SKIPPED_IMAGES  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   workdir = workdir if "://" in workdir else os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -391,11 +396,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   keys = batch_keys(config)
   history: list[tuple[int, dict[str, jax.Array]]] = []
   t_last, steps_timed = None, 0
+  skipped_images = 0   # training elements whose image could not be read (this process)
   bar = tqdm(total=tc.num_steps, initial=first_step, desc="train", disable=not is_main)
   logging.info("Training steps %d..%d; compiling the step", first_step + 1, tc.num_steps)
   try:
     for step in range(first_step + 1, tc.num_steps + 1):
-      batch = sharding.shard_batch(_take(next(data_iter), keys), trainer.mesh)
+      host_batch = next(data_iter)
+      skipped_images += int(np.sum(host_batch.get(SKIPPED_IMAGES, 0)))
+      batch = sharding.shard_batch(_take(host_batch, keys), trainer.mesh)
       with jax.set_mesh(trainer.mesh):
         state, metrics = trainer.step(state, batch)
       history.append((step, metrics))
@@ -415,6 +423,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
         history = jax.device_get(history)
         _check_finite(history)
         scalars = {k: float(v) for k, v in history[-1][1].items()}
+        scalars[SKIPPED_IMAGES] = skipped_images
         now = time.perf_counter()
         if steps_timed:
           tokens = sum(float(m["input_tokens"]) for s, m in history[-steps_timed:])
@@ -431,6 +440,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
         break
   finally:
     bar.close()
+    if skipped_images:
+      logging.warning("Skipped %d training examples whose image could not be read (named "
+                      "above; --strict stops at the first)", skipped_images)
     ckpt.wait()
     ckpt.close()
     writer.flush()
@@ -455,6 +467,8 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
   flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
+  flags.DEFINE_bool("strict", False, "Stop at the first training image that cannot be read "
+                    "(data.strict_images=True) instead of skipping and counting it.")
   flags.DEFINE_integer("preempt_at_step", None,
                        "Stop after this step as if preempted (checkpoint first); for tests.")
 
@@ -463,7 +477,11 @@ def main(argv):
   del argv
   if FLAGS.multihost:
     jax.distributed.initialize()
-  run(FLAGS.config, FLAGS.workdir, preempt_at_step=FLAGS.preempt_at_step)
+  config = FLAGS.config
+  if FLAGS.strict:
+    with config.unlocked():
+      config.data.strict_images = True
+  run(config, FLAGS.workdir, preempt_at_step=FLAGS.preempt_at_step)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """KptLLM's training stream on the synthetic objects (MP-100 style): static shapes,
 tasks mixed in one run, visual supports from other images of the same category with the
-prompted keypoint's position, semantic supports = the query crop, deterministic by seed."""
+prompted keypoint's position, semantic supports = the query crop, deterministic by seed;
+an unreadable query or support image skips the element (counted) or, strict, raises."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from configs import tiny
 from kptjax.data import kpt_pipeline, pipeline
 from kptjax.data.tokenizer import load_tokenizer
+from kptjax.errors import ImageError
 
 B, SHOTS, ROUNDS, MAX_LEN = 6, 2, 2, 160
 
@@ -87,3 +91,22 @@ def test_deterministic_by_seed(setup):
   config, tok, records, batches = setup
   again = next(iter(kpt_pipeline.make_kpt_train_dataset(config, tok, records=records)))
   assert all(np.array_equal(again[k], batches[0][k]) for k in again)
+
+
+def test_unreadable_image_skips_the_element_or_raises_when_strict(setup, tmp_path):
+  config, tok, records, batches = setup
+  corrupt = tmp_path / "corrupt.jpg"
+  corrupt.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  broken = list(records)
+  broken[0] = dataclasses.replace(broken[0], image_path=str(corrupt))
+  def counts(cfg):
+    it = iter(kpt_pipeline.make_kpt_train_dataset(cfg, tok, records=broken))
+    return [next(it)["skipped_images"] for _ in range(4)]
+  first = counts(config)
+  assert sum(int(c.sum()) for c in first) > 0                # the query or a support
+  assert all(np.array_equal(a, b) for a, b in zip(first, counts(config)))   # deterministic
+  assert not any(b["skipped_images"].any() for b in batches)   # intact records: none
+  strict = config.copy_and_resolve_references()
+  strict.data.strict_images = True
+  with pytest.raises(ImageError, match="corrupt.jpg"):
+    counts(strict)

@@ -1,15 +1,21 @@
 """Grain pipelines: static shapes, same seed -> same batches, restore -> same next batch,
-two processes cover the data once (train epoch and eval), eval metadata, real sources."""
+two processes cover the data once (train epoch and eval), eval metadata, real sources,
+an unreadable training image skipped and counted (deterministically, resumably) or, with
+data.strict_images, raised."""
 
+import dataclasses
 import json
 
+import grain
 import numpy as np
 import pytest
 
 from configs import tiny
+from kptjax import captions
 from kptjax.data import pipeline
+from kptjax.data.sources import read_llava_captions
 from kptjax.data.tokenizer import load_tokenizer
-from kptjax.errors import ConfigError
+from kptjax.errors import ConfigError, ImageError
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +190,80 @@ def test_curriculum_stream_repeats_the_first_images_unaugmented(config, tok, tra
   c.data.curriculum_augment = True
   batches, _ = _take(pipeline.make_train_dataset(c, tok, records=train_records), 2)
   assert not all(np.allclose(img, first) for b in batches for img in b["image"])
+
+
+# ------------------------------------------------------------------ unreadable images
+
+
+def _rows(batches):
+  return [{k: b[k][r] for k in ("image", "tokens", "loss_mask")}
+          for b in batches for r in range(b["image"].shape[0])]
+
+
+def _stream_items(config, n_items, count):
+  """The first ``count`` item indices of the train stream (its shuffle, read directly)."""
+  ds = grain.MapDataset.source(list(range(n_items))).shuffle(seed=int(config.seed)).repeat()
+  return [ds[i] for i in range(count)]
+
+
+def test_unreadable_training_image_is_skipped_counted_and_resumable(config, tok, train_records,
+                                                                    tmp_path):
+  bad = 3
+  corrupt = tmp_path / "corrupt.png"
+  corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  records = list(train_records)
+  records[bad] = dataclasses.replace(records[bad], image_path=str(corrupt))
+  n_batches, batch = 7, config.train.batch_size
+  batches, it = _take(pipeline.make_train_dataset(config, tok, records=records), n_batches)
+  stream = _stream_items(config, len(records), 64)
+  kept = [j for j, item in enumerate(stream) if item != bad][:n_batches * batch]
+  # Each row says how many elements were dropped just before it; their sum is the number
+  # of times the corrupt person came up before the last kept row.
+  counts = np.concatenate([b["skipped_images"] for b in batches])
+  assert counts.sum() == stream[:kept[-1]].count(bad) >= 3
+  assert counts.tolist() == [kept[0]] + [b - a - 1 for a, b in zip(kept, kept[1:])]
+  # The kept rows are the clean stream's elements at the same stream positions (the same
+  # crops, augmentation and rounds): skipping moves nothing else.
+  clean, _ = _take(pipeline.make_train_dataset(config, tok, records=train_records),
+                   -(-(kept[-1] + 1) // batch))
+  clean_rows = _rows(clean)
+  for row, j in zip(_rows(batches), kept):
+    assert all(np.array_equal(row[k], clean_rows[j][k]) for k in row)
+  # Resumable: a restored iterator continues with the same batch.
+  state = json.loads(json.dumps(it.get_state()))
+  expected = next(it)
+  (restored,), _ = _take(pipeline.make_train_dataset(config, tok, records=records), 1,
+                         state=state)
+  assert _equal(restored, expected)
+
+  strict = config.copy_and_resolve_references()
+  strict.data.strict_images = True
+  with pytest.raises(ImageError, match="corrupt.png") as err:
+    _take(pipeline.make_train_dataset(strict, tok, records=records), n_batches)
+  assert err.value.path == str(corrupt)
+
+
+def test_no_readable_training_image_is_an_error(config, tok, train_records, tmp_path):
+  missing = [dataclasses.replace(r, image_path=str(tmp_path / f"gone{i}.jpg"))
+             for i, r in enumerate(train_records)]
+  with pytest.raises(ImageError, match=f"{len(missing)} training examples in a row"):
+    _take(pipeline.make_train_dataset(config, tok, records=missing), 1)
+
+
+def test_caption_pipeline_skips_an_unreadable_image(config, tok, shared_data, tmp_path):
+  (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")
+  for name in ("000000000785.jpg", "000000040083.jpg"):
+    (tmp_path / name).write_bytes((shared_data / "coco" / name).read_bytes())
+  images = ["000000000785.jpg", "bad.jpg", "000000040083.jpg"]
+  (tmp_path / "chat.json").write_text(json.dumps(
+      [{"id": str(i), "image": im, "caption": f"caption {i}"} for i, im in enumerate(images)]))
+  records = read_llava_captions(tmp_path / "chat.json", tmp_path)
+  c = config.copy_and_resolve_references()
+  c.train.batch_size = 2
+  batches, _ = _take(captions.make_caption_dataset(c, tok, records), 3)   # two epochs
+  stream = _stream_items(c, 3, 12)
+  kept = [j for j, item in enumerate(stream) if item != 1][:6]
+  assert sum(int(b["skipped_images"].sum()) for b in batches) == stream[:kept[-1]].count(1) > 0
+  c.data.strict_images = True
+  with pytest.raises(ImageError, match="bad.jpg"):
+    _take(captions.make_caption_dataset(c, tok, records), 3)

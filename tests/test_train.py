@@ -6,13 +6,19 @@
   written; every logged step has loss / accuracy / lr / grad_norm / step time / tokens/s;
 * a NaN loss stops the run with an error naming the step;
 * stage 1: LLaVA-style caption pairs become batches of the same contract (loss on the
-  caption and </s> only) that the train step accepts.
+  caption and </s> only) that the train step accepts;
+* a real run on the COCO sample with one of its images corrupt completes, counting the
+  skipped persons in metrics.jsonl; ``python -m kptjax.train --strict`` stops at it.
 """
 
 import glob
 import json
 import math
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -22,6 +28,8 @@ import pytest
 from configs import tiny
 from kptjax import sharding, train
 from kptjax.data import pipeline, tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 NUM_STEPS = 20
 EVAL_EVERY = 10
@@ -145,3 +153,62 @@ def test_stage1_caption_batches(tmp_path, trainer, shared_data):
       {k: batch[k] for k in train.BATCH_KEYS}, trainer.mesh))
   assert np.isfinite(float(metrics["loss"]))
   assert float(metrics["answer_tokens"]) == batch["loss_mask"].sum()
+
+
+# ------------------------------------------------------------- a corrupt training image
+
+
+@pytest.fixture(scope="module")
+def corrupt_coco(tmp_path_factory, shared_data):
+  """The COCO sample's annotations over copies of its images, one cut to 2 kB (a JPEG
+  whose header reads but whose pixels do not decode), and that image's path."""
+  root = tmp_path_factory.mktemp("coco_corrupt")
+  for src in (shared_data / "coco").glob("*.jpg"):
+    shutil.copy(src, root / src.name)
+  bad = root / "000000196141.jpg"
+  bad.write_bytes(bad.read_bytes()[:2048])
+  return shared_data / "coco" / "test_coco.json", root, bad
+
+
+def _coco_config(ann, root, steps):
+  config = _config()
+  with config.unlocked():
+    config.data.train.update(source="coco", ann_file=str(ann), image_root=str(root))
+    config.train.update(num_steps=steps, checkpoint_every=steps, eval_every=0)
+  return config
+
+
+def test_corrupt_image_is_skipped_and_counted_in_a_real_run(tmp_path, trainer, corrupt_coco):
+  ann, root, bad = corrupt_coco
+  steps = 4
+  config = _coco_config(ann, root, steps)
+  state = train.run(config, str(tmp_path), trainer=trainer)
+  assert int(jax.device_get(state.step)) == steps
+  rows = [r for r in train.read_metrics(str(tmp_path)) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, steps + 1))
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  # Expected count from the shuffled stream of the 12 persons: how often one on the
+  # corrupt image comes up before the last of the 4 x 4 persons trained on.
+  records = pipeline.load_records(config, "train")
+  on_bad = {i for i, r in enumerate(records) if r.image_path == str(bad)}
+  assert len(records) == 12 and len(on_bad) == 4       # 5 people there, 1 unlabeled
+  stream = grain.MapDataset.source(list(range(12))).shuffle(seed=config.seed).repeat()
+  order = [stream[i] for i in range(64)]
+  kept = [j for j, item in enumerate(order) if item not in on_bad][:steps * 4]
+  expected = sum(item in on_bad for item in order[:kept[-1]])
+  counts = [r["skipped_images"] for r in rows]
+  assert counts == sorted(counts) and counts[-1] == expected > 0
+
+
+def test_strict_flag_stops_a_real_run_at_the_corrupt_image(tmp_path, corrupt_coco):
+  ann, root, bad = corrupt_coco
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, "-m", "kptjax.train", "--config", "configs/tiny.py",
+         "--workdir", str(tmp_path / "run"), "--strict", "--config.data.train.source=coco",
+         f"--config.data.train.ann_file={ann}", f"--config.data.train.image_root={root}",
+         "--config.train.num_steps=4", "--config.train.checkpoint_every=4"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "ImageError" in proc.stderr and f"{bad}, field 'image'" in proc.stderr, \
+      proc.stderr[-3000:]
+  assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "4")

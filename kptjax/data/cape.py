@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from kptjax.data.sources.ap10k import family_category_ids, read_ap10k_families  # noqa: F401
-from kptjax.data.sources._util import field, load_json
+from kptjax.data.sources._util import category_table, load_json
 from kptjax.errors import ConfigError
 
 SPLIT_PARTS = ("train", "val", "test")
@@ -103,8 +103,7 @@ def write_split_files(ann_file: PathLike, out_dir: PathLike, *, num_splits: int 
   """
   path = os.fspath(ann_file)
   data = load_json(path)
-  cats = field(data, "categories", path, "", list)
-  ids = [field(c, "id", path, f"categories[{i}]", int) for i, c in enumerate(cats)]
+  ids = list(category_table(data, path))      # unique int ids, in file order
   splits = category_splits(ids, num_splits=num_splits, num_val=num_val, num_test=num_test,
                            seed=seed)
   out = pathlib.Path(out_dir)

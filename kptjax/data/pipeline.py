@@ -17,7 +17,16 @@ repeated stream, so batches are deterministic, each epoch differs, and an iterat
 restored with ``set_state(get_state())`` yields the same next batch. Batches are numpy
 dicts with static shapes (B = train.batch_size // process_count, T = data.max_len):
 ``image`` f32[B, H, W, 3] (normalized), ``tokens``/``targets`` i32[B, T], ``loss_mask``
-f32[B, T], ``input_mask`` bool[B, T].
+f32[B, T], ``input_mask`` bool[B, T], ``skipped_images`` i32[B].
+
+Unreadable images: an element whose image (or a support image) is missing or cannot be
+decoded (``transforms.load_image`` raises ``ImageError``) is skipped and logged with the
+file's name; ``skipped_images[b]`` counts the elements skipped just before row b, so
+the batches' sum is the number skipped (``kptjax.train`` logs the running total as
+``skipped_images``). The skip keeps the stream deterministic and resumable (the element
+indices do not move). ``data.strict_images=True`` (``python -m kptjax.train --strict``)
+raises the ImageError instead; a whole epoch of unreadable images in a row is an
+ImageError either way.
 
 A person whose keypoints all leave the augmented crop gets no rounds (its loss mask is
 all zero); readers already skip persons without labeled keypoints.
@@ -61,7 +70,7 @@ from kptjax.data import synthetic
 from kptjax.data import synthetic_objects
 from kptjax.data import transforms
 from kptjax.data.sources import Records, read_dataset
-from kptjax.errors import ConfigError, DataError
+from kptjax.errors import ConfigError, DataError, ImageError
 from kptjax.keypoints import get_spec
 
 
@@ -280,6 +289,88 @@ class CurriculumTransform:
     return (self.plain if in_stage else self.transform)(item, rng)
 
 
+SKIPPED_IMAGES = "skipped_images"   # the batch field counting skipped elements
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedImage:
+  """Stands in for a training element whose image could not be read (``SkipUnreadable``).
+
+  Attributes:
+    path: the image file.
+    reason: the ImageError's message.
+  """
+  path: str
+  reason: str
+
+
+class SkipUnreadable:
+  """A training transform whose ``ImageError`` becomes a logged ``SkippedImage``, or is
+  raised when ``strict`` (``data.strict_images``). Picklable for grain workers."""
+
+  def __init__(self, transform: Callable[..., Any], strict: bool):
+    self.transform = transform
+    self.strict = strict
+
+  def __call__(self, *args: Any) -> Any:
+    try:
+      return self.transform(*args)
+    except ImageError as e:
+      if self.strict:
+        raise
+      logging.warning("Skipping a training example (data.strict_images=False): %s", e)
+      return SkippedImage(str(e.path), str(e))
+
+
+class CountSkipped(grain.IterDataset):
+  """Drops ``SkippedImage`` elements of ``parent``; every kept element (a dict) gets
+  ``skipped_images`` i32: how many were dropped just before it. ``limit`` dropped in a
+  row (nothing readable left) is an ImageError."""
+
+  def __init__(self, parent: grain.IterDataset, limit: int):
+    super().__init__(parent)
+    self.limit = max(int(limit), 1)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _CountSkippedIterator(self._parent.__iter__(), self.limit)
+
+
+class _CountSkippedIterator(grain.DatasetIterator):
+  """``CountSkipped``'s iterator; its state is the parent's (it holds nothing between
+  elements, so a restored stream continues exactly)."""
+
+  def __init__(self, parent: grain.DatasetIterator, limit: int):
+    super().__init__(parent)
+    self.limit = limit
+
+  def __next__(self) -> dict[str, Any]:
+    skipped = 0
+    while True:
+      element = next(self._parent)
+      if not isinstance(element, SkippedImage):
+        return {**element, SKIPPED_IMAGES: np.int32(skipped)}
+      skipped += 1
+      if skipped >= self.limit:
+        raise ImageError(element.path, f"{skipped} training examples in a row have no "
+                         f"readable image; the last: {element.reason}", field="image")
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+def skip_unreadable(ds: grain.MapDataset, transform: Callable[..., Any], config: Any, *,
+                    limit: int, random: bool, read_options: Optional[grain.ReadOptions] = None
+                    ) -> grain.IterDataset:
+  """``ds`` mapped by ``transform`` (a grain ``random_map`` if ``random``, else ``map``),
+  with unreadable images skipped and counted (module docstring), as an IterDataset."""
+  guarded = SkipUnreadable(transform, bool(config.data.get("strict_images", False)))
+  ds = ds.random_map(guarded, seed=int(config.seed)) if random else ds.map(guarded)
+  return CountSkipped(ds.to_iter_dataset(read_options), limit)
+
+
 def _read_options(config: Any, batch_size: int) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(config.data.get("read_threads", 2)),
                            prefetch_buffer_size=max(2 * batch_size, 8))
@@ -328,8 +419,9 @@ def _train_stream(config: Any, records: Optional[Sequence[Any]],
     transform = CurriculumTransform(transform, augment)
   else:
     ds = grain.MapDataset.source(items).shuffle(seed=int(config.seed)).repeat()
-  ds = ds.random_map(transform, seed=int(config.seed))
-  it = ds.to_iter_dataset(_read_options(config, batch)).batch(batch, drop_remainder=True)
+  it = skip_unreadable(ds, transform, config, limit=len(items), random=True,
+                       read_options=_read_options(config, batch))
+  it = it.batch(batch, drop_remainder=True)
   workers = int(config.data.get("num_workers", 0))
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence, Union
 
-from kptjax.data.sources._util import field, load_json
+from kptjax.data.sources._util import category_table, load_json
 from kptjax.data.sources.base import Records
 from kptjax.data.sources.coco import read_coco_keypoints
 from kptjax.errors import DataError
@@ -32,15 +32,15 @@ def family_category_ids(data: Union[PathLike, Mapping[str, Any]],
   if isinstance(families, str):
     families = [f for f in families.split("|") if f.strip()]
   wanted = {f.strip().lower(): f.strip() for f in families}
-  cats = field(data, "categories", path, "", list)
+  cats = category_table(data, path)
   found: dict[str, list[int]] = {f: [] for f in wanted}
-  for i, cat in enumerate(cats):
+  for cat_id, cat in cats.items():
     family = str(cat.get("supercategory", "")).lower()
     if family in found:
-      found[family].append(field(cat, "id", path, f"categories[{i}]", int))
+      found[family].append(cat_id)
   missing = sorted(wanted[f] for f, ids in found.items() if not ids)
   if missing:
-    known = sorted({str(c.get("supercategory", "")) for c in cats})
+    known = sorted({str(c.get("supercategory", "")) for c in cats.values()})
     raise DataError(path, f"no category of family {missing}", field="categories",
                     expected=f"one of {known}")
   return sorted(i for ids in found.values() for i in ids)

@@ -8,8 +8,11 @@ passes ``det_score_threshold``, keypoints all zero, ``score`` the detector's.
 
 Bad input policy:
   * unreadable / malformed JSON, a missing or mistyped field, a keypoint list whose
-    length is not 3 x K of the spec, an annotation or detection of an unknown image:
-    ``DataError`` naming the file and the field.
+    length is not 3 x K of the spec, an annotation or detection of an unknown image or
+    of a category not in ``categories``, a duplicate image, annotation or category id,
+    a number that is NaN / inf or out of its range (keypoint visibility not 0 / 1 / 2,
+    image width or height not a whole number >= 1, detection score outside [0, 1];
+    ``sources._util``): ``DataError`` naming the file, the record and the field.
   * counted, logged skips (``records.skipped``):
       'crowd'             iscrowd annotations;
       'zero_area'         a box with w <= 0 or h <= 0 or area <= 0 (nothing to crop);
@@ -34,7 +37,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import ExistsCache, field, load_json, numbers
+from kptjax.data.sources._util import (ExistsCache, UniqueIds, annotation_ids, category_table,
+                                      field, image_table, keypoint_rows, known_category,
+                                      load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec, register_spec, spec_from_dict
@@ -53,26 +58,12 @@ def sanitize_box(box: Sequence[float], width: int, height: int) -> Optional[np.n
 
 def _image_table(data: Mapping[str, Any], path: str, image_root: str,
                  image_prefix_strip: str) -> dict[int, dict[str, Any]]:
-  images = field(data, "images", path, "", list)
   table = {}
-  for i, img in enumerate(images):
-    where = f"images[{i}]"
-    image_id = field(img, "id", path, where, int)
-    file_name = field(img, "file_name", path, where, str)
+  for image_id, (file_name, size) in image_table(data, path).items():
     if image_prefix_strip and file_name.startswith(image_prefix_strip):
       file_name = file_name[len(image_prefix_strip):]
-    table[image_id] = {
-        "path": os.path.join(os.fspath(image_root), file_name),
-        "size": (int(field(img, "width", path, where, (int, float))),
-                 int(field(img, "height", path, where, (int, float)))),
-    }
+    table[image_id] = {"path": os.path.join(os.fspath(image_root), file_name), "size": size}
   return table
-
-
-def _parse_keypoints(ann: Mapping[str, Any], key: str, num: int, path: str, where: str,
-                     record: Any) -> np.ndarray:
-  values = numbers(ann, key, path, where, 3 * num, record=record)
-  return np.asarray(values, np.float32).reshape(num, 3)
 
 
 def _add_ground_truth(records: Records, image: Mapping[str, Any], raw_box: Sequence[float],
@@ -132,8 +123,7 @@ def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str
   if not isinstance(data, dict):
     raise DataError(path, "a COCO file must hold an object", expected="images, annotations")
   images = _image_table(data, path, image_root, image_prefix_strip)
-  categories = {c.get("id"): c.get("name") for c in data.get("categories", [])
-                if isinstance(c, dict)}
+  categories = {i: c.get("name") for i, c in category_table(data, path).items()}
   keep_cats = None if category_ids is None else set(category_ids)
   exists = ExistsCache()
   records = Records(source=path)
@@ -150,8 +140,9 @@ def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str
       if image_id not in images:
         raise DataError(det_path, f"image_id {image_id} is not in {path}", field=f"{where}.image_id")
       box = numbers(det, "bbox", det_path, where, 4)
-      score = float(field(det, "score", det_path, where, (int, float)))
-      category = field(det, "category_id", det_path, where, int, default=1)
+      score = number(det, "score", det_path, where, low=0.0, high=1.0)
+      category = known_category(field(det, "category_id", det_path, where, int, default=1),
+                                categories, det_path, f"{where}.category_id")
       if keep_cats is not None and category not in keep_cats:
         records.skipped["other_category"] += 1
         continue
@@ -174,23 +165,22 @@ def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str
     return records
 
   annotations = field(data, "annotations", path, "", list)
+  ann_ids = UniqueIds("annotation id")
   for i, ann in enumerate(annotations):
     where = f"annotations[{i}]"
-    ann_id = field(ann, "id", path, where, int, default=i)
-    image_id = field(ann, "image_id", path, where, int, record=ann_id)
-    if image_id not in images:
-      raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id",
-                      record=ann_id)
-    category = field(ann, "category_id", path, where, int, record=ann_id, default=1)
+    ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
+    category = known_category(
+        field(ann, "category_id", path, where, int, record=ann_id, default=1), categories,
+        path, f"{where}.category_id", record=ann_id)
     if keep_cats is not None and category not in keep_cats:
       records.skipped["other_category"] += 1
       continue
     if field(ann, "iscrowd", path, where, (int, bool), record=ann_id, default=0):
       records.skipped["crowd"] += 1
       continue
-    keypoints = _parse_keypoints(ann, keypoints_field, num, path, where, ann_id)
+    keypoints = keypoint_rows(ann, keypoints_field, path, where, num, record=ann_id)
     raw_box = numbers(ann, "bbox", path, where, 4, record=ann_id)
-    area = field(ann, "area", path, where, (int, float), record=ann_id, default=None)
+    area = number(ann, "area", path, where, record=ann_id, default=None)
     _add_ground_truth(records, images[image_id], raw_box, keypoints, area=area,
                       min_keypoints=min_keypoints, exists=exists if check_images else None,
                       spec=spec.name, image_id=image_id, ann_id=ann_id, dataset=dataset,
@@ -268,29 +258,23 @@ def read_mp100(ann_file: Union[str, os.PathLike], image_root: Union[str, os.Path
   if descriptions is not None and not isinstance(descriptions, Mapping):
     descriptions = load_json(descriptions)
   specs: dict[int, KeypointSpec] = {}
-  for i, cat in enumerate(field(data, "categories", path, "", list)):
-    where = f"categories[{i}]"
-    spec = _category_spec(cat, path, where, descriptions, spec_prefix)
-    specs[field(cat, "id", path, where, int)] = register_spec(spec, overwrite=True)
+  for i, (cat_id, cat) in enumerate(category_table(data, path).items()):
+    spec = _category_spec(cat, path, f"categories[{i}]", descriptions, spec_prefix)
+    specs[cat_id] = register_spec(spec, overwrite=True)
   images = _image_table(data, path, image_root, "")
   exists = ExistsCache()
   records = Records(source=path, specs={s.name: s for s in specs.values()})
+  ann_ids = UniqueIds("annotation id")
   for i, ann in enumerate(field(data, "annotations", path, "", list)):
     where = f"annotations[{i}]"
-    ann_id = field(ann, "id", path, where, int, default=i)
-    image_id = field(ann, "image_id", path, where, int, record=ann_id)
-    category = field(ann, "category_id", path, where, int, record=ann_id)
-    if image_id not in images:
-      raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id",
-                      record=ann_id)
-    if category not in specs:
-      raise DataError(path, f"category_id {category} is not in 'categories'",
-                      field=f"{where}.category_id", record=ann_id)
+    ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
+    category = known_category(field(ann, "category_id", path, where, int, record=ann_id),
+                              specs, path, f"{where}.category_id", record=ann_id)
     spec = specs[category]
     if field(ann, "iscrowd", path, where, (int, bool), record=ann_id, default=0):
       records.skipped["crowd"] += 1
       continue
-    keypoints = _parse_keypoints(ann, "keypoints", spec.num_keypoints, path, where, ann_id)
+    keypoints = keypoint_rows(ann, "keypoints", path, where, spec.num_keypoints, record=ann_id)
     raw_box = numbers(ann, "bbox", path, where, 4, record=ann_id)
     _add_ground_truth(records, images[image_id], raw_box, keypoints, area=None,
                       min_keypoints=min_keypoints, exists=exists if check_images else None,

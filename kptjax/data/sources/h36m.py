@@ -19,8 +19,11 @@ when a camera file is given (JSON keyed 'S1|54138969', as
 Image files: the JSON's bare ``file_name`` is looked up in ``image_root`` and then in
 ``image_root/S1/S1_Directions_1.54138969/`` (the layout of the frames on disk).
 
-Bad input: malformed JSON / npz, missing fields, wrong shapes, a camera missing from
-the camera file -> DataError naming the file and field. Counted skips:
+Bad input: malformed JSON / npz (a truncated npz too), missing fields, wrong shapes, a
+number that is NaN / inf or not a number (keypoints, 3D joints, boxes, centers, scales,
+camera parameters; focal lengths must be > 0), visibility not 0 / 1 / 2, duplicate
+image or annotation ids, a camera missing from the camera file -> DataError naming the
+file, the record and the field. Counted skips:
 'missing_image', 'no_keypoints', 'zero_area'.
 """
 
@@ -28,11 +31,14 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import ExistsCache, field, image_size, load_json, numbers
+from kptjax.data.sources._util import (VISIBILITY, ExistsCache, UniqueIds, annotation_ids,
+                                      checked_array, field, image_size, image_table,
+                                      keypoint_rows, load_json, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec
@@ -53,18 +59,17 @@ def load_cameras(camera_file: Union[str, os.PathLike]) -> dict[str, dict[str, An
   out = {}
   for key, cam in cams.items():
     where = f"cameras.{key}"
-    def arr(name, shape):
-      try:
-        value = np.asarray(field(cam, name, path, where), np.float64).reshape(shape)
-      except (TypeError, ValueError) as e:
-        raise DataError(path, "bad camera parameter", field=f"{where}.{name}",
-                        expected=f"shape {shape}") from e
-      return value
+    def arr(name, shape, low=None):
+      value = checked_array(field(cam, name, path, where), path, f"{where}.{name}", low=low)
+      if value.size != int(np.prod(shape)):
+        raise DataError(path, f"bad camera parameter of shape {value.shape}",
+                        field=f"{where}.{name}", expected=f"shape {shape}")
+      return value.reshape(shape)
     subject, _, camera_id = str(key).partition("|")
     out[str(key)] = {
         "R": arr("R", (3, 3)).astype(np.float32),
         "T": (arr("T", (3,)) * METRES_TO_MM).astype(np.float32),
-        "f": arr("f", (2,)).astype(np.float32), "c": arr("c", (2,)).astype(np.float32),
+        "f": arr("f", (2,), low=1e-6).astype(np.float32), "c": arr("c", (2,)).astype(np.float32),
         "k": arr("k", (3,)).astype(np.float32), "p": arr("p", (2,)).astype(np.float32),
         "subject": subject, "camera_id": camera_id,
     }
@@ -133,24 +138,15 @@ def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Recor
   data = load_json(path)
   if not isinstance(data, dict):
     raise DataError(path, "a COCO file must hold an object", expected="images, annotations")
-  images = {}
-  for i, img in enumerate(field(data, "images", path, "", list)):
-    where = f"images[{i}]"
-    images[field(img, "id", path, where, int)] = (
-        field(img, "file_name", path, where, str),
-        (int(field(img, "width", path, where, (int, float))),
-         int(field(img, "height", path, where, (int, float)))))
+  images = image_table(data, path)
   exists = ExistsCache()
   records = Records(source=path)
+  ann_ids = UniqueIds("annotation id")
   for i, ann in enumerate(field(data, "annotations", path, "", list)):
     where = f"annotations[{i}]"
-    ann_id = field(ann, "id", path, where, int, default=i)
-    image_id = field(ann, "image_id", path, where, int, record=ann_id)
-    if image_id not in images:
-      raise DataError(path, f"image_id {image_id} is not in 'images'", field=f"{where}.image_id")
+    ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
     name, size = images[image_id]
-    kpts = np.asarray(numbers(ann, "keypoints", path, where, 3 * num, record=ann_id),
-                      np.float32).reshape(num, 3)
+    kpts = keypoint_rows(ann, "keypoints", path, where, num, record=ann_id)
     kpts[:, 2] = np.where(kpts[:, 2] > 0, 2.0, 0.0)
     box = np.asarray(numbers(ann, "bbox", path, where, 4, record=ann_id), np.float32)
     if box[2] <= 0 or box[3] <= 0:
@@ -166,8 +162,8 @@ def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Recor
       continue
     kpts3d = None
     if camera is not None and "keypoints_3d" in ann:
-      world = np.asarray(numbers(ann, "keypoints_3d", path, where, 4 * num, record=ann_id),
-                         np.float64).reshape(num, 4)
+      world = keypoint_rows(ann, "keypoints_3d", path, where, num, 4,
+                            record=ann_id).astype(np.float64)
       kpts3d = np.zeros((num, 4), np.float32)
       kpts3d[:, :3] = world_to_camera(world[:, :3] * METRES_TO_MM, camera)
       kpts3d[:, 3] = world[:, 3]
@@ -182,20 +178,30 @@ def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Recor
 def _read_npz(path, image_root, spec, cameras, dataset, min_keypoints) -> Records:
   num = spec.num_keypoints
   try:
-    data = np.load(path, allow_pickle=False)
-    arrays = {k: data[k] for k in data.files}
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {k: data[k] for k in data.files}
   except FileNotFoundError as e:
     raise DataError(path, "file not found") from e
-  except (ValueError, OSError) as e:
-    raise DataError(path, f"cannot read npz: {e}") from e
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(path, f"cannot read npz: {type(e).__name__}: {e}",
+                    expected="an uncompressed or zipped .npz") from e
   for key in ("imgname", "center", "scale", "part"):
     if key not in arrays:
       raise DataError(path, "missing array", field=key)
+  if arrays["imgname"].dtype.kind not in "US" or arrays["imgname"].ndim != 1:
+    raise DataError(path, f"array of {arrays['imgname'].dtype}, shape "
+                    f"{arrays['imgname'].shape}", field="imgname", expected="file names [N]")
   n = len(arrays["imgname"])
   shapes = {"center": (n, 2), "scale": (n,), "part": (n, num, 3), "S": (n, num, 4)}
   for key, shape in shapes.items():
-    if key in arrays and arrays[key].shape != shape:
-      raise DataError(path, f"shape {arrays[key].shape}", field=key, expected=str(shape))
+    if key in arrays:
+      if arrays[key].shape != shape:
+        raise DataError(path, f"shape {arrays[key].shape}", field=key, expected=str(shape))
+      values = checked_array(arrays[key], path, key, rows_are_records=True)
+      if key in ("part", "S"):
+        checked_array(values[..., -1], path, f"{key}[visibility]", allowed=VISIBILITY,
+                      rows_are_records=True)
+      arrays[key] = values
   exists = ExistsCache()
   records = Records(source=path)
   for i in range(n):

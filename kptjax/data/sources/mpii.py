@@ -13,9 +13,11 @@ Head boxes: pass ``headbox_file`` (``mpii_gt_val.mat``, read with scipy.io.loadm
 ``headboxes_src`` float[2, 2, N] (top-left and bottom-right corner per person) must
 have N = number of entries in the JSON; ``record.head_box`` = x1, y1, x2, y2 (0-based).
 
-Bad input: malformed JSON / .mat, missing or mistyped fields, N mismatch -> DataError
-naming the file and field. Counted skips: 'no_keypoints' (fewer than
-``min_keypoints`` labeled joints), 'missing_image' (image sizes are read from the
+Bad input: malformed JSON / .mat (a head-box file that is not a MATLAB file), missing or
+mistyped fields, a number that is NaN / inf or not a number (joints, center, scale, head
+boxes), visibility not 0 / 1 / 2, N mismatch -> DataError naming the file, the entry and
+the field. Counted skips: 'zero_area' (scale <= 0), 'no_keypoints' (fewer
+than ``min_keypoints`` labeled joints), 'missing_image' (image sizes are read from the
 image headers, so a missing image is always skipped).
 """
 
@@ -26,7 +28,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import field, image_size, load_json, numbers
+from kptjax.data.sources._util import (VISIBILITY, checked_array, field, image_size,
+                                      load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec
@@ -42,12 +45,15 @@ def read_mpii_headboxes(headbox_file: Union[str, os.PathLike], count: Optional[i
     mat = scipy.io.loadmat(path)
   except FileNotFoundError as e:
     raise DataError(path, "file not found") from e
-  except (ValueError, TypeError, OSError) as e:
-    raise DataError(path, f"cannot read MATLAB file: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # scipy's parsers fail on a non-MATLAB file in many ways (ValueError, IndexError,
+    # MatReadError, struct.error, ...): all of them mean the same thing here.
+    raise DataError(path, f"cannot read MATLAB file: {type(e).__name__}: {e}",
+                    expected="mpii_gt_val.mat") from e
   boxes = mat.get("headboxes_src")
   if boxes is None:
     raise DataError(path, "missing field", field="headboxes_src")
-  boxes = np.asarray(boxes, np.float32)
+  boxes = checked_array(boxes, path, "headboxes_src").astype(np.float32)
   if boxes.ndim != 3 or boxes.shape[:2] != (2, 2) or (count is not None and boxes.shape[2] != count):
     raise DataError(path, f"headboxes_src has shape {boxes.shape}", field="headboxes_src",
                     expected=f"(2, 2, {count if count is not None else 'N'})")
@@ -86,12 +92,14 @@ def read_mpii_json(json_file: Union[str, os.PathLike], image_root: Union[str, os
     where = f"[{i}]"
     image = field(entry, "image", path, where, str, record=i)
     center = np.asarray(numbers(entry, "center", path, where, 2, record=i), np.float32)
-    scale = float(field(entry, "scale", path, where, (int, float), record=i))
+    scale = number(entry, "scale", path, where, record=i)
     joints = field(entry, "joints", path, where, list, record=i)
-    vis = np.asarray(numbers(entry, "joints_vis", path, where, num, record=i), np.float32)
+    vis = np.asarray(numbers(entry, "joints_vis", path, where, num, record=i,
+                             allowed=VISIBILITY), np.float32)
     if len(joints) != num or not all(isinstance(j, list) and len(j) == 2 for j in joints):
       raise DataError(path, "bad joints", field=f"{where}.joints", record=i,
                       expected=f"{num} [x, y] pairs")
+    joints = checked_array(joints, path, f"{where}.joints", record=i)
     if scale <= 0:
       records.skipped["zero_area"] += 1
       continue
