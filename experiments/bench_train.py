@@ -145,10 +145,11 @@ class TorchTrainer:
     self.torch = torch
     lora = config.model.lora
     towers = []
+    # (torch module name -> kptjax layer name); transformers 5 names DINOv2's q/v q_proj/v_proj
     for cls, path, targets, jax_attn in (
-        (transformers.Dinov2Model, vit_dir, ("query", "value"),
+        (transformers.Dinov2Model, vit_dir, dict(q_proj="query", v_proj="value"),
          params["vit"]["layers"]["attention"]),
-        (transformers.LlamaForCausalLM, llm_dir, ("q_proj", "v_proj"),
+        (transformers.LlamaForCausalLM, llm_dir, dict(q_proj="q_proj", v_proj="v_proj"),
          params["llm"]["layers"]["self_attn"])):
       model = peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(
           r=int(lora.rank), lora_alpha=float(lora.alpha), lora_dropout=0.0,
@@ -160,7 +161,7 @@ class TorchTrainer:
           if leaf in targets and hasattr(module, "lora_A"):
             i = int(name.split(".layer.")[-1].split(".")[0] if ".layer." in name
                     else name.split(".layers.")[-1].split(".")[0])
-            a, b = jax_attn[leaf]["lora_a"][i], jax_attn[leaf]["lora_b"][i]
+            a, b = (jax_attn[targets[leaf]][x][i] for x in ("lora_a", "lora_b"))
             module.lora_A["default"].weight.copy_(torch.from_numpy(np.array(a, np.float32).T))
             module.lora_B["default"].weight.copy_(torch.from_numpy(np.array(b, np.float32).T))
       towers.append(model.train())
