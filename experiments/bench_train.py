@@ -31,8 +31,9 @@ sides: the same model), and the time relative to the first kptjax row.
 
 FLOPs of a step, three ways (printed per size): ``analytic_flops`` (matmuls and
 attention of forward + backward, weight gradients only for the trained leaves, no remat
-recompute), torch's ``FlopCounterMode`` on the torch step, and XLA's cost analysis of
-the unrolled step. XLA's count used to miss the ViT: it counts a scanned loop body once,
+recompute), torch's ``FlopCounterMode`` on the torch step (it does not count the CPU
+``sdpa`` attention: compare it with ``analytic_without_attention``), and XLA's cost
+analysis of the unrolled step (which also counts elementwise ops). XLA's count used to miss the ViT: it counts a scanned loop body once,
 and the ViT is always scanned (``scan_layers`` only unrolls the LLM), so ``xla_flops``
 adds the ViT blocks' share back (the loop body times num_layers - 1). The FLOP/s columns
 use the analytic count.
@@ -87,14 +88,17 @@ def bench_config(name: str):
   return config
 
 
-def analytic_flops(config: Any, batch: int) -> float:
+def analytic_flops(config: Any, batch: int, attention: bool = True) -> float:
   """Matmul + attention FLOPs of one train step (forward + backward), no remat recompute.
 
   Forward: 2 x tokens x (kernel sizes) per linear layer, 4 x B x T^2 x (heads x head_dim)
-  per attention, 2 x B x T x D x V for the output layer. Backward: the input gradient of
-  every layer after the first trained one (2x its forward; none for the patch embedding,
-  whose input is the image) and the weight gradient (2 x tokens x kernel size) of the
-  trained kernels only (``optim.trainable``: 'all', or LoRA factors + projector).
+  per attention (scores and values), 2 x B x T x D x V for the output layer. Backward:
+  the input gradient of every layer after the first trained one (1x a linear layer's
+  forward, 2x an attention's: dQ, dK, dP, dV; none for the patch embedding, whose input
+  is the image) and the weight gradient (2 x tokens x kernel size) of the trained
+  kernels only (``optim.trainable``: 'all', or LoRA factors + projector).
+  ``attention=False`` leaves attention out (what torch's FlopCounterMode counts of
+  transformers' CPU ``sdpa`` path: nothing).
   """
   v, l, lora = config.model.vit, config.model.llm, config.model.lora
   side = v.image_size // v.patch_size
@@ -104,34 +108,32 @@ def analytic_flops(config: Any, batch: int) -> float:
   rank = int(lora.rank)
 
   def tower(tokens, seq, d, kernels, heads_dim, layers, targets):
-    lin = sum(kernels.values())
-    fwd = layers * (2 * tokens * lin + 4 * batch * seq * seq * heads_dim)
-    lora_fwd = layers * sum(2 * tokens * rank * (kernels[n] // d + d)
-                            for n in targets) if rank else 0
-    wgrad = layers * 2 * tokens * lin if all_trained else 0
-    lora_wgrad = lora_fwd if rank else 0
-    return fwd + lora_fwd, wgrad + lora_wgrad
+    """(forward + input gradients, weight gradients) of a tower's blocks."""
+    lin = 2 * tokens * sum(kernels.values())
+    lin += sum(2 * tokens * rank * (kernels[n] // d + d) for n in targets) if rank else 0
+    attn = 4 * batch * seq * seq * heads_dim if attention else 0
+    wgrad = 2 * tokens * sum(kernels.values()) if all_trained else 0
+    lora_w = sum(2 * tokens * rank * (kernels[n] // d + d) for n in targets) if rank else 0
+    return layers * (2 * lin + 3 * attn), layers * (wgrad + lora_w)
 
   dv, fv = v.hidden_size, v.intermediate_size
   vit_kernels = dict(query=dv * dv, key=dv * dv, value=dv * dv, out=dv * dv,
                      fc1=dv * fv, fc2=fv * dv)
-  vit_fwd, vit_w = tower(batch * tv, tv, dv, vit_kernels, dv, v.num_layers,
-                         list(lora.vit_targets))
+  vit, vit_w = tower(batch * tv, tv, dv, vit_kernels, dv, v.num_layers,
+                     list(lora.vit_targets))
   d, f, h = l.hidden_size, l.intermediate_size, l.head_dim
   llm_kernels = dict(q_proj=d * l.num_heads * h, k_proj=d * l.num_kv_heads * h,
                      v_proj=d * l.num_kv_heads * h, o_proj=l.num_heads * h * d,
                      gate_proj=d * f, up_proj=d * f, down_proj=f * d)
-  llm_fwd, llm_w = tower(batch * t, t, d, llm_kernels, l.num_heads * h, l.num_layers,
-                         list(lora.llm_targets))
+  llm, llm_w = tower(batch * t, t, d, llm_kernels, l.num_heads * h, l.num_layers,
+                     list(lora.llm_targets))
   patch = 2 * batch * side * side * v.patch_size ** 2 * 3 * dv
   proj_k = dv * d if config.model.projector.kind == "linear" else dv * d + d * d
   proj = 2 * batch * side * side * proj_k
   head = 2 * batch * t * d * l.vocab_size
-  fwd = patch + vit_fwd + proj + llm_fwd + head
-  # input gradients: everything but the patch embedding (whose input is the image)
-  bwd_input = fwd - patch
-  bwd_weight = vit_w + llm_w + proj + (patch + head if all_trained else 0)
-  return float(fwd + bwd_input + bwd_weight)
+  fwd_bwd_input = patch + vit + 2 * proj + llm + 2 * head
+  weights = vit_w + llm_w + proj + (patch + head if all_trained else 0)
+  return float(fwd_bwd_input + weights)
 
 
 # ------------------------------------------------------------------------ torch side
@@ -343,6 +345,8 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
     batch = {k: v for k, v in next(it).items() if k in train.BATCH_KEYS}
     tokens = float(batch["input_mask"].sum())
     flops = dict(analytic=analytic_flops(config, config.train.batch_size),
+                 analytic_without_attention=analytic_flops(config, config.train.batch_size,
+                                                           attention=False),
                  **xla_flops(config, mesh))
     fns, losses = {}, {}
     for impl, remat in ((f"kptjax remat={config.model.remat_policy}",
