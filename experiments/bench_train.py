@@ -83,6 +83,8 @@ def bench_config(name: str):
       config.model.lora.alpha = 16.0
       config.train.batch_size = 8
       config.data.max_len = 256 + 64
+      # 64 text tokens: 3 rounds of the compact template ('left wrist?[0.412,0.733]</s>')
+      config.data.update(template="compact", use_descriptions=False, rounds=3)
     elif name != "tiny":
       raise ValueError(f"unknown bench config {name!r}")
   return config
