@@ -52,6 +52,7 @@ def get_config(arg=None):
       param_dtype="bfloat16",    # frozen towers in bf16; LoRA and projector stay float32
       scan_layers=True,
       remat_policy="nothing_saveable",
+      attention="xla",           # jax.nn.dot_product_attention; 'cudnn' on GPUs (flash)
   ))
 
   c.checkpoints = ml_collections.ConfigDict(dict(
@@ -101,6 +102,9 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=batch, num_steps=steps_for(epochs, COCO_TRAIN_PERSONS, batch),
       log_every=50, checkpoint_every=2000, keep_checkpoints=3, eval_every=0, stage=2,
+      # the output layer + loss 256 positions at a time: f32[B/N,256,32000] per device
+      # instead of the whole sequence's logits (kptjax.train_step.lm_stats)
+      loss_chunk=256,
       evaluator="",              # e.g. 'kptjax.evaluate:make_train_evaluator' with eval_every > 0
       # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
       # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's

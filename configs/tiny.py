@@ -31,6 +31,9 @@ def get_config(arg=None):
       param_dtype="float32",
       scan_layers=True,
       remat_policy="nothing_saveable",   # name in jax.checkpoint_policies, or 'none'
+      # 'xla' (jax.nn.dot_product_attention; the CPU path), 'cudnn' (GPU flash kernel),
+      # 'einsum' (the explicit einsums; what attention maps are read from)
+      attention="xla",
   ))
 
   c.checkpoints = ml_collections.ConfigDict(dict(
@@ -87,6 +90,7 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=4, num_steps=10, log_every=5, checkpoint_every=10, keep_checkpoints=2,
       eval_every=0, stage=2,
+      loss_chunk=0,      # output layer + loss this many positions at a time (0 = all)
       evaluator="",   # 'package.module:factory' -> eval_fn(state, step) every eval_every steps
       # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
       # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's

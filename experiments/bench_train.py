@@ -1,45 +1,53 @@
-r"""Train-step speed: kptjax vs a torch reference on the same weights and batch, plus the
-per-device memory of the LocLLM-7B step under FSDP (AOT, nothing allocated).
+r"""Train-step speed: kptjax vs torch + peft on the same weights and batch, the demo's
+step before / after its recipe change, FLOP counts that agree, and the per-device memory
+of every paper config under FSDP (AOT, nothing allocated; ``experiments/aot_memory.py``).
 
     python experiments/bench_train.py --out experiments/results/bench_train
 
-For ``tiny`` (configs/tiny.py:lora) and ``small`` (the same recipe at a few times the
-width, defined here), both sides get the same random Hugging Face checkpoints (DINOv2 +
+Sizes (``--configs``):
+  tiny   configs/tiny.py:lora.
+  small  the issue's: batch 8, 224 px / 14 px patches (256 image tokens) + 64 text tokens,
+         a DINOv2-S/14-like ViT (12 x 384) and an 8-layer 512-wide Llama, LoRA r=8 on q/v
+         of both towers, LoRA + projector trained with AdamW.
+  demo   configs/demo.py as it is now against the recipe it replaced (``DEMO_BEFORE``:
+         4x MLP, scanned LLM layers), kptjax only (the demo's sin-cos ViT positions have no
+         transformers counterpart): the ratio predicts the demo's wall time elsewhere.
+
+For tiny and small both sides get the same random Hugging Face checkpoints (DINOv2 +
 Llama written to a temp dir, as experiments/bench_decode.py makes them), the same
 projector and LoRA factors, and one batch of the real pipeline; they train LoRA +
 projector with AdamW, clipping and the masked token loss:
 
-  kptjax   ``kptjax.train.build`` step (jit, donated state, scanned + rematerialized layers)
+  kptjax   ``kptjax.train.build`` step (jit, donated state), as configured and with
+           ``remat_policy='none'`` (what torch does: keep activations)
   torch    transformers ``Dinov2Model`` -> ``nn.Linear`` projector -> ``LlamaForCausalLM``
-           with a hand-written LoRA on q/v of both towers (peft is not a dependency)
+           with peft ``LoraConfig(target_modules=q/v)`` on both towers
 
-Reported per row: step time, tokens/s (non-padding tokens), achieved model FLOP/s
-(``model_flops``: XLA's count of forward + backward of the step, without remat
-recompute, the same number for every row) and that as a fraction of the measured matmul
-peak (a large ``jnp.dot`` in the step's compute dtype), the first-step loss of each side
-(equal up to float error: the same model), and the step time relative to kptjax's. The
-kptjax step is timed as configured (layers rematerialized: 'nothing_saveable') and with
-``remat_policy='none'`` (what torch does: keep activations). LoRA dropout is 0 on both
-sides so that the losses compare.
+The rows are timed interleaved (one round of ``--steps`` steps of every row, repeated
+``--rounds`` times; the median round is reported). Per row: step time, tokens/s, model
+FLOP/s and that as a fraction of the measured matmul peak (a large ``jnp.dot`` in the
+step's compute dtype, printed beside the times), the first-step loss (equal on both
+sides: the same model), and the time relative to the first kptjax row.
 
-Then, in a subprocess on 8 simulated CPU devices, the ``configs/locllm_coco.py`` step
-(global batch 64, and the same with 8 accumulation micro-batches) is lowered from
-``jax.eval_shape`` abstract params (never allocating 7B) on a mesh data=1, fsdp=8,
-tensor=1 and compiled; ``compiled.memory_analysis()`` gives the bytes per device
-(arguments = params + optimizer state + batch shard, temporaries, outputs; peak =
-arguments + outputs - aliased + temporaries). The CPU compiler's buffer assignment is
-not a GPU/TPU one: read the numbers as an estimate of what a device must hold.
+FLOPs of a step, three ways (printed per size): ``analytic_flops`` (matmuls and
+attention of forward + backward, weight gradients only for the trained leaves, no remat
+recompute), torch's ``FlopCounterMode`` on the torch step (it does not count the CPU
+``sdpa`` attention: compare it with ``analytic_without_attention``), and XLA's cost
+analysis of the unrolled step (which also counts elementwise ops). XLA's count used to miss the ViT: it counts a scanned loop body once,
+and the ViT is always scanned (``scan_layers`` only unrolls the LLM), so ``xla_flops``
+adds the ViT blocks' share back (the loop body times num_layers - 1). The FLOP/s columns
+use the analytic count.
 
-Writes ``bench_train.csv``, ``bench_train_memory.csv`` and ``bench_train.md`` to --out.
+Then ``aot_memory.run`` on the paper configs for 8, 16 and 64 simulated devices.
+Writes ``bench_train.csv``, ``bench_train_flops.csv``, ``aot_memory.csv`` and
+``bench_train.md`` to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,10 +59,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import aot_memory  # pylint: disable=wrong-import-position
+
+# configs/demo.py overrides that give the recipe before this change (2,100 steps).
+DEMO_BEFORE = "ffn=4,steps=2100"
+
 
 # ---------------------------------------------------------------------------- configs
 def bench_config(name: str):
-  """'tiny' = configs/tiny.py:lora; 'small' = its recipe with wider, deeper towers."""
+  """'tiny' = configs/tiny.py:lora; 'small' = the issue's size (module docstring)."""
   from configs import tiny
   config = tiny.get_config("lora")
   with config.unlocked():
@@ -62,62 +75,101 @@ def bench_config(name: str):
     config.mesh.shape.data = 1
     if name == "small":
       v, l = config.model.vit, config.model.llm
-      v.update(image_size=112, patch_size=14, hidden_size=384, num_layers=6, num_heads=6,
+      v.update(image_size=224, patch_size=14, hidden_size=384, num_layers=12, num_heads=6,
                intermediate_size=1536)
       l.update(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
                num_kv_heads=8, head_dim=64)
       config.model.lora.rank = 8
       config.model.lora.alpha = 16.0
       config.train.batch_size = 8
-      config.data.max_len = 384
+      config.data.max_len = 256 + 64
+      # 64 text tokens: 3 rounds of the compact template ('left wrist?[0.412,0.733]</s>')
+      config.data.update(template="compact", use_descriptions=False, rounds=3)
     elif name != "tiny":
       raise ValueError(f"unknown bench config {name!r}")
   return config
 
 
+def analytic_flops(config: Any, batch: int, attention: bool = True) -> float:
+  """Matmul + attention FLOPs of one train step (forward + backward), no remat recompute.
+
+  Forward: 2 x tokens x (kernel sizes) per linear layer, 4 x B x T^2 x (heads x head_dim)
+  per attention (scores and values), 2 x B x T x D x V for the output layer. Backward:
+  the input gradient of every layer after the first trained one (1x a linear layer's
+  forward, 2x an attention's: dQ, dK, dP, dV; none for the patch embedding, whose input
+  is the image) and the weight gradient (2 x tokens x kernel size) of the trained
+  kernels only (``optim.trainable``: 'all', or LoRA factors + projector).
+  ``attention=False`` leaves attention out (what torch's FlopCounterMode counts of
+  transformers' CPU ``sdpa`` path: nothing).
+  """
+  v, l, lora = config.model.vit, config.model.llm, config.model.lora
+  side = v.image_size // v.patch_size
+  tv = 1 + v.num_register_tokens + side * side       # ViT tokens per image
+  t = config.data.max_len
+  all_trained = config.optim.trainable == "all"
+  rank = int(lora.rank)
+
+  def tower(tokens, seq, d, kernels, heads_dim, layers, targets):
+    """(forward + input gradients, weight gradients) of a tower's blocks."""
+    lin = 2 * tokens * sum(kernels.values())
+    lin += sum(2 * tokens * rank * (kernels[n] // d + d) for n in targets) if rank else 0
+    attn = 4 * batch * seq * seq * heads_dim if attention else 0
+    wgrad = 2 * tokens * sum(kernels.values()) if all_trained else 0
+    lora_w = sum(2 * tokens * rank * (kernels[n] // d + d) for n in targets) if rank else 0
+    return layers * (2 * lin + 3 * attn), layers * (wgrad + lora_w)
+
+  dv, fv = v.hidden_size, v.intermediate_size
+  vit_kernels = dict(query=dv * dv, key=dv * dv, value=dv * dv, out=dv * dv,
+                     fc1=dv * fv, fc2=fv * dv)
+  vit, vit_w = tower(batch * tv, tv, dv, vit_kernels, dv, v.num_layers,
+                     list(lora.vit_targets))
+  d, f, h = l.hidden_size, l.intermediate_size, l.head_dim
+  llm_kernels = dict(q_proj=d * l.num_heads * h, k_proj=d * l.num_kv_heads * h,
+                     v_proj=d * l.num_kv_heads * h, o_proj=l.num_heads * h * d,
+                     gate_proj=d * f, up_proj=d * f, down_proj=f * d)
+  llm, llm_w = tower(batch * t, t, d, llm_kernels, l.num_heads * h, l.num_layers,
+                     list(lora.llm_targets))
+  patch = 2 * batch * side * side * v.patch_size ** 2 * 3 * dv
+  proj_k = dv * d if config.model.projector.kind == "linear" else dv * d + d * d
+  proj = 2 * batch * side * side * proj_k
+  head = 2 * batch * t * d * l.vocab_size
+  fwd_bwd_input = patch + vit + 2 * proj + llm + 2 * head
+  weights = vit_w + llm_w + proj + (patch + head if all_trained else 0)
+  return float(fwd_bwd_input + weights)
+
+
 # ------------------------------------------------------------------------ torch side
-class TorchLoRA:
-  """``y = linear(x) + (x @ A) @ B * scale`` around an existing ``nn.Linear``."""
-
-  def __init__(self, linear, a: np.ndarray, b: np.ndarray, scale: float):
-    import torch
-    self.torch = torch
-    self.linear = linear
-    self.a = torch.nn.Parameter(torch.from_numpy(np.array(a, np.float32)))
-    self.b = torch.nn.Parameter(torch.from_numpy(np.array(b, np.float32)))
-    self.scale = scale
-    linear.register_forward_hook(self._hook)
-
-  def _hook(self, module, inputs, output):
-    del module
-    return output + (inputs[0] @ self.a) @ self.b * self.scale
-
-
 class TorchTrainer:
-  """The LoRA + projector train step in transformers' torch modules (float32)."""
+  """The LoRA + projector train step in transformers' torch modules + peft (float32)."""
 
   def __init__(self, vit_dir: str, llm_dir: str, params: dict, config: Any):
+    import peft
     import torch
     import transformers
     self.torch = torch
-    self.vit = transformers.Dinov2Model.from_pretrained(vit_dir).train()
-    self.llm = transformers.LlamaForCausalLM.from_pretrained(llm_dir).train()
-    for p in list(self.vit.parameters()) + list(self.llm.parameters()):
-      p.requires_grad_(False)
     lora = config.model.lora
-    scale = lora.alpha / lora.rank
-    self.loras = []
-    tower_layers = (
-        ("vit", self.vit.encoder.layer, lambda m: m.attention, ("query", "q_proj"),
-         ("value", "v_proj"), params["vit"]["layers"]["attention"]),
-        ("llm", self.llm.model.layers, lambda m: m.self_attn, ("q_proj", "q_proj"),
-         ("v_proj", "v_proj"), params["llm"]["layers"]["self_attn"]))
-    for _, layers, attn, q, v, jax_attn in tower_layers:
-      for i, layer in enumerate(layers):
-        for kname, tname in (q, v):
-          leaf = jax_attn[kname]
-          self.loras.append(TorchLoRA(getattr(attn(layer), tname), leaf["lora_a"][i],
-                                      leaf["lora_b"][i], scale))
+    towers = []
+    # (torch module name -> kptjax layer name); transformers 5 names DINOv2's q/v q_proj/v_proj
+    for cls, path, targets, jax_attn in (
+        (transformers.Dinov2Model, vit_dir, dict(q_proj="query", v_proj="value"),
+         params["vit"]["layers"]["attention"]),
+        (transformers.LlamaForCausalLM, llm_dir, dict(q_proj="q_proj", v_proj="v_proj"),
+         params["llm"]["layers"]["self_attn"])):
+      model = peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(
+          r=int(lora.rank), lora_alpha=float(lora.alpha), lora_dropout=0.0,
+          target_modules=list(targets)))
+      names = dict(model.named_modules())
+      with torch.no_grad():   # the same LoRA factors as kptjax's (stacked over layers)
+        for name, module in names.items():
+          leaf = name.rsplit(".", 1)[-1]
+          if leaf in targets and hasattr(module, "lora_A"):
+            i = int(name.split(".layer.")[-1].split(".")[0] if ".layer." in name
+                    else name.split(".layers.")[-1].split(".")[0])
+            a, b = (jax_attn[targets[leaf]][x][i] for x in ("lora_a", "lora_b"))
+            module.lora_A["default"].weight.copy_(torch.from_numpy(np.array(a, np.float32).T))
+            module.lora_B["default"].weight.copy_(torch.from_numpy(np.array(b, np.float32).T))
+      towers.append(model.train())
+    self.vit, self.llm = towers
     modules = []
     for name in ("fc1", "fc2"):
       if name in params["projector"]:
@@ -130,8 +182,8 @@ class TorchTrainer:
         modules += [lin, torch.nn.GELU()]
     self.projector = torch.nn.Sequential(*modules[:-1])
     o = config.optim
-    decay = [p for p in self.projector.parameters() if p.ndim >= 2]
-    decay += [t for l in self.loras for t in (l.a, l.b)]
+    loras = [p for m in towers for p in m.parameters() if p.requires_grad]
+    decay = [p for p in self.projector.parameters() if p.ndim >= 2] + loras
     no_decay = [p for p in self.projector.parameters() if p.ndim < 2]
     self.trainable = decay + no_decay
     self.clip = o.clip_norm
@@ -166,10 +218,19 @@ class TorchTrainer:
     self.opt.zero_grad(set_to_none=True)
     return loss.item()
 
+  def count_flops(self, batch: dict) -> float:
+    """torch's FlopCounterMode over one step (forward + backward; the optimizer adds
+    no matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+      self.step(batch)
+    return float(counter.get_total_flops())
+
 
 # ----------------------------------------------------------------------------- timing
 def matmul_peak(dtype: str) -> float:
-  """Measured FLOP/s of a large square matmul on the default device."""
+  """Measured FLOP/s of a large square matmul on the default device (best of 3)."""
   import jax
   import jax.numpy as jnp
   n = 1024 if jax.devices()[0].platform == "cpu" else 8192
@@ -177,38 +238,103 @@ def matmul_peak(dtype: str) -> float:
   f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(x))
   reps = 5 if jax.devices()[0].platform == "cpu" else 50
-  start = time.perf_counter()
-  for _ in range(reps):
-    out = f(x)
-  jax.block_until_ready(out)
-  return 2 * n ** 3 * reps / (time.perf_counter() - start)
+  best = 0.0
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(reps):
+      out = f(x)
+    jax.block_until_ready(out)
+    best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+  return best
 
 
-def model_flops(config: Any, mesh: Any) -> float:
-  """FLOPs of one train step as the model defines it: forward + backward, no remat
-  recompute. Counted by XLA on the lowered step of the same config with unrolled layers
-  (the cost analysis counts a scanned layer's loop body once, not once per layer)."""
+def _xla_cost(config: Any, mesh: Any, **vit) -> float:
+  """XLA's cost-analysis FLOPs of the step with the LLM unrolled and no remat."""
   from kptjax import train
-  with config.unlocked():
-    config.model.scan_layers, config.model.remat_policy = False, "none"
-  trainer = train.build(config, mesh)
-  cost = trainer.step.lower(train.abstract_state(trainer),
-                            train.abstract_batch(config, mesh)).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost["flops"])
+  c = train.with_model_config(config, config.model)
+  with c.unlocked():
+    c.model.scan_layers, c.model.remat_policy = False, "none"
+    c.model.vit.update(vit)
+  trainer = train.build(c, mesh)
+  out = trainer.step.lower(train.abstract_state(trainer),
+                           train.abstract_batch(c, mesh)).cost_analysis()
+  return float((out[0] if isinstance(out, (list, tuple)) else out)["flops"])
 
 
-def bench_one(name: str, steps: int, peak: float, run_torch: bool) -> list[dict]:
+def xla_flops(config: Any, mesh: Any) -> dict[str, float]:
+  """XLA's count, and that count with the ViT blocks it skips added back.
+
+  The ViT is always scanned and XLA counts a loop body once: a 2-layer and a 1-layer
+  ViT cost the same (``vit_body_check`` ~ 0). The correction adds num_layers - 1 ViT
+  blocks of ``analytic_flops``.
+  """
+  import ml_collections
+  raw = _xla_cost(config, mesh)
+  check = (_xla_cost(config, mesh, num_layers=2, feature_layer=-1)
+           - _xla_cost(config, mesh, num_layers=1, feature_layer=-1))
+  fewer = ml_collections.ConfigDict(config.to_dict())
+  fewer.model.vit.num_layers -= 1
+  b = config.train.batch_size
+  block = analytic_flops(config, b) - analytic_flops(fewer, b)
+  return dict(xla_raw=raw, vit_body_check=check,
+              xla_corrected=raw + (config.model.vit.num_layers - 1) * block)
+
+
+def _time_rounds(fns: dict[str, Any], steps: int, rounds: int) -> dict[str, float]:
+  """Median over ``rounds`` of the mean time of ``steps`` calls of each fn, interleaved."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn(steps)
+      times[name].append((time.perf_counter() - start) / steps)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _kptjax_runner(config: Any, mesh: Any, batch: dict, host_params: Any = None):
+  """(run(n) -> n steps on the batch, loss at step 1) for the kptjax step of config."""
   import jax
+  from kptjax import sharding, train
+  trainer = train.build(config, mesh)
+  state = train.init_state(trainer, config, params=host_params)
+  device_batch = sharding.shard_batch(batch, mesh)
+  compiled = trainer.step.lower(state, device_batch).compile()
+  holder = {}
+  holder["state"], metrics = compiled(state, device_batch)
+  loss1 = float(metrics["loss"])
+
+  def run(n):
+    for _ in range(n):
+      holder["state"], m = compiled(holder["state"], device_batch)
+    jax.block_until_ready(m)
+  return run, loss1
+
+
+def _one_device_mesh():
+  import jax
+  from kptjax import sharding
+  return jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
+
+
+def _rows(name, secs, losses, tokens, flops, peak):
+  first = next(iter(secs.values()))
+  return [dict(config=name, impl=impl, step_ms=1e3 * sec, tokens_per_s=tokens / sec,
+               model_gflops_per_s=flops / sec / 1e9, frac_of_peak=flops / sec / peak,
+               peak_gflops_per_s=peak / 1e9, loss_step1=losses[impl], vs_first=sec / first)
+          for impl, sec in secs.items()]
+
+
+def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
+              ) -> tuple[list[dict], dict]:
+  """kptjax (as configured, remat none) vs torch + peft on size ``name``."""
   from bench_decode import make_hf_checkpoints
-  from kptjax import convert, sharding, train
+  from kptjax import convert, train
   from kptjax.data import pipeline, tokenizer
 
+  import jax
   config = bench_config(name)
-  mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
-  rows = []
+  mesh = _one_device_mesh()
   with tempfile.TemporaryDirectory() as tmp:
     vit_dir, llm_dir = make_hf_checkpoints(config.model, tmp)
     with config.unlocked():
@@ -220,137 +346,99 @@ def bench_one(name: str, steps: int, peak: float, run_torch: bool) -> list[dict]
     it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
     batch = {k: v for k, v in next(it).items() if k in train.BATCH_KEYS}
     tokens = float(batch["input_mask"].sum())
-
-    flops = model_flops(train.with_model_config(config, config.model), mesh)
-    device_batch = sharding.shard_batch(batch, mesh)
-    jax_sec = None
-    for impl, remat in (("kptjax", config.model.remat_policy), ("kptjax remat=none", "none")):
+    flops = dict(analytic=analytic_flops(config, config.train.batch_size),
+                 analytic_without_attention=analytic_flops(config, config.train.batch_size,
+                                                           attention=False),
+                 **xla_flops(config, mesh))
+    fns, losses = {}, {}
+    for impl, remat in ((f"kptjax remat={config.model.remat_policy}",
+                         config.model.remat_policy), ("kptjax remat=none", "none")):
       variant = train.with_model_config(config, config.model)
       with variant.unlocked():
         variant.model.remat_policy = remat
-      trainer = train.build(variant, mesh)
-      state = train.init_state(trainer, variant, params=host_params)
-      compiled = trainer.step.lower(state, device_batch).compile()
-      state, metrics = compiled(state, device_batch)
-      loss1 = float(metrics["loss"])
-      start = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = compiled(state, device_batch)
-      jax.block_until_ready(metrics)
-      sec = (time.perf_counter() - start) / steps
-      jax_sec = jax_sec or sec
-      rows.append(dict(config=name, impl=impl, step_ms=1e3 * sec, tokens_per_s=tokens / sec,
-                       model_tflops_per_s=flops / sec / 1e12, frac_of_peak=flops / sec / peak,
-                       loss_step1=loss1, vs_kptjax=sec / jax_sec))
-      del state, compiled
+      fns[impl], losses[impl] = _kptjax_runner(variant, mesh, batch, host_params)
     if run_torch:
       import torch
       torch.set_num_threads(os.cpu_count() or 1)
       ref = TorchTrainer(vit_dir, llm_dir, host_params, config)
-      t_loss1 = ref.step(batch)
-      start = time.perf_counter()
-      for _ in range(steps):
-        ref.step(batch)
-      t_sec = (time.perf_counter() - start) / steps
-      rows.append(dict(config=name, impl="torch", step_ms=1e3 * t_sec,
-                       tokens_per_s=tokens / t_sec, model_tflops_per_s=flops / t_sec / 1e12,
-                       frac_of_peak=flops / t_sec / peak, loss_step1=t_loss1,
-                       vs_kptjax=t_sec / jax_sec))
-  return rows
+      losses["torch+peft"] = ref.step(batch)
+      flops["torch_flop_counter"] = ref.count_flops(batch)
+      fns["torch+peft"] = lambda n: [ref.step(batch) for _ in range(n)]
+    secs = _time_rounds(fns, steps, rounds)
+  return _rows(name, secs, losses, tokens, flops["analytic"], peak), dict(config=name, **flops)
 
 
-# ---------------------------------------------------------------------- AOT memory
-def aot_memory(config_path: str) -> dict:
-  """Lowers and compiles the train step of ``config_path`` on all (simulated) devices
-  with FSDP over them, from abstract params; returns per-device bytes."""
-  import importlib.util
-
-  import jax
-  from kptjax import sharding, train
-
-  path, _, arg = config_path.partition(":")
-  spec = importlib.util.spec_from_file_location("aot_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  n = jax.device_count()
-  with config.unlocked():
-    config.mesh.shape.update(data=1, fsdp=n, tensor=1)
-  trainer = train.build(config, sharding.make_mesh(config.mesh))
-  state = train.abstract_state(trainer)
-  batch = train.abstract_batch(config, trainer.mesh)
-  b, t = config.train.batch_size, config.data.max_len
-  start = time.perf_counter()
-  compiled = trainer.step.lower(state, batch).compile()
-  mem = compiled.memory_analysis()
-  gib = 1024 ** 3
-  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
-  opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
-  out = dict(config=config_path, devices=n, mesh="data=1 fsdp=%d tensor=1" % n,
-             global_batch=b, seq_len=t, params_gib_total=params / gib,
-             opt_state_gib_total=opt / gib,
-             argument_gib_per_device=mem.argument_size_in_bytes / gib,
-             temp_gib_per_device=mem.temp_size_in_bytes / gib,
-             output_gib_per_device=mem.output_size_in_bytes / gib,
-             alias_gib_per_device=mem.alias_size_in_bytes / gib,
-             compile_s=time.perf_counter() - start)
-  out["peak_gib_per_device"] = (out["argument_gib_per_device"] + out["output_gib_per_device"]
-                                - out["alias_gib_per_device"] + out["temp_gib_per_device"])
-  return out
-
-
-def _aot_in_subprocess(config_path: str, devices: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--aot_only", config_path],
-                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
-  if proc.returncode:
-    raise RuntimeError(f"AOT compile failed:\n{proc.stderr[-4000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def bench_demo(steps: int, rounds: int, peak: float) -> tuple[list[dict], dict]:
+  """configs/demo.py now vs ``DEMO_BEFORE`` (its previous recipe), one batch, kptjax."""
+  from configs import demo
+  from kptjax import train
+  fns, losses, flops = {}, {}, {}
+  tokens = 0.0
+  for impl, arg in (("demo before (" + DEMO_BEFORE + ", scanned)", DEMO_BEFORE),
+                    ("demo now", None)):
+    config = demo.get_config(arg).unlock()
+    if arg == DEMO_BEFORE:
+      config.model.scan_layers = True
+    it = iter(train.make_dataset(config))
+    batch = {k: v for k, v in next(it).items() if k in train.BATCH_KEYS}
+    tokens = float(batch["input_mask"].sum())
+    fns[impl], losses[impl] = _kptjax_runner(config, _one_device_mesh(), batch)
+    flops[impl] = analytic_flops(config, config.train.batch_size)
+    flops[impl + " steps"] = config.train.num_steps
+  secs = _time_rounds(fns, steps, rounds)
+  rows = []
+  for impl, sec in secs.items():
+    rows += _rows("demo", {impl: sec}, losses, tokens, flops[impl], peak)
+  base = next(iter(secs.values()))
+  for row, (impl, sec) in zip(rows, secs.items()):
+    row["vs_first"] = sec / base
+    row["steps"] = flops[impl + " steps"]
+    row["run_compute_s_at_0.92s_per_before_step"] = 0.92 * sec / base * row["steps"]
+  return rows, dict(config="demo", analytic=flops["demo now"])
 
 
 # ------------------------------------------------------------------------------- main
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--configs", default="tiny,small")
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+  parser.add_argument("--configs", default="tiny,demo,small")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per row and round")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   parser.add_argument("--no_torch", action="store_true")
-  parser.add_argument("--aot_config", action="append",
-                      help="config[:arg] whose step is AOT-compiled (repeatable; default: "
-                      "locllm_coco.py and locllm_coco.py:accum=8; 'none' skips)")
-  parser.add_argument("--aot_devices", type=int, default=8)
-  parser.add_argument("--aot_only", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--aot_configs", default=",".join(aot_memory.PAPER_CONFIGS),
+                      help="paper configs whose step is AOT-compiled ('none' skips)")
+  parser.add_argument("--aot_devices", default="8,16,64")
   parser.add_argument("--out", default="experiments/results/bench_train")
   args = parser.parse_args()
-  if args.aot_only:
-    print(json.dumps(aot_memory(args.aot_only)))
-    return
 
   import jax
   from kptjax.metrics import markdown_table
-  rows = []
+  rows, flop_rows = [], []
   for name in args.configs.split(","):
-    dtype = bench_config(name).model.dtype
+    dtype = "float32" if name == "demo" else bench_config(name).model.dtype
     peak = matmul_peak(dtype)
-    print(f"{name}: matmul peak {peak / 1e12:.3f} TFLOP/s ({dtype}) on "
+    print(f"{name}: matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}) on "
           f"{jax.devices()[0].device_kind}", flush=True)
-    rows += bench_one(name, args.steps, peak, not args.no_torch)
+    if name == "demo":
+      r, f = bench_demo(args.steps, args.rounds, peak)
+    else:
+      r, f = bench_one(name, args.steps, args.rounds, peak, not args.no_torch)
+    rows += r
+    flop_rows.append(f)
+    print(markdown_table(r, digits=4), flush=True)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_train.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  text = f"## Train step on {jax.devices()[0].device_kind}\n\n" + markdown_table(rows, digits=4)
-  aot = args.aot_config or ["configs/locllm_coco.py", "configs/locllm_coco.py:accum=8"]
-  aot = [a for a in aot if a and a != "none"]
-  if aot:
-    mems = [_aot_in_subprocess(a, args.aot_devices) for a in aot]
-    with open(os.path.join(args.out, "bench_train_memory.csv"), "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(mems[0]))
+  for fname, table in (("bench_train.csv", rows), ("bench_train_flops.csv", flop_rows)):
+    with open(os.path.join(args.out, fname), "w", newline="") as f:
+      keys = sorted({k for r in table for k in r}, key=lambda k: (k != "config", k))
+      writer = csv.DictWriter(f, fieldnames=keys)
       writer.writeheader()
-      writer.writerows(mems)
-    text += (f"\n## Train step AOT-compiled on {args.aot_devices} simulated CPU devices "
-             "(FSDP; GiB per device from memory_analysis)\n\n" + markdown_table(mems, digits=3))
+      writer.writerows(table)
+  text = (f"## Train step on {jax.devices()[0].device_kind} (interleaved, median of "
+          f"{args.rounds} rounds)\n\n" + markdown_table(rows, digits=4)
+          + "\n\n## FLOPs of one step\n\n" + markdown_table(flop_rows, digits=4))
+  if args.aot_configs != "none":
+    mem = aot_memory.run(args.aot_configs.split(","),
+                         [int(d) for d in args.aot_devices.split(",")])
+    text += "\n\n" + aot_memory.write(mem, args.out)
   with open(os.path.join(args.out, "bench_train.md"), "w") as f:
     f.write(text)
   print(text)

@@ -26,7 +26,7 @@ import optax
 
 from kptjax import optim
 from kptjax.sharding import Rules
-from kptjax.train_step import Batch, TrainState, _micro_batches, token_stats
+from kptjax.train_step import Batch, TrainState, _micro_batches, lm_stats, model_context
 
 KPT_BATCH_KEYS = ("support_image", "support_xy", "support_mask", "kpt_xy", "kpt_mask")
 
@@ -49,10 +49,13 @@ def make_kpt_train_step(
     l1_weight: float = 2.0,
     grad_accum_steps: int = 1,
     seed: int = 0,
+    loss_chunk: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds ``step(state, batch) -> (state, metrics)`` for ``kptjax.models.kptllm.KptLLM``.
 
-  Arguments as ``train_step.make_train_step``, plus ``l1_weight``. Only the leaves where
+  Arguments as ``train_step.make_train_step`` (the language loss is its ``lm_stats``),
+  plus ``l1_weight``. Only the leaves where
   ``mask`` is True are differentiated and updated (LoRA, projector, prompt modules and
   keypoint head in 'lora+projector').
 
@@ -65,13 +68,14 @@ def make_kpt_train_step(
 
   def loss_fn(trainable, frozen, micro, key, denom_tok, denom_kpt):
     params = optim.merge(trainable, frozen)
-    with nn.logical_axis_rules(rules):
-      logits, xy = model.apply(
+    with model_context(rules, mesh):
+      hidden, xy = model.apply(
           {"params": params}, micro["image"], micro["tokens"], micro["input_mask"],
           support_images=micro["support_image"], support_xy=micro["support_xy"],
           support_mask=micro["support_mask"], num_keypoint_slots=micro["kpt_xy"].shape[1],
-          deterministic=False, rngs={"dropout": key})
-    stats = token_stats(logits, micro["targets"], micro["loss_mask"])
+          deterministic=False, rngs={"dropout": key}, return_hidden=True)
+      stats = lm_stats(lambda h: model.apply({"params": params}, h, method="logits"),
+                       hidden, micro["targets"], micro["loss_mask"], loss_chunk)
     stats.update(l1_stats(xy, micro["kpt_xy"], micro["kpt_mask"]))
     loss = stats["loss_sum"] / denom_tok + l1_weight * stats["l1_sum"] / denom_kpt
     return loss, stats

@@ -173,11 +173,12 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
     from kptjax import kpt_train_step  # pylint: disable=g-import-not-at-top
     step_fn = kpt_train_step.make_kpt_train_step(
         model, tx, mask, lr_schedule=lr_schedule, rules=rules,
-        l1_weight=config.optim.get("l1_weight", 2.0), grad_accum_steps=k, seed=config.seed)
+        l1_weight=config.optim.get("l1_weight", 2.0), grad_accum_steps=k, seed=config.seed,
+        loss_chunk=config.train.get("loss_chunk", 0), mesh=mesh)
   else:
     step_fn = train_step.make_train_step(
         model, tx, mask, lr_schedule=lr_schedule, rules=rules, grad_accum_steps=k,
-        seed=config.seed)
+        seed=config.seed, loss_chunk=config.train.get("loss_chunk", 0), mesh=mesh)
   batch_shardings = {key: sharding.batch_sharding(mesh) for key in batch_keys(config)}
   step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, repl), donate_argnums=0)

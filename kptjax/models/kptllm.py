@@ -183,7 +183,7 @@ class KptLLM(VLM):
   def __call__(self, images: Array, tokens: Array, input_mask: Array, *,
                support_images: Array | None = None, support_xy: Array | None = None,
                support_mask: Array | None = None, num_keypoint_slots: int | None = None,
-               deterministic: bool = True):
+               deterministic: bool = True, return_hidden: bool = False):
     """Teacher-forced logits and the regressed keypoints.
 
     Args:
@@ -192,6 +192,7 @@ class KptLLM(VLM):
         ``<keypoint>`` tokens (``kpt.keypoint_token_id``).
       support_images, support_xy, support_mask: see ``embed_prompts`` (None: no prompts).
       num_keypoint_slots: R' regression outputs per row (default: R of support_xy, else 1).
+      return_hidden: the last block's output [B,T,D] in place of the logits (as VLM's).
 
     Returns:
       (logits f32[B,T,V], xy f32[B,R',2]): xy[b, r] is the head's output at row b's r-th
@@ -203,11 +204,10 @@ class KptLLM(VLM):
       prompt = self.embed_prompts(support_images, support_xy, support_mask, deterministic)
       x = fill_image_tokens(x, tokens, prompt, int(k.prompt_token_id))
     h = self.llm.hidden(x, input_mask, deterministic)
-    logits = self.llm.logits(h)
     if num_keypoint_slots is None:
       num_keypoint_slots = support_xy.shape[2] if support_xy is not None else 1
     u = gather_slots(self.llm.norm(h), tokens, int(k.keypoint_token_id), num_keypoint_slots)
-    return logits, self.keypoint_head(u)
+    return (h if return_hidden else self.llm.logits(h)), self.keypoint_head(u)
 
   def embed_tokens(self, tokens: Array, image_embeds: Array | None = None,
                    prompt_embeds: Array | None = None) -> Array:

@@ -9,6 +9,11 @@ Axis letters used in einsum equations across kptjax.models:
 Logical axis names (mapped to mesh axes by configs/common.py LOGICAL_AXIS_RULES):
   batch, embed, vit_embed, mlp, heads, kv_heads, head_dim, vocab, layers, lora_rank,
   patch, length, cache_length.
+Activations carry the same names through ``constrain`` at block boundaries
+(``ACT_*`` below): the batch dimension takes ('data', 'fsdp') first, so the hidden
+dimension of an activation is never split over 'fsdp' (the rules are applied in table
+order and a mesh axis is used once per array); under FSDP the weights are gathered per
+layer instead (ZeRO-3).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kptjax import sharding
 from kptjax.errors import ConfigError
 
 Array = jax.Array
@@ -46,6 +52,29 @@ def to_dtype(name: str | DType | None, default: DType = jnp.float32) -> jnp.dtyp
 def logical_init(init: Initializer, axes: Sequence[str | None]) -> Initializer:
   """Wraps an initializer so its param carries logical axis names (one per dim)."""
   return nn.with_logical_partitioning(init, tuple(axes))
+
+
+# Logical names of the activations that cross block boundaries.
+ACT_EMBED = ("batch", "length", "embed")          # residual stream [B,T,D]
+ACT_VIT_EMBED = ("batch", "length", "vit_embed")  # ViT residual stream [B,T,D]
+ACT_MLP = ("batch", "length", "mlp")              # MLP hidden [B,T,F]
+ACT_HEADS = ("batch", "length", "heads", None)    # per-head q/k/v/out [B,T,N,H]
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+  """``with_sharding_constraint`` of x by logical names, under the active rules
+  (``nn.logical_axis_rules``) and mesh (``jax.set_mesh`` / ``use_abstract_mesh``).
+
+  A no-op without rules or outside a mesh of more than one device (plain
+  ``model.apply``, decoding on one device). Mesh axes that do not divide a dimension
+  are dropped for it (``sharding.fit_spec``), so tiny shapes stay legal.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or not mesh.shape or math.prod(mesh.shape.values()) == 1:
+    return x
+  spec = sharding.fit_spec(sharding.logical_to_mesh_spec(names, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -108,26 +137,44 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array | np.ndarray) -> Arra
 
 
 # ------------------------------------------------------------------------- attention
+# model.attention: how attention is computed when the probabilities are not asked for.
+#   'einsum'  the explicit einsums below (stores the f32[B,N,T,S] probabilities for
+#             backward);
+#   'xla'     jax.nn.dot_product_attention's XLA implementation (the CPU path);
+#   'cudnn'   jax.nn.dot_product_attention's cuDNN flash kernel (GPU; scores are never
+#             stored for backward).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
-              return_probs: bool = False) -> tuple[Array, Array | None]:
+              return_probs: bool = False, impl: str = "einsum"
+              ) -> tuple[Array, Array | None]:
   """Scaled dot-product attention with grouped-query heads.
 
   Args:
     q: [B,T,N,H] queries; k, v: [B,S,K,H] keys/values with N % K == 0.
     mask: bool, broadcastable to [B,T,S] (True = may attend), or None (attend to all).
-    return_probs: also return the probabilities f32[B,N,T,S].
+    return_probs: also return the probabilities f32[B,N,T,S] (always by the einsums).
+    impl: one of ATTENTION_IMPLS.
 
   Returns:
     (out [B,T,N,H] in v's dtype, probs or None). Logits and softmax are float32.
   """
+  if impl not in ATTENTION_IMPLS:
+    raise ConfigError(f"model.attention={impl!r} (expected one of {ATTENTION_IMPLS})")
   b, t, n, h = q.shape
   kv = k.shape[2]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))
+  if impl != "einsum" and not return_probs:
+    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                       implementation=impl)
+    return out.astype(v.dtype), None
   q = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
                       preferred_element_type=jnp.float32) * (h ** -0.5)
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v).reshape(b, t, n, h)
   return out, (probs.reshape(b, n, t, -1) if return_probs else None)

@@ -94,6 +94,7 @@ class _Sublayer(nn.Module):
   lora: LoraSpec = LoraSpec()
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  attention: str = "einsum"          # layers.ATTENTION_IMPLS (config.model.attention)
 
   def _dense(self, name: str, features: int, axes: tuple[str, str]) -> LoraDense:
     """A LoraDense child named ``name``, with LoRA when ``name`` is a lora target."""
@@ -111,7 +112,8 @@ class MLP(_Sublayer):
     f, d = self.config.intermediate_size, self.config.hidden_size
     gate = dense("gate_proj", f, ("embed", "mlp"))(x, deterministic)
     up = dense("up_proj", f, ("embed", "mlp"))(x, deterministic)
-    return dense("down_proj", d, ("mlp", "embed"))(nn.silu(gate) * up, deterministic)
+    h = layers.constrain(nn.silu(gate) * up, layers.ACT_MLP)
+    return dense("down_proj", d, ("mlp", "embed"))(h, deterministic)
 
 
 class Attention(_Sublayer):
@@ -141,7 +143,9 @@ class Attention(_Sublayer):
       out, kv_cache = cached_attention(q, k, v, mask, kv_cache, self.dtype)
       probs = None
     else:
-      out, probs = layers.attention(q, k, v, mask, return_probs=return_attention)
+      out, probs = layers.attention(q, k, v, mask, return_probs=return_attention,
+                                    impl=self.attention)
+    out = layers.constrain(out, layers.ACT_HEADS)
     out = dense("o_proj", c.hidden_size, ("heads", "embed"))(
         out.reshape(b, t, n * h), deterministic)
     return out, kv_cache, probs
@@ -154,14 +158,17 @@ class DecoderBlock(_Sublayer):
   @nn.compact
   def __call__(self, x, positions, mask, kv_cache, deterministic, return_attention):
     c = self.config
+    kw = dict(attention=self.attention)
+    x = layers.constrain(x, layers.ACT_EMBED)
     h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-    h, kv_cache, probs = Attention(c, self.lora, self.dtype, self.param_dtype, name="self_attn")(
+    h, kv_cache, probs = Attention(c, self.lora, self.dtype, self.param_dtype, **kw,
+                                   name="self_attn")(
         h.astype(self.dtype), positions, mask, kv_cache, deterministic, return_attention)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
-    x = x + MLP(c, self.lora, self.dtype, self.param_dtype, name="mlp")(
+    x = x + MLP(c, self.lora, self.dtype, self.param_dtype, **kw, name="mlp")(
         h.astype(self.dtype), deterministic)
-    return x, (kv_cache, probs)
+    return layers.constrain(x, layers.ACT_EMBED), (kv_cache, probs)
 
 
 class Embedder(nn.Module):
@@ -206,6 +213,7 @@ class Llama(nn.Module):
     lora: LoraSpec for this tower (targets like 'q_proj', 'v_proj').
     dtype: compute dtype; param_dtype: storage dtype.
     scan_layers: stack the blocks under nn.scan; remat_policy: jax.checkpoint_policies name.
+    attention: layers.ATTENTION_IMPLS name.
   """
   config: LlamaConfig
   lora: LoraSpec = LoraSpec()
@@ -213,6 +221,7 @@ class Llama(nn.Module):
   param_dtype: DType = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention: str = "einsum"
 
   def setup(self):
     c = self.config
@@ -220,7 +229,7 @@ class Llama(nn.Module):
     # deterministic (5) and return_attention (6) are Python bools: static under remat.
     block = layers.maybe_remat(DecoderBlock, self.remat_policy, static_argnums=(5, 6),
                                prevent_cse=not self.scan_layers)
-    args = (c, self.lora, self.dtype, self.param_dtype)
+    args = (c, self.lora, self.dtype, self.param_dtype, self.attention)
     if self.scan_layers:
       scanned = layers.scan_blocks(
           block, c.num_layers,

@@ -146,6 +146,7 @@ class _Sublayer(nn.Module):
   lora: Any = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
+  attention: str = "einsum"          # layers.ATTENTION_IMPLS (config.model.attention)
 
   def _dense(self, features, axes, name, use_bias=True) -> LoraDense:
     """A LoraDense child named ``name``, with LoRA when ``name`` is in lora.vit_targets."""
@@ -170,7 +171,8 @@ class Attention(_Sublayer):
     dense = self._dense
     q, k, v = (dense(d, ("vit_embed", "heads"), name, use_bias=c.qkv_bias)(x, deterministic)
                .reshape(b, t, n, d // n) for name in ("query", "key", "value"))
-    out, _ = layers.attention(q, k, v)
+    out, _ = layers.attention(q, k, v, impl=self.attention)
+    out = layers.constrain(out, layers.ACT_HEADS)
     return dense(d, ("heads", "vit_embed"), "out")(out.reshape(b, t, d), deterministic)
 
 
@@ -191,6 +193,7 @@ class Mlp(_Sublayer):
       raise ConfigError(f"model.vit.hidden_act={c.hidden_act!r} (expected one of "
                         f"{sorted(_ACTIVATIONS)})")
     h = _ACTIVATIONS[c.hidden_act](dense(f, ("vit_embed", "mlp"), "fc1")(x, deterministic))
+    h = layers.constrain(h, layers.ACT_MLP)
     return dense(d, ("mlp", "vit_embed"), "fc2")(h, deterministic)
 
 
@@ -205,9 +208,10 @@ class Block(_Sublayer):
   @nn.compact
   def __call__(self, carry, index: Array, deterministic: bool = True):
     c = self.config
-    x = carry[0] if self.keep_layer >= 0 else carry
+    x = layers.constrain(carry[0] if self.keep_layer >= 0 else carry, layers.ACT_VIT_EMBED)
     d = x.shape[-1]
-    kw = dict(config=c, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(config=c, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
+              attention=self.attention)
     if c.get("layerscale", True):
       scale_init = logical_init(nn.initializers.constant(c.layerscale_value), ("vit_embed",))
       ls1 = self.param("layer_scale1", scale_init, (d,), self.param_dtype).astype(self.dtype)
@@ -220,7 +224,7 @@ class Block(_Sublayer):
     x = x + (h if ls1 is None else h * ls1)
     h = _layer_norm(c, self.param_dtype, "norm2")(x).astype(self.dtype)
     h = Mlp(**kw, name="mlp")(h, deterministic)
-    x = x + (h if ls2 is None else h * ls2)
+    x = layers.constrain(x + (h if ls2 is None else h * ls2), layers.ACT_VIT_EMBED)
     if self.keep_layer >= 0:
       return (x, jnp.where(index == self.keep_layer, x, carry[1])), None
     return x, None
@@ -294,12 +298,14 @@ class ViT(nn.Module):
     dtype: compute dtype; param_dtype: storage dtype. Norms, softmax and the position
       embedding resize run in float32.
     remat_policy: a ``jax.checkpoint_policies`` name (``config.model.remat_policy``) or 'none'.
+    attention: a ``layers.ATTENTION_IMPLS`` name (``config.model.attention``).
   """
   config: ml_collections.ConfigDict
   lora: Any = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   remat_policy: str = "none"
+  attention: str = "einsum"
 
   def _feature_layer(self) -> int:
     c = self.config
@@ -341,7 +347,7 @@ class ViT(nn.Module):
     block = layers.maybe_remat(Block, self.remat_policy, static_argnums=(3,))
     stack = layers.scan_blocks(block, c.num_layers, in_axes=(0, nn.broadcast))(
         config=c, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-        keep_layer=-1 if keep == c.num_layers - 1 else keep, name="layers")
+        attention=self.attention, keep_layer=-1 if keep == c.num_layers - 1 else keep, name="layers")
     carry = x if keep == c.num_layers - 1 else (x, jnp.zeros_like(x))
     carry, _ = stack(carry, jnp.arange(c.num_layers), deterministic)
     x = carry if keep == c.num_layers - 1 else carry[1]

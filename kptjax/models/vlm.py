@@ -75,14 +75,15 @@ class VLM(nn.Module):
   def setup(self):
     c = self.config
     dtype, param_dtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
+    attention = c.get("attention", "einsum")
     self.vit = ViT(c.vit, lora=c.lora, dtype=dtype, param_dtype=param_dtype,
-                   remat_policy=c.remat_policy)
+                   remat_policy=c.remat_policy, attention=attention)
     # Always trained, so stored in float32 whatever the frozen towers use.
     self.projector = Projector(c.projector.kind, c.llm.hidden_size, dtype=dtype,
                                param_dtype=jnp.float32)
     self.llm = Llama(LlamaConfig.from_config(c.llm), LoraSpec.from_config(c.lora, "llm"),
                      dtype=dtype, param_dtype=param_dtype, scan_layers=c.scan_layers,
-                     remat_policy=c.remat_policy)
+                     remat_policy=c.remat_policy, attention=attention)
 
   def embed_image(self, images: Array, deterministic: bool = True) -> Array:
     """images f32[B,H,W,3] (normalized) -> image tokens f32[B,N,D_llm]."""
@@ -96,7 +97,8 @@ class VLM(nn.Module):
     return fill_image_tokens(x, tokens, image_embeds, self.config.image_token_id)
 
   def __call__(self, images: Array, tokens: Array, input_mask: Array, *,
-               deterministic: bool = True, return_attention: bool = False):
+               deterministic: bool = True, return_attention: bool = False,
+               return_hidden: bool = False):
     """Teacher-forced logits.
 
     Args:
@@ -104,13 +106,22 @@ class VLM(nn.Module):
       input_mask: bool[B,T] (True on real tokens, right padding).
       deterministic: False enables LoRA dropout (rng 'dropout').
       return_attention: also return the LLM's attention probabilities f32[L,B,H,T,T].
+      return_hidden: return the last block's output [B,T,D] instead of the logits
+        (``logits(hidden)`` gives them; the train step's loss reads them in chunks).
 
     Returns:
-      logits f32[B,T,V], or (logits, attention) when return_attention.
+      logits f32[B,T,V] (or the hidden [B,T,D]), and the attention when return_attention.
     """
     x = self._embed(tokens, self.embed_image(images, deterministic))
+    if return_hidden:
+      return self.llm.hidden(x, input_mask, deterministic)
     return self.llm(None, input_mask, embeds=x, deterministic=deterministic,
                     return_attention=return_attention)
+
+  def logits(self, hidden: Array) -> Array:
+    """Final norm and output layer over any slice of ``__call__``'s hidden: [B,C,D] ->
+    f32[B,C,V]."""
+    return self.llm.logits(hidden)
 
   def extend(self, tokens: Array, input_mask: Array, cache: Cache, *,
              image_embeds: Array | None = None) -> tuple[Array, Cache]:

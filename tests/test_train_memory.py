@@ -1,0 +1,160 @@
+"""The train step's memory layout on the tiny config (8 simulated CPU devices, conftest).
+
+* the chunked loss (``train_step.lm_stats``) has the plain loss's value and gradient
+  (f32, 1e-6): the logits of the whole batch are never needed;
+* attention by ``jax.nn.dot_product_attention`` ('xla') equals the explicit einsums,
+  grouped-query heads and causal + padding masks included, and so does the whole VLM;
+* on a (data=1, fsdp=8) mesh the residual stream is constrained to the batch axes in
+  the lowered step, the step (chunked loss) equals the one-device step (plain loss), and
+  the compiled step's temporaries per device fall with the number of devices.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import tiny
+from kptjax import sharding, train, train_step
+from kptjax.data import pipeline, tokenizer
+from kptjax.models import layers, vlm
+from kptjax.models.llama import causal_mask
+
+
+def _mesh(shape):
+  n = int(np.prod(shape))
+  return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=jax.devices()[:n])
+
+
+def _batches(config, n):
+  it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
+  return [{k: next(it)[k] for k in train.BATCH_KEYS} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = tiny.get_config()
+  with config.unlocked():
+    config.train.batch_size = 8
+  params = vlm.init_params(config.model, jax.random.key(0))
+  return config, params, _batches(config, 2)
+
+
+def test_chunked_loss_equals_plain_loss_value_and_gradient(setup):
+  config, params, batches = setup
+  batch = batches[0]
+  model = vlm.VLM(config.model)
+  targets, mask = jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"])
+
+  def plain(p):
+    logits = model.apply({"params": p}, batch["image"], batch["tokens"], batch["input_mask"])
+    s = train_step.token_stats(logits, targets, mask)
+    return s["loss_sum"], s
+
+  def chunked(p, chunk):
+    h = model.apply({"params": p}, batch["image"], batch["tokens"], batch["input_mask"],
+                    return_hidden=True)
+    s = train_step.lm_stats(lambda x: model.apply({"params": p}, x, method="logits"), h,
+                            targets, mask, chunk)
+    return s["loss_sum"], s
+
+  (want, want_stats), want_grad = jax.value_and_grad(plain, has_aux=True)(params)
+  t = batch["tokens"].shape[1]
+  for chunk in (7, t // 4):          # 7 does not divide T: the tail is padded and masked
+    assert t % 7
+    (got, stats), grad = jax.jit(jax.value_and_grad(chunked, has_aux=True),
+                                 static_argnums=1)(params, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for k in train_step.STAT_KEYS:
+      np.testing.assert_allclose(stats[k], want_stats[k], rtol=1e-6, err_msg=k)
+    # Relative to the largest gradient: some are exactly zero in exact arithmetic (the
+    # ViT key bias shifts every logit of a query equally) and only float noise here.
+    flat_want = traverse_util.flatten_dict(want_grad)
+    scale = max(float(np.abs(g).max()) for g in flat_want.values())
+    for key, g in traverse_util.flatten_dict(grad).items():
+      np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(flat_want[key]) / scale,
+                                 rtol=0, atol=1e-6, err_msg="/".join(key))
+
+
+def test_dot_product_attention_equals_einsum_attention():
+  r = np.random.RandomState(0)
+  q = jnp.asarray(r.randn(3, 9, 4, 8), jnp.float32)
+  k = jnp.asarray(r.randn(3, 9, 2, 8), jnp.float32)     # 2 kv heads: grouped queries
+  v = jnp.asarray(r.randn(3, 9, 2, 8), jnp.float32)
+  real = jnp.asarray([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7], bool)
+  for mask in (None, causal_mask(real)):
+    want, _ = layers.attention(q, k, v, mask, impl="einsum")
+    got, _ = layers.attention(q, k, v, mask, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_vlm_logits_equal_under_both_attention_implementations(setup):
+  config, params, batches = setup
+  b = batches[0]
+  out = {}
+  for impl in ("einsum", "xla"):
+    c = config.model.unlock()
+    c.attention = impl
+    out[impl] = vlm.VLM(c).apply({"params": params}, b["image"], b["tokens"], b["input_mask"])
+  np.testing.assert_allclose(out["xla"], out["einsum"], rtol=0, atol=1e-5)
+
+
+def _fsdp_config(n, loss_chunk=0, batch=8):
+  config = tiny.get_config()
+  with config.unlocked():
+    config.mesh.shape.update(data=1, fsdp=n, tensor=1)
+    config.train.update(batch_size=batch, loss_chunk=loss_chunk)
+  return config
+
+
+def test_residual_stream_is_constrained_to_the_batch_axes():
+  config = _fsdp_config(8)
+  trainer = train.build(config, _mesh((1, 8, 1)))
+  text = trainer.step.lower(train.abstract_state(trainer),
+                            train.abstract_batch(config, trainer.mesh)).as_text()
+  d, f = config.model.llm.hidden_size, config.model.llm.intermediate_size
+  b = config.train.batch_size
+  batch_split = '[{"data", "fsdp"}, {}, {}]'
+  residual = [l for l in text.splitlines()
+              if "sdy.sharding_constraint" in l and batch_split in l and f"x{d}xf32>" in l
+              and f"tensor<{b}x" in l]
+  mlp = [l for l in text.splitlines()   # [batch, length, mlp]: mlp on 'tensor' (size 1)
+         if "sdy.sharding_constraint" in l and '[{"data", "fsdp"}, {}, {"tensor"}]' in l
+         and f"x{f}xf32>" in l]
+  assert residual and mlp, "no [batch, length, embed] / [batch, length, mlp] constraints"
+  # Without a mesh the constraints are no-ops (plain model.apply, one device).
+  assert layers.constrain(jnp.ones((8, 3, d)), layers.ACT_EMBED).shape == (8, 3, d)
+
+
+def test_fsdp8_chunked_step_equals_one_device_plain_step(setup):
+  _, _, batches = setup
+  one = _fsdp_config(1)
+  eight = _fsdp_config(8, loss_chunk=16)
+  results = []
+  for config, mesh in ((one, _mesh((1, 1, 1))), (eight, _mesh((1, 8, 1)))):
+    trainer = train.build(config, mesh)
+    state = train.init_state(trainer, config)
+    losses = []
+    for b in batches[:1]:
+      state, metrics = trainer.step(state, sharding.shard_batch(b, mesh))
+      losses.append(float(metrics["loss"]))
+    results.append((losses, traverse_util.flatten_dict(jax.device_get(state.params))))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=0, atol=1e-5)
+  for key, want in results[0][1].items():
+    np.testing.assert_allclose(results[1][1][key], want, rtol=0, atol=1e-5,
+                               err_msg="/".join(key))
+
+
+def test_step_temporaries_per_device_fall_with_the_mesh():
+  temp = {}
+  for n in (2, 8):
+    config = _fsdp_config(n, loss_chunk=32, batch=32)
+    with config.unlocked():
+      config.data.max_len = 128
+    trainer = train.build(config, _mesh((1, n, 1)))
+    compiled = trainer.step.lower(train.abstract_state(trainer),
+                                  train.abstract_batch(config, trainer.mesh)).compile()
+    temp[n] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp[8] < 0.5 * temp[2], temp
