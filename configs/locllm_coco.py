@@ -103,12 +103,12 @@ def get_config(arg=None):
       batch_size=batch, num_steps=steps_for(epochs, COCO_TRAIN_PERSONS, batch),
       log_every=50, checkpoint_every=2000, keep_checkpoints=3, eval_every=0, stage=2,
       # the output layer + loss 256 positions at a time: f32[B/N,256,32000] per device
-      # instead of the whole sequence's logits (kptjax.train_step.lm_stats)
+      # instead of the whole sequence's logits (kptjax.training.step.lm_stats)
       loss_chunk=256,
       evaluator="",              # e.g. 'kptjax.evaluate:make_train_evaluator' with eval_every > 0
       # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
       # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's
-      # model_config.json stops the run (kptjax.preflight). optim.* / train.* are not
+      # model_config.json stops the run (kptjax.training.preflight). optim.* / train.* are not
       # model fields: they may always change.
       resume_may_change="",
   ))

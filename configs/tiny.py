@@ -94,7 +94,7 @@ def get_config(arg=None):
       evaluator="",   # 'package.module:factory' -> eval_fn(state, step) every eval_every steps
       # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
       # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's
-      # model_config.json stops the run (kptjax.preflight). optim.* / train.* are not
+      # model_config.json stops the run (kptjax.training.preflight). optim.* / train.* are not
       # model fields: they may always change.
       resume_may_change="",
   ))

@@ -50,6 +50,7 @@ def measure(name: str, remat: str = "", batch: int = 0) -> dict:
   """Compiles the train step of config ``name`` over all (simulated) devices with FSDP
   over them; returns its per-device memory in GiB (see the module docstring)."""
   import jax
+
   from kptjax import sharding, train
 
   config = load_config(name)
@@ -64,7 +65,7 @@ def measure(name: str, remat: str = "", batch: int = 0) -> dict:
   trainer = train.build(config, sharding.make_mesh(config.mesh))
   state = train.abstract_state(trainer)
   start = time.perf_counter()
-  compiled = trainer.step.lower(state, train.abstract_batch(config, trainer.mesh)).compile()
+  compiled = trainer.step.lower(state, factory.abstract_batch(config, trainer.mesh)).compile()
   mem = compiled.memory_analysis()
   size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   row = dict(config=name, devices=n, remat=config.model.remat_policy,
@@ -109,7 +110,7 @@ def run(configs=PAPER_CONFIGS, devices=(8, 16, 64), remats=("",), batch: int = 0
 
 
 def markdown(rows: list[dict]) -> str:
-  from kptjax.metrics import markdown_table
+  from kptjax.evaluation.metrics import markdown_table
   keys = ("config", "devices", "remat", "global_batch", "seq_len", "argument_gib",
           "temp_gib", "output_gib", "alias_gib", "peak_gib", "compile_s")
   return markdown_table([{k: r[k] for k in keys} for r in rows], digits=3)

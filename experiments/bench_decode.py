@@ -9,7 +9,7 @@ LocLLM prompts, 17 keypoints, 13 new tokens). Both sides get the same randomly
 initialized Hugging Face checkpoints (DINOv2 + Llama, written to a temporary dir) and
 the same person crops and questions:
 
-  kptjax   ``kptjax.decode.Localizer`` (``Decoder.shared``): crop encoded once per person,
+  kptjax   ``kptjax.inference.decode.Localizer`` (``Decoder.shared``): crop encoded once per person,
            the prefix prefilled and stored once, the K queries decoded as one batch of
            ``--batch`` persons (one jitted program: while_loop, KV cache in place).
   torch    what LocLLM's valid2d.py does: per person, K prompts in one
@@ -228,8 +228,10 @@ def run_size(name: str, config: Any, persons: int, batch: int, repeats: int,
              max_new_tokens: int, rates: dict[str, float], step_cost: bool) -> list[dict]:
   """The rows of one size's table (module docstring)."""
   import ml_collections
-  from kptjax import convert, decode
+
+  from kptjax import convert
   from kptjax.data import tokenizer as tok_lib
+  from kptjax.inference import decode
   from kptjax.keypoints import get_spec
   from kptjax.models import vlm
 
@@ -316,6 +318,7 @@ SMALL = ["model.vit.image_size=224", "model.vit.patch_size=14", "model.vit.hidde
 def _config(path: str, overrides: Sequence[str]) -> Any:
   import ast
   import importlib.util
+
   import ml_collections
   path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("bench_config", path)
@@ -349,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. model.llm.hidden_size=256 (repeat)")
   args = parser.parse_args(argv)
-  from kptjax.metrics import markdown_table
+  from kptjax.evaluation.metrics import markdown_table
   rates = matmul_rates()
   print(f"measured matmul rate (f32 2048^3): jax {rates['jax']:.1f} GFLOP/s, "
         f"torch {rates['torch']:.1f} GFLOP/s")

@@ -257,7 +257,7 @@ def _xla_cost(config: Any, mesh: Any, **vit) -> float:
     c.model.vit.update(vit)
   trainer = train.build(c, mesh)
   out = trainer.step.lower(train.abstract_state(trainer),
-                           train.abstract_batch(c, mesh)).cost_analysis()
+                           factory.abstract_batch(c, mesh)).cost_analysis()
   return float((out[0] if isinstance(out, (list, tuple)) else out)["flops"])
 
 
@@ -294,6 +294,7 @@ def _time_rounds(fns: dict[str, Any], steps: int, rounds: int) -> dict[str, floa
 def _kptjax_runner(config: Any, mesh: Any, batch: dict, host_params: Any = None):
   """(run(n) -> n steps on the batch, loss at step 1) for the kptjax step of config."""
   import jax
+
   from kptjax import sharding, train
   trainer = train.build(config, mesh)
   state = train.init_state(trainer, config, params=host_params)
@@ -312,6 +313,7 @@ def _kptjax_runner(config: Any, mesh: Any, batch: dict, host_params: Any = None)
 
 def _one_device_mesh():
   import jax
+
   from kptjax import sharding
   return jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
@@ -328,11 +330,11 @@ def _rows(name, secs, losses, tokens, flops, peak):
 def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
               ) -> tuple[list[dict], dict]:
   """kptjax (as configured, remat none) vs torch + peft on size ``name``."""
+  import jax
   from bench_decode import make_hf_checkpoints
+
   from kptjax import convert, train
   from kptjax.data import pipeline, tokenizer
-
-  import jax
   config = bench_config(name)
   mesh = _one_device_mesh()
   with tempfile.TemporaryDirectory() as tmp:
@@ -344,7 +346,7 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
     host_params = jax.tree.map(np.asarray, jax.device_get(params))
     del params
     it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
-    batch = {k: v for k, v in next(it).items() if k in train.BATCH_KEYS}
+    batch = {k: v for k, v in next(it).items() if k in factory.BATCH_KEYS}
     tokens = float(batch["input_mask"].sum())
     flops = dict(analytic=analytic_flops(config, config.train.batch_size),
                  analytic_without_attention=analytic_flops(config, config.train.batch_size,
@@ -377,7 +379,7 @@ def bench_demo(steps: int, rounds: int, peak: float) -> tuple[list[dict], dict]:
   for impl, arg in (("demo (default)", None), ("demo:" + DEMO_FAST, DEMO_FAST)):
     config = demo.get_config(arg).unlock()
     it = iter(train.make_dataset(config))
-    batch = {k: v for k, v in next(it).items() if k in train.BATCH_KEYS}
+    batch = {k: v for k, v in next(it).items() if k in factory.BATCH_KEYS}
     tokens = float(batch["input_mask"].sum())
     fns[impl], losses[impl] = _kptjax_runner(config, _one_device_mesh(), batch)
     flops[impl] = analytic_flops(config, config.train.batch_size)
@@ -408,7 +410,8 @@ def main() -> None:
   args = parser.parse_args()
 
   import jax
-  from kptjax.metrics import markdown_table
+
+  from kptjax.evaluation.metrics import markdown_table
   rows, flop_rows = [], []
   for name in args.configs.split(","):
     dtype = "float32" if name == "demo" else bench_config(name).model.dtype

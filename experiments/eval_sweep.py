@@ -111,6 +111,7 @@ def parse_decode(text: str) -> dict[str, Any]:
 def with_decode(config: Any, overrides: dict[str, Any]) -> Any:
   """A copy of ``config`` with ``config.decode`` fields overridden."""
   import ml_collections
+
   from kptjax import errors
   c = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
@@ -137,7 +138,7 @@ def row_of(checkpoint: str, dataset: str, decode_label: str, m: dict[str, Any]) 
 
 def write_tables(rows: Sequence[dict], out_dir: str) -> tuple[str, str]:
   """Writes sweep.csv and sweep.md atomically; returns their paths."""
-  from kptjax.metrics import markdown_table
+  from kptjax.evaluation.metrics import markdown_table
   os.makedirs(out_dir, exist_ok=True)
   columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
   buf = io.StringIO()
@@ -210,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   rows = run_sweep(load_config(args.config), args.checkpoints.split(","), args.dataset,
                    args.decode, args.out, max_persons=args.max_persons)
-  from kptjax.metrics import markdown_table
+  from kptjax.evaluation.metrics import markdown_table
   print(markdown_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
   print(json.dumps({"csv": os.path.join(args.out, "sweep.csv"),
                     "markdown": os.path.join(args.out, "sweep.md")}))

@@ -22,7 +22,7 @@ Outputs in ``--out`` (each written to a temporary file, then renamed: never half
                     (a sidecar, so that predictions.json stays a plain COCO results list).
   metrics.json      every metric that applies (COCO AP/AR, PCK, PCKh, MPJPE), the
                     per-keypoint table, parse failures and missing keypoints, unreadable
-                    images, speed, and ``provenance`` (``kptjax.provenance``).
+                    images, speed, and ``provenance`` (``kptjax.evaluation.provenance``).
 Resumable: finished persons are appended to ``predictions.partial.jsonl`` (its first line
 is the provenance record) as they are decoded and skipped on restart. Earlier outputs are
 reused only when their provenance record equals this run's (checkpoint path and step,
@@ -52,7 +52,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kptjax import errors, metrics, parsing, provenance
+from kptjax import errors
+from kptjax.evaluation import metrics, provenance
+from kptjax.inference import parsing
 
 PREDICTIONS = "predictions.json"
 PREDICTIONS_PROVENANCE = "predictions.provenance.json"
@@ -191,7 +193,7 @@ def checkpoint_step(checkpoint: str) -> Optional[int]:
   """The step ``load_model`` restores from ``checkpoint`` (its latest), None without one."""
   if not checkpoint or not os.path.isdir(checkpoint):
     return None
-  from kptjax import checkpoint as ckpt_lib
+  from kptjax.training import checkpoint as ckpt_lib
   try:
     return ckpt_lib.latest_step(checkpoint)
   except errors.CheckpointError:
@@ -211,12 +213,13 @@ def load_model(config: Any, checkpoint: str = "", step: Optional[int] = None
   Raises:
     CheckpointError: the checkpoint is unreadable or lacks some of the model's params.
   """
-  import jax
   import flax.linen as nn
+  import jax
+
   from kptjax.models import vlm
 
   if checkpoint:
-    from kptjax import checkpoint as ckpt_lib
+    from kptjax.training import checkpoint as ckpt_lib
     if not os.path.exists(checkpoint):
       raise errors.CheckpointError(f"{checkpoint}: no such checkpoint directory")
     config = resolve_config(config, checkpoint)
@@ -287,7 +290,7 @@ def config_sections(config: Any, checkpoint: str = "") -> dict[str, Any]:
 
 def eval_provenance(config: Any, records: Any, *, checkpoint: str = "", dataset: str = "",
                     step: Optional[int] = None, evaluation: Optional[dict] = None) -> dict:
-  """The provenance record of one evaluation (``kptjax.provenance.build``)."""
+  """The provenance record of one evaluation (``kptjax.evaluation.provenance.build``)."""
   return provenance.build(checkpoint=checkpoint, step=step,
                           configs=config_sections(config, checkpoint),
                           dataset=dataset or config.data.eval,
@@ -301,6 +304,7 @@ def iter_crops(config: Any, records: Sequence[Any], indices: Sequence[int]) -> I
   A person whose image is missing or corrupt gives {'index', 'image_error': message}.
   Images are decoded by a few threads ahead of the decoder."""
   from concurrent.futures import ThreadPoolExecutor
+
   from kptjax.data import pipeline
   transform = pipeline.EvalTransform(config, records)
 
@@ -595,7 +599,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
       when something has to be decoded (default :func:`load_model`).
   """
   from tqdm import tqdm
-  from kptjax import decode
+
+  from kptjax.inference import decode
   from kptjax.keypoints import get_spec
 
   config = resolve_config(config, checkpoint)
@@ -695,7 +700,7 @@ def make_train_evaluator(config: Any, model: Any, mesh: Any = None):
   0.2, COCO AP (COCO-format data), and the parse-failure rate.
   """
   del mesh   # params arrive sharded; the decoder's jit follows their shardings
-  from kptjax import decode
+  from kptjax.inference import decode
   from kptjax.keypoints import get_spec
   tokenizer = load_tokenizer(config)
   records = load_eval_records(config)

@@ -32,7 +32,7 @@ CLI (``config.data.eval`` is the test split; ``--checkpoint`` a training workdir
     python -m kptjax.kpt_evaluate --config configs/kptllm_mp100.py:split=1 \
         --checkpoint WORKDIR --task visual --shots 5 --out WORKDIR/eval_split1_5shot
 
-writes ``OUT/metrics.json`` with its ``provenance`` (``kptjax.provenance``); an existing
+writes ``OUT/metrics.json`` with its ``provenance`` (``kptjax.evaluation.provenance``); an existing
 one is read, not recomputed, when its provenance is this run's (else it is recomputed,
 logged).
 """
@@ -43,23 +43,16 @@ import json
 import os
 from typing import Any, Iterator, Optional, Sequence
 
-from absl import app, flags, logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 
-from kptjax import errors
-from kptjax import evaluate
-from kptjax import kpt_decode
-from kptjax import metrics
-from kptjax import parsing
-from kptjax.data import cape
-from kptjax.data import conversation
-from kptjax.data import kpt_tasks
-from kptjax.data import pipeline
-from kptjax.data import transforms
+from kptjax import errors, evaluate
+from kptjax.data import cape, conversation, kpt_tasks, pipeline, transforms
 from kptjax.errors import ConfigError
+from kptjax.evaluation import metrics
+from kptjax.inference import kpt_decode, parsing
 
 
 def _crop(config: Any, record: Any, spec: Any) -> dict[str, np.ndarray]:
@@ -343,12 +336,12 @@ def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
   modules and head fresh), else random weights."""
   from kptjax import train  # pylint: disable=g-import-not-at-top
   from kptjax.models import kptllm  # pylint: disable=g-import-not-at-top
-  if not train.is_kptllm(config):
+  if factory.variant(config) != "kptllm":
     return evaluate.load_model(config, checkpoint, step)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   if checkpoint:
-    from kptjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from kptjax.training import checkpoint as ckpt_lib
     if not os.path.exists(checkpoint):
       raise errors.CheckpointError(f"{checkpoint}: no such checkpoint directory")
     model_file = evaluate._model_config_file(checkpoint)  # pylint: disable=protected-access

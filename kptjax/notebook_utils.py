@@ -180,12 +180,12 @@ class Answer:
 def ask(config: Any, model: Any, params: Any, tokenizer: Any, person: Person,
         names: Sequence[str] | str, *, constrained: Optional[bool] = None,
         max_new_tokens: Optional[int] = None) -> list[Answer]:
-  """Asks for each keypoint in ``names`` about ``person`` (``kptjax.decode.Localizer``:
+  """Asks for each keypoint in ``names`` about ``person`` (``kptjax.inference.decode.Localizer``:
   the cached greedy decoder, prompts from the training templates). One Answer per name.
 
   ``constrained`` / ``max_new_tokens`` override ``config.decode``; with ``constrained``
   the budget is raised to what the coordinate grammar needs (15 for ``[0.ddd,0.ddd]``)."""
-  from kptjax import decode, parsing
+  from kptjax.inference import decode, parsing
   names = [names] if isinstance(names, str) else list(names)
   fmt = config.data.coord_format
   if constrained and max_new_tokens is None and fmt in parsing.ANSWER_SHAPES:
@@ -235,7 +235,8 @@ def image_attention(model: Any, params: Any, person: Person, answer: Answer,
     tokens they predict ('digits' or 'all answer tokens').
   """
   import jax.numpy as jnp
-  from kptjax import parsing
+
+  from kptjax.inference import parsing
   seq = answer.sequence
   logits, attn = model.apply({"params": params}, jnp.asarray(person.model_input[None]),
                              jnp.asarray(seq[None]), jnp.ones((1, len(seq)), bool),

@@ -89,9 +89,10 @@ def predict(config: Any, image_path: str, *, box: Optional[np.ndarray] = None,
     DataError: the image is missing or unreadable.
     ConfigError: an unknown keypoint name or a malformed box.
   """
-  from kptjax import decode, evaluate, viz
+  from kptjax import evaluate, viz
   from kptjax.data import transforms
   from kptjax.data.sources import PersonRecord
+  from kptjax.inference import decode
   from kptjax.keypoints import get_spec
 
   if not os.path.isfile(image_path):

@@ -27,11 +27,11 @@ is trained). ``model_config.json`` holds the model section actually built
 
 Before anything is loaded, compiled or written, the run checks (``_requested_model``):
 the checkpoint dirs are of a supported type, the model agrees with the tokenizer and
-the data (``kptjax.preflight.check_agreement``), and on resume the model is the one the
+the data (``kptjax.training.preflight.check_agreement``), and on resume the model is the one the
 workdir holds (``model_config.json``; fields in ``train.resume_may_change`` may differ).
 Then the workdir is checked writable (``checkpoint.Checkpointer``). A failed background
 save stops the run at the next step, naming its step; a non-finite loss names what its
-batch held (``kptjax.divergence``).
+batch held (``kptjax.training.divergence``).
 """
 
 from __future__ import annotations
@@ -55,26 +55,22 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from kptjax import checkpoint, divergence, optim, preflight, sharding, train_step
+from kptjax import convert, sharding
+from kptjax.data import captions, kpt_pipeline, pipeline, tokenizer
+from kptjax.data.sources import CaptionRecord
 from kptjax.errors import ConfigError
-from kptjax.train_step import TrainState
+from kptjax.models import factory, vlm
+from kptjax.training import (
+    checkpoint,
+    divergence,
+    kpt_step as kpt_train_step,
+    optim,
+    preflight,
+    step as train_step,
+)
+from kptjax.training.step import TrainState
 
 EvalFn = Callable[[TrainState, int], Mapping[str, float] | None]
-BATCH_KEYS = ("image", "tokens", "targets", "loss_mask", "input_mask")
-
-
-def is_kptllm(config: ml_collections.ConfigDict) -> bool:
-  """``config.model.kpt.enabled``: KptLLM (support prompts, <keypoint> regression)."""
-  kpt = config.model.get("kpt", None)
-  return bool(kpt is not None and kpt.get("enabled", False))
-
-
-def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The train-batch fields the step reads (KptLLM adds ``kpt_train_step.KPT_BATCH_KEYS``)."""
-  if is_kptllm(config):
-    from kptjax.kpt_train_step import KPT_BATCH_KEYS  # pylint: disable=g-import-not-at-top
-    return BATCH_KEYS + KPT_BATCH_KEYS
-  return BATCH_KEYS
 
 
 @dataclasses.dataclass
@@ -105,27 +101,6 @@ class Trainer:
   init_params: Callable[[jax.Array], Any]
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global train batch as sharded ShapeDtypeStructs (for AOT ``step.lower``)."""
-  b, t, side = config.train.batch_size, config.data.max_len, config.model.vit.image_size
-  shapes = dict(image=((b, side, side, 3), jnp.float32), tokens=((b, t), jnp.int32),
-                targets=((b, t), jnp.int32), loss_mask=((b, t), jnp.float32),
-                input_mask=((b, t), jnp.bool_))
-  if is_kptllm(config):
-    s, r = config.data.shots, config.data.rounds
-    shapes.update(support_image=((b, s, side, side, 3), jnp.float32),
-                  support_xy=((b, s, r, 2), jnp.float32), support_mask=((b, s, r), jnp.float32),
-                  kpt_xy=((b, r, 2), jnp.float32), kpt_mask=((b, r), jnp.float32))
-  sh = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
-
-
-def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-  from kptjax.models import kptllm, vlm  # pylint: disable=g-import-not-at-top
-  return kptllm.KptLLM(config.model) if is_kptllm(config) else vlm.VLM(config.model)
-
-
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
           model: nn.Module | None = None) -> Trainer:
   """Model, optimizer, shardings and the jitted step; allocates nothing big.
@@ -137,7 +112,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   """
   mesh = mesh or sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  model = model or make_model(config)
+  model = model or factory.make_model(config)
   tc = config.train
   dp = sharding.data_parallel_size(mesh)
   k = config.optim.grad_accum_steps
@@ -146,10 +121,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                       f"size {dp} x optim.grad_accum_steps={k} and by the "
                       f"{jax.process_count()} processes")
 
-  from kptjax.models import kptllm, vlm  # pylint: disable=g-import-not-at-top
-
   def init_boxed(rng):
-    extra = kptllm.dummy_support(config.model) if is_kptllm(config) else {}
+    extra = factory.init_kwargs(config)
     with nn.logical_axis_rules(rules):
       return model.init(rng, *vlm.dummy_inputs(config.model), **extra)["params"]
 
@@ -169,8 +142,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
       is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings)
 
-  if is_kptllm(config):
-    from kptjax import kpt_train_step  # pylint: disable=g-import-not-at-top
+  if factory.variant(config) == "kptllm":
     step_fn = kpt_train_step.make_kpt_train_step(
         model, tx, mask, lr_schedule=lr_schedule, rules=rules,
         l1_weight=config.optim.get("l1_weight", 2.0), grad_accum_steps=k, seed=config.seed,
@@ -179,7 +151,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
     step_fn = train_step.make_train_step(
         model, tx, mask, lr_schedule=lr_schedule, rules=rules, grad_accum_steps=k,
         seed=config.seed, loss_chunk=config.train.get("loss_chunk", 0), mesh=mesh)
-  batch_shardings = {key: sharding.batch_sharding(mesh) for key in batch_keys(config)}
+  batch_shardings = {key: sharding.batch_sharding(mesh) for key in factory.batch_keys(config)}
   step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, repl), donate_argnums=0)
   init_params = jax.jit(lambda rng: vlm.rescale_init(nn.unbox(init_boxed(rng)), config.model),
@@ -245,7 +217,8 @@ def _requested_model(config: ml_collections.ConfigDict, workdir: str, resuming: 
   Raises:
     ConfigError / CheckpointError naming the field or file.
   """
-  from kptjax import convert, evaluate  # pylint: disable=g-import-not-at-top
+  from kptjax import convert  # pylint: disable=g-import-not-at-top
+  from kptjax import evaluate
   if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
     config = with_model_config(config, convert.model_config(config))
   preflight.check_agreement(config, evaluate.load_tokenizer(config))
@@ -307,18 +280,14 @@ def make_dataset(config: ml_collections.ConfigDict):
 
   Person records -> localization conversations (``kptjax.data.pipeline``), or KptLLM's
   task conversations with supports (``kptjax.data.kpt_pipeline``, ``model.kpt.enabled``);
-  caption records (``data.train.source='llava'``, stage 1) -> ``kptjax.captions``.
+  caption records (``data.train.source='llava'``, stage 1) -> ``kptjax.data.captions``.
   """
-  from kptjax import captions  # pylint: disable=g-import-not-at-top
-  from kptjax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
-  from kptjax.data.sources import CaptionRecord  # pylint: disable=g-import-not-at-top
   tok = tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir)
   records = pipeline.load_records(config, "train")
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if records and isinstance(records[0], CaptionRecord):
     return captions.make_caption_dataset(config, tok, records, **where)
-  if is_kptllm(config):
-    from kptjax.data import kpt_pipeline  # pylint: disable=g-import-not-at-top
+  if factory.variant(config) == "kptllm":
     return kpt_pipeline.make_kpt_train_dataset(config, tok, records=records, **where)
   return pipeline.make_train_dataset(config, tok, records=records, **where)
 
@@ -339,9 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
       tests); it must come from the same config.
   """
   # -------------------------------------- checks: before anything is read or written
-  from clu import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
-  from kptjax import convert  # pylint: disable=g-import-not-at-top
-  from kptjax.data.pipeline import SKIPPED_IMAGES  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import parameter_overview, periodic_actions
   is_main = jax.process_index() == 0
   workdir = workdir if "://" in workdir else os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
@@ -410,7 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
 
   # -------------------------------------------------------------------------- loop
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  keys = batch_keys(config)
+  keys = factory.batch_keys(config)
   history: list[tuple[int, dict[str, jax.Array], dict[str, Any]]] = []  # step, metrics, facts
   t_last, steps_timed = None, 0
   skipped_images = 0   # training elements whose image could not be read (this process)
@@ -419,7 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   try:
     for step in range(first_step + 1, tc.num_steps + 1):
       host_batch = next(data_iter)
-      skipped_images += int(np.sum(host_batch.get(SKIPPED_IMAGES, 0)))
+      skipped_images += int(np.sum(host_batch.get(pipeline.SKIPPED_IMAGES, 0)))
       inputs = _take(host_batch, keys)
       facts = divergence.inspect_batch(inputs, config.model.llm.vocab_size)
       batch = sharding.shard_batch(inputs, trainer.mesh)
@@ -443,7 +411,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
         history = jax.device_get(history)
         divergence.check_finite(history, config.model.llm.vocab_size)
         scalars = {k: float(v) for k, v in history[-1][1].items()}
-        scalars[SKIPPED_IMAGES] = skipped_images
+        scalars[pipeline.SKIPPED_IMAGES] = skipped_images
         now = time.perf_counter()
         if steps_timed:
           tokens = sum(float(m["input_tokens"]) for _, m, _ in history[-steps_timed:])
@@ -474,7 +442,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   return state
 
 
-def _take(batch: Mapping[str, Any], keys: tuple[str, ...] = BATCH_KEYS
+def _take(batch: Mapping[str, Any], keys: tuple[str, ...]
           ) -> dict[str, np.ndarray]:
   return {k: batch[k] for k in keys}
 

@@ -34,6 +34,7 @@ def model_params():
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import decode, metrics
-from kptjax.data import cape
-from kptjax.data import tokenizer as tok_lib
+from kptjax.data import cape, tokenizer as tok_lib
 from kptjax.data.sources import read_dataset, read_mp100
 from kptjax.errors import DataError
+from kptjax.evaluation import metrics
+from kptjax.inference import decode
 
 
 def _mp100_file(path, num_categories=10, per_category=6):

@@ -28,9 +28,10 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from kptjax import checkpoint, convert, sharding, train
+from kptjax import convert, sharding, train
 from kptjax.errors import CheckpointError
-from kptjax.train_step import TrainState
+from kptjax.training import checkpoint
+from kptjax.training.step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4
@@ -184,12 +185,13 @@ def test_kill_and_resume_in_a_new_process_is_exact(stage1, tmp_path):
 def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
   """'--workdir runs/x' is the usual CLI input; Orbax's OCDBT needs absolute paths."""
   import jax.numpy as jnp
-  from kptjax import checkpoint as ckpt_lib
+
+  from kptjax.training import checkpoint as ckpt_lib
   monkeypatch.chdir(tmp_path)
   params = {"w": jnp.arange(4.0)}
   ck = ckpt_lib.Checkpointer("runs/x/checkpoints", every=1, keep=1)
   assert ck.directory.is_absolute()
-  from kptjax.train_step import TrainState
+  from kptjax.training.step import TrainState
   state = TrainState(step=jnp.ones((), jnp.int32), params=params, opt_state={"mu": params})
   ck.save(1, state, None, force=True)
   ck.wait()

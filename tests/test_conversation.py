@@ -4,8 +4,7 @@ and end-of-turn only, prefix/query consistency, other templates and coordinate f
 import numpy as np
 import pytest
 
-from kptjax.data import conversation as conv
-from kptjax.data import transforms
+from kptjax.data import conversation as conv, transforms
 from kptjax.data.sources import read_coco_keypoints
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError

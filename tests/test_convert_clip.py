@@ -9,9 +9,9 @@ kptjax's patch tokens at ``feature_layer=-2``. Tolerance 1e-4 in float32.
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
 from kptjax import convert
 from kptjax.convert.clip import load_clip_vision

@@ -3,7 +3,6 @@ missing / mis-shaped tensors, bf16 stays bf16, config.json layouts, adapter file
 
 import json
 
-from absl import flags
 import flax.linen as nn
 import jax
 import ml_dtypes
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from absl import flags
+from test_llama import VOCAB, make_hf_llama, torch_logits
 
 from configs import tiny
 from kptjax import convert
@@ -20,7 +21,6 @@ from kptjax.errors import CheckpointError, ConfigError
 from kptjax.models import vlm
 from kptjax.models.llama import Llama, LlamaConfig
 from kptjax.models.lora import LoraSpec, merge_lora
-from test_llama import VOCAB, make_hf_llama, torch_logits
 
 GQA = dict(num_key_value_heads=2, rope_theta=500000.0,
            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,

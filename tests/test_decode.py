@@ -17,8 +17,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from kptjax import convert, decode, errors, generate, parsing, sharding
+from kptjax import convert, errors, sharding
 from kptjax.data import tokenizer as tok_lib
+from kptjax.inference import decode, generate, parsing
 from kptjax.keypoints import get_spec
 from kptjax.models import llama, vlm
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import evaluate, metrics
+from kptjax import evaluate
 from kptjax.data import tokenizer as tok_lib
 from kptjax.data.sources import read_dataset
+from kptjax.evaluation import metrics
 
 
 def _config(**decode):
@@ -135,8 +136,8 @@ def test_compute_metrics_perfect_mpii_with_head_boxes(shared_data):
 def test_load_model_restores_a_training_checkpoint(model_params, tmp_path):
   """A workdir as kptjax.train leaves it (checkpoints/ + model_config.json) gives back the
   saved params, and its model section wins over the config's."""
-  from kptjax.checkpoint import Checkpointer
-  from kptjax.train_step import TrainState
+  from kptjax.training.checkpoint import Checkpointer
+  from kptjax.training.step import TrainState
   _, params = model_params
   params = jax.tree.map(np.asarray, params)
   ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=1, async_save=False)
@@ -244,7 +245,7 @@ def _centre_dataset(root, corrupt=()):
 
 def _answer_everywhere(monkeypatch, ok):
   """Every answer of the decoder parses to the crop centre (ok) or does not parse."""
-  from kptjax import parsing
+  from kptjax.inference import parsing
 
   def scorer(tokens, probs, token_strs, eos_id, count):
     if ok:
@@ -369,8 +370,8 @@ def test_eval_sweep_labels_checkpoints_apart_with_their_steps(shared_data, model
                                                               tokenizer, tmp_path):
   """Two runs whose checkpoint folders are both called 'checkpoints' give two rows and
   two cells; the step column is the step each was evaluated at."""
-  from kptjax.checkpoint import Checkpointer
-  from kptjax.train_step import TrainState
+  from kptjax.training.checkpoint import Checkpointer
+  from kptjax.training.step import TrainState
   spec = importlib.util.spec_from_file_location(
       "eval_sweep", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "eval_sweep.py")
   sweep = importlib.util.module_from_spec(spec)

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from kptjax.errors import DataError
-from kptjax.keypoints import (KeypointSpec, get_spec, list_specs, load_spec_file, make_spec,
-                              register_spec)
+from kptjax.keypoints import (
+    KeypointSpec,
+    get_spec,
+    list_specs,
+    load_spec_file,
+    make_spec,
+    register_spec,
+)
 
 BUILTIN = {"coco17": 17, "coco17+neck_pelvis": 19, "humanart21": 21, "mpii16": 16,
            "h36m17": 17, "ap10k17": 17, "crowdpose14": 14, "aic14": 14}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import kpt_decode
+from kptjax.inference import kpt_decode
 from kptjax.models import kptllm
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

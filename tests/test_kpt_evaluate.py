@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import kpt_decode, kpt_evaluate
+from kptjax import kpt_evaluate
 from kptjax.data import cape, pipeline
 from kptjax.data.tokenizer import load_tokenizer
+from kptjax.inference import kpt_decode
 from kptjax.models import kptllm
 
 

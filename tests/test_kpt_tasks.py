@@ -5,8 +5,7 @@ task mixing."""
 import numpy as np
 import pytest
 
-from kptjax.data import conversation as conv
-from kptjax.data import kpt_tasks
+from kptjax.data import conversation as conv, kpt_tasks
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError
 from kptjax.keypoints import get_spec

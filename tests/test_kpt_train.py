@@ -8,6 +8,7 @@ import pytest
 
 from configs import tiny
 from kptjax import sharding, train
+from kptjax.models import factory
 
 
 def _config(root):
@@ -29,9 +30,9 @@ def test_build_dispatches_and_step_lowers_on_the_pipeline_batch(tmp_path):
   trainer = train.build(config, mesh)
   assert type(trainer.model).__name__ == "KptLLM"
   assert "keypoint_head" in trainer.abstract_params
-  abstract = train.abstract_batch(config, mesh)
+  abstract = factory.abstract_batch(config, mesh)
   batch = next(iter(train.make_dataset(config)))
-  assert set(train.batch_keys(config)) <= set(batch)
+  assert set(factory.batch_keys(config)) <= set(batch)
   for key, spec in abstract.items():
     assert batch[key].shape == spec.shape and batch[key].dtype == spec.dtype, key
   with jax.set_mesh(mesh):

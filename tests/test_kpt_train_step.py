@@ -10,14 +10,14 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from kptjax import optim
 from kptjax.data import kpt_tasks
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.keypoints import get_spec
-from kptjax.kpt_train_step import l1_stats, make_kpt_train_step
 from kptjax.models import kptllm
 from kptjax.models.vlm import dummy_inputs
-from kptjax.train_step import init_state
+from kptjax.training import optim
+from kptjax.training.kpt_step import l1_stats, make_kpt_train_step
+from kptjax.training.step import init_state
 
 PAIRS = 4
 

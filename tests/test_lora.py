@@ -11,8 +11,7 @@ from configs import tiny
 from kptjax.errors import ConfigError
 from kptjax.models import vlm
 from kptjax.models.llama import Llama, LlamaConfig
-from kptjax.models.lora import (LoraDense, LoraSpec, count_params, merge_lora,
-                                trainable_mask)
+from kptjax.models.lora import LoraDense, LoraSpec, count_params, merge_lora, trainable_mask
 
 LLM = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)

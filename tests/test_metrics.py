@@ -9,7 +9,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from kptjax import errors, metrics
+from kptjax import errors
+from kptjax.evaluation import metrics
+
+# Published OKS sigmas, copied from their definitions:
+
 
 # Published OKS sigmas, copied from their definitions:
 # COCO: pycocotools/cocoeval.py Params.setKpParams (also Human-Art's 17 and OCHuman).

@@ -13,8 +13,10 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from kptjax import optim, sharding, train
+from kptjax import sharding, train
 from kptjax.data import pipeline, tokenizer
+from kptjax.models import factory
+from kptjax.training import optim
 
 
 def _config(**optim_overrides):
@@ -28,7 +30,7 @@ def _config(**optim_overrides):
 def _batches(config, n):
   """The first n batches of the real training pipeline (tiny tokenizer, synthetic data)."""
   it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
-  return [{k: next(it)[k] for k in train.BATCH_KEYS} for _ in range(n)]
+  return [{k: next(it)[k] for k in factory.BATCH_KEYS} for _ in range(n)]
 
 
 def _host(tree):

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from kptjax import errors, parsing
+from kptjax import errors
+from kptjax.inference import parsing
+
+# A toy vocabulary: special tokens, single characters, a few merged pieces, junk.
+
 
 # A toy vocabulary: special tokens, single characters, a few merged pieces, junk.
 TOY = [None, None, "[", " [", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ".", ",",

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import captions
-from kptjax.data import pipeline
+from kptjax.data import captions, pipeline
 from kptjax.data.sources import read_llava_captions
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError, ImageError

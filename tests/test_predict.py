@@ -85,7 +85,7 @@ def test_unanswered_keypoints_are_listed_not_drawn(shared_data, config, model_pa
   """Only the first query parses: the others are listed as missing (JSON and stdout's
   JSON), have no coordinates, and nothing is drawn at the crop centre (where they were
   once placed, all on one dot)."""
-  from kptjax import parsing
+  from kptjax.inference import parsing
   calls = []
 
   def scorer(tokens, probs, token_strs, eos_id, count):

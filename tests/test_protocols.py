@@ -22,8 +22,9 @@ from pycocotools.cocoeval import COCOeval
 from xtcocotools.coco import COCO as XtCOCO
 from xtcocotools.cocoeval import COCOeval as XtCOCOeval
 
-from kptjax import errors, evaluate, metrics
+from kptjax import errors, evaluate
 from kptjax.data.sources import read_dataset
+from kptjax.evaluation import metrics
 from kptjax.keypoints import get_spec
 
 # name: (folder, annotation file, detection file in the sample or None, spec, reference)

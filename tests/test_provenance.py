@@ -3,7 +3,7 @@
 import json
 import os
 
-from kptjax import provenance
+from kptjax.evaluation import provenance
 
 
 def _record(tmp_path, **overrides):

@@ -25,10 +25,11 @@ import torch
 import transformers
 
 from configs import tiny
-from kptjax import convert, preflight, train
+from kptjax import convert, train
 from kptjax.convert import hf_io
 from kptjax.data import tokenizer
 from kptjax.errors import CheckpointError, ConfigError
+from kptjax.training import preflight
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=128)

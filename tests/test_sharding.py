@@ -15,6 +15,7 @@ from configs import tiny
 from kptjax import sharding, train
 from kptjax.data import pipeline, tokenizer
 from kptjax.errors import ConfigError
+from kptjax.models import factory
 
 NUM_STEPS = 2
 
@@ -41,7 +42,7 @@ def runs():
   assert jax.device_count() == 8, "tests/conftest.py must set 8 host devices"
   config = tiny.get_config()
   it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
-  batches = [{k: next(it)[k] for k in train.BATCH_KEYS} for _ in range(NUM_STEPS)]
+  batches = [{k: next(it)[k] for k in factory.BATCH_KEYS} for _ in range(NUM_STEPS)]
   one = _mesh((1, 1, 1))
   trainer1 = train.build(config, one)
   params0 = jax.device_get(trainer1.init_params(jax.random.key(0)))

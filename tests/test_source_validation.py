@@ -18,8 +18,13 @@ import numpy as np
 import pytest
 import scipy.io
 
-from kptjax.data.sources import (read_dataset, read_h36m, read_llava_captions, read_mp100,
-                                 read_mpii_json)
+from kptjax.data.sources import (
+    read_dataset,
+    read_h36m,
+    read_llava_captions,
+    read_mp100,
+    read_mpii_json,
+)
 from kptjax.data.sources.ap10k import read_ap10k_families
 from kptjax.errors import DataError
 

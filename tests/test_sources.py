@@ -6,12 +6,18 @@ import os
 import shutil
 
 import numpy as np
-from PIL import Image
 import pytest
 import scipy.io
+from PIL import Image
 
-from kptjax.data.sources import (read_coco_keypoints, read_dataset, read_h36m,
-                                 read_llava_captions, read_mp100, read_mpii_json)
+from kptjax.data.sources import (
+    read_coco_keypoints,
+    read_dataset,
+    read_h36m,
+    read_llava_captions,
+    read_mp100,
+    read_mpii_json,
+)
 from kptjax.data.sources.h36m import project
 from kptjax.errors import ConfigError, DataError
 from kptjax.keypoints import get_spec

@@ -8,8 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from kptjax.data import synthetic
-from kptjax.data import transforms
+from kptjax.data import synthetic, transforms
 from kptjax.data.sources import read_coco_keypoints
 from kptjax.errors import ConfigError
 

@@ -4,8 +4,7 @@ their coloured markers, deterministic per image, cached."""
 
 import numpy as np
 
-from kptjax.data import cape
-from kptjax.data import synthetic_objects as so
+from kptjax.data import cape, synthetic_objects as so
 from kptjax.data.sources import read_mp100
 from kptjax.keypoints import get_spec
 

@@ -3,9 +3,7 @@ short template rounds, rebuilt byte-identically by its script; HF dirs load too.
 
 import pytest
 
-from kptjax.data import build_tiny_tokenizer
-from kptjax.data import conversation
-from kptjax.data import tokenizer as tokenizer_lib
+from kptjax.data import build_tiny_tokenizer, conversation, tokenizer as tokenizer_lib
 from kptjax.keypoints import get_spec, list_specs
 
 

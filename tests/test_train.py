@@ -35,9 +35,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import checkpoint, sharding, train
+from kptjax import sharding, train
 from kptjax.data import pipeline, tokenizer
 from kptjax.errors import CheckpointError, ConfigError
+from kptjax.models import factory
+from kptjax.training import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def _config():
 def _fixed_batches(config, n):
   """n batches of the real pipeline, repeated forever, as a checkpointable grain dataset."""
   it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
-  batches = [{k: next(it)[k] for k in train.BATCH_KEYS} for _ in range(n)]
+  batches = [{k: next(it)[k] for k in factory.BATCH_KEYS} for _ in range(n)]
   return grain.MapDataset.source(batches).repeat().to_iter_dataset(), batches
 
 
@@ -282,7 +284,7 @@ def test_stage1_caption_batches(tmp_path, trainer, shared_data):
   # The stage-1 batch goes through the same compiled step.
   state = train.init_state(trainer, config)
   state, metrics = trainer.step(state, sharding.shard_batch(
-      {k: batch[k] for k in train.BATCH_KEYS}, trainer.mesh))
+      {k: batch[k] for k in factory.BATCH_KEYS}, trainer.mesh))
   assert np.isfinite(float(metrics["loss"]))
   assert float(metrics["answer_tokens"]) == batch["loss_mask"].sum()
 

@@ -16,10 +16,11 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from kptjax import sharding, train, train_step
+from kptjax import sharding, train
 from kptjax.data import pipeline, tokenizer
-from kptjax.models import layers, vlm
+from kptjax.models import factory, layers, vlm
 from kptjax.models.llama import causal_mask
+from kptjax.training import step as train_step
 
 
 def _mesh(shape):
@@ -30,7 +31,7 @@ def _mesh(shape):
 
 def _batches(config, n):
   it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
-  return [{k: next(it)[k] for k in train.BATCH_KEYS} for _ in range(n)]
+  return [{k: next(it)[k] for k in factory.BATCH_KEYS} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_residual_stream_is_constrained_to_the_batch_axes():
   config = _fsdp_config(8)
   trainer = train.build(config, _mesh((1, 8, 1)))
   text = trainer.step.lower(train.abstract_state(trainer),
-                            train.abstract_batch(config, trainer.mesh)).as_text()
+                            factory.abstract_batch(config, trainer.mesh)).as_text()
   d, f = config.model.llm.hidden_size, config.model.llm.intermediate_size
   b = config.train.batch_size
   batch_split = '[{"data", "fsdp"}, {}, {}]'
@@ -155,6 +156,6 @@ def test_step_temporaries_per_device_fall_with_the_mesh():
       config.data.max_len = 128
     trainer = train.build(config, _mesh((1, n, 1)))
     compiled = trainer.step.lower(train.abstract_state(trainer),
-                                  train.abstract_batch(config, trainer.mesh)).compile()
+                                  factory.abstract_batch(config, trainer.mesh)).compile()
     temp[n] = compiled.memory_analysis().temp_size_in_bytes
   assert temp[8] < 0.5 * temp[2], temp

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
 from configs import common
 from kptjax.convert.dinov2 import load_dinov2, vit_config_from_hf

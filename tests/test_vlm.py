@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_llama import make_hf_llama, randomize_
 
 from configs import tiny
 from kptjax import convert
 from kptjax.models import vlm
-from test_llama import make_hf_llama, randomize_
 
 TOL = 1e-4
 IMAGE_ID = 5
@@ -145,6 +145,7 @@ def test_attention_output_and_cached_path_match_forward(composites):
 
 def test_fan_in_init_rescales_tower_kernels_and_embeddings():
   import ml_collections
+
   from configs import tiny
   cfg = tiny.get_config("lora")
   model_config = ml_collections.ConfigDict(cfg.model.to_dict())

@@ -333,7 +333,7 @@ class Llama(nn.Module):
 
     The layers run unrolled, each on its own cache buffers (updated in place inside a
     decode loop); under ``scan_layers`` block i reads its slice of the stacked params
-    (``kptjax.decode`` unstacks them once, outside its loop).
+    (``kptjax.inference.decode`` unstacks them once, outside its loop).
     """
     c = self.config
     t = x.shape[1]

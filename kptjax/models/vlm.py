@@ -10,7 +10,7 @@ Param tree: {'vit': ..., 'projector': ..., 'llm': ...}. Entry points:
                    ``prefill`` = extend with the images embedded (on an empty cache);
                    ``decode_step`` = extend with T=1.
   ``extend_hidden`` + ``read``  the same without vocabulary logits, which ``read`` computes
-                   only where a decoder reads (``kptjax.decode``).
+                   only where a decoder reads (``kptjax.inference.decode``).
 
     >>> model = VLM(config.model)
     >>> logits = model.apply({'params': params}, images, tokens, input_mask)
@@ -27,10 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 from kptjax.errors import ConfigError
 from kptjax.models import llama as llama_lib

@@ -1,7 +1,7 @@
 """Greedy decoding of keypoint answers: prompts, the decoders and the localizer.
 
 The fast path (``Decoder.shared``), per batch of P persons and Q keypoint queries, one
-jitted program of the engine (``kptjax.generate``):
+jitted program of the engine (``kptjax.inference.generate``):
 
   1. each crop is encoded once: ``embed_image`` -> f32[P, N, D];
   2. the shared prefix (``<s>`` + image header with N image slots) is prefilled once
@@ -26,7 +26,7 @@ Greedy picks ``argmax(logits)``; with a ``CoordinateGrammar`` (constrained decod
 the argmax runs over the tokens the grammar allows in each row's state, so every
 answer parses. Along with each token the loop records its probability under the
 unconstrained softmax (= the max probability for plain greedy), which
-``kptjax.parsing.score_answer`` turns into the LocLLM confidence.
+``kptjax.inference.parsing.score_answer`` turns into the LocLLM confidence.
 The image placeholder id is never generated (its embedding is only filled in prompts).
 
 Shapes: P persons, Q queries, B = rows, T tokens, M = max_new_tokens, V vocabulary,
@@ -43,8 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kptjax import errors, parsing, sharding
-from kptjax.generate import bucket, pad_rows, program, suppress_bias
+from kptjax import errors, sharding
+from kptjax.inference import parsing
+from kptjax.inference.generate import bucket, pad_rows, program, suppress_bias
 from kptjax.models import vlm
 
 Array = jax.Array

@@ -1,5 +1,5 @@
 """KptLLM inference: greedy decoding that reads (x, y) from the ``<keypoint>`` token, on
-the one decode engine (``kptjax.generate``; ``VLM.read`` adds the head's xy).
+the one decode engine (``kptjax.inference.generate``; ``VLM.read`` adds the head's xy).
 
     prefill (query image tokens, prompt tokens, the round's question) -> greedy tokens
     (e.g. the keypoint's description for the visual task) -> at the first ``<keypoint>``
@@ -12,7 +12,7 @@ one prefill and one step (the textual task's answer is that token alone). A plai
 ``VLM`` (no head: text answers, e.g. CapeLLM) decodes the same way and reports xy = 0.
 
 Rows that ask about the same crop can share its prefix (``prefix_len``): the image
-header is prefilled once per crop and stored once, as in ``kptjax.decode.Decoder.shared``.
+header is prefilled once per crop and stored once, as in ``kptjax.inference.decode.Decoder.shared``.
 
     >>> xy, tokens = generate_keypoints(model, params, images, prompt, prompt_mask,
     ...                                 prompt_embeds=p, max_new_tokens=32, eos_id=2)
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kptjax.errors import ConfigError
-from kptjax.generate import bucket, pad_rows, program
+from kptjax.inference.generate import bucket, pad_rows, program
 
 Array = jax.Array
 

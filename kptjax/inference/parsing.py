@@ -367,7 +367,7 @@ def localize(tokens: np.ndarray, probs: np.ndarray,
   """Parses decoder outputs and maps the answered ones back to the original images.
 
   Args:
-    tokens: int32[P, Q, M]; probs: f32[P, Q, M] (``kptjax.decode.Decoder``).
+    tokens: int32[P, Q, M]; probs: f32[P, Q, M] (``kptjax.inference.decode.Decoder``).
     scorer: (tokens[M], probs[M]) -> ParsedAnswer, e.g. ``score_answer`` with its
       token strings, EOS id and value count bound.
     count: values per answer (2 or 3).

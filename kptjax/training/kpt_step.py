@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kptjax import optim
 from kptjax.sharding import Rules
-from kptjax.train_step import Batch, TrainState, _micro_batches, lm_stats, model_context
+from kptjax.training import optim
+from kptjax.training.step import Batch, TrainState, _micro_batches, lm_stats, model_context
 
 KPT_BATCH_KEYS = ("support_image", "support_xy", "support_mask", "kpt_xy", "kpt_mask")
 

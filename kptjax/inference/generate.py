@@ -1,8 +1,8 @@
 """The decode engine: one jitted program per (model, options, batch shape) that encodes
 the crops, prefills the prompts (optionally a prefix shared per person) and runs a
 greedy ``lax.while_loop`` of one-token steps. Every task plugs in here: LocLLM-style
-text answers and constrained coordinates (``kptjax.decode``), KptLLM's ``<keypoint>``
-regression and CapeLLM / semantic text answers (``kptjax.kpt_decode``).
+text answers and constrained coordinates (``kptjax.inference.decode``), KptLLM's ``<keypoint>``
+regression and CapeLLM / semantic text answers (``kptjax.inference.kpt_decode``).
 
     >>> run = program(model, max_new_tokens=13, eos_id=2)
     >>> tokens, probs, lengths, aux = run(params, images, rows, lengths, prefix, None, None)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kptjax import optim
 from kptjax.models import layers
 from kptjax.sharding import Rules
+from kptjax.training import optim
 
 Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]

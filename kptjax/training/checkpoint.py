@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from kptjax.errors import CheckpointError
 from kptjax.models.lora import LORA_LEAVES
-from kptjax.train_step import TrainState
+from kptjax.training.step import TrainState
 
 Params = dict[str, Any]
 
@@ -312,7 +312,8 @@ def export_adapter(params: Params, mask: Params, path: str | os.PathLike) -> Non
 
   All processes take part in gathering; only process 0 writes.
   """
-  from kptjax import convert, optim  # pylint: disable=g-import-not-at-top
+  from kptjax import convert  # pylint: disable=g-import-not-at-top
+  from kptjax.training import optim  # pylint: disable=g-import-not-at-top
   trainable, _ = optim.split(params, mask)
   host = multihost_utils.process_allgather(trainable, tiled=True)
   if jax.process_index() == 0:

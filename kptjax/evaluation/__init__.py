@@ -1,0 +1,1 @@
+"""Evaluation: metrics (OKS AP, PCK/PCKh, MPJPE) and provenance of results."""

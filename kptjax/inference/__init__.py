@@ -1,0 +1,1 @@
+"""Inference: the decode engine, the keypoint decoders on top of it, answer parsing."""

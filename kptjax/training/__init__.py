@@ -1,0 +1,1 @@
+"""Training: the step (loss, accumulation, update), optimizer, checkpoints, run checks."""
