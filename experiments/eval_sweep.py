@@ -40,6 +40,8 @@ import re
 import sys
 from typing import Any, Optional, Sequence
 
+from kptjax import storage
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COLUMNS = ("checkpoint", "step", "dataset", "decode", "persons", "parse_failures",
@@ -147,9 +149,7 @@ def write_tables(rows: Sequence[dict], out_dir: str) -> tuple[str, str]:
   writer.writerows(rows)
   paths = (os.path.join(out_dir, "sweep.csv"), os.path.join(out_dir, "sweep.md"))
   for path, text in zip(paths, (buf.getvalue(), markdown_table(rows, columns))):
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, text)
   return paths
 
 

@@ -18,18 +18,16 @@ evaluations.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from typing import Any, Optional, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
+from absl import app, flags, logging
 
-from kptjax import evaluate
-from kptjax.data import pipeline
-from kptjax.data import transforms
+from kptjax import evaluate, storage
+from kptjax.data import pipeline, transforms
 
 SUMMARY_KEYS = ("PCK@0.05", "PCK@0.1", "PCK@0.2", "AP", "parse_failure_rate")
 
@@ -87,7 +85,7 @@ def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
                                     coco_gt=source if source.endswith(".json") else None,
                                     sigmas=spec.sigmas)
   result["mean_crop_position"] = mean_crop.round(2).tolist()
-  evaluate.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
+  storage.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
   return result
 
 
@@ -98,6 +96,7 @@ def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
 def _panel(image: np.ndarray, keypoints: np.ndarray, spec: Any, title: str,
            scale: int, missing: Optional[np.ndarray] = None) -> np.ndarray:
   from PIL import Image, ImageDraw
+
   from kptjax import viz
   big = np.asarray(Image.fromarray(image).resize(
       (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST))
@@ -148,16 +147,17 @@ def write_new_person(config: Any, workdir: str, index: int = 0) -> dict[str, Any
   """A synthetic image no split contains (split 'new') for ``kptjax.predict``:
   ``workdir/new_person.jpg`` and ``new_person.json`` (box, ground-truth keypoints)."""
   from PIL import Image
+
   from kptjax.data import synthetic
   knobs = synthetic.get_knobs(config.data.eval.preset, config.data.eval.knobs)
   image, people = synthetic.render_image(int(config.data.eval.seed), "new", index, knobs)
   path = os.path.join(workdir, "new_person.jpg")
-  tmp = path + ".tmp.jpg"
-  Image.fromarray(image).save(tmp, quality=95)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+  storage.write_atomic(path, buffer.getvalue())
   info = {"image": path, "box": [round(float(v), 1) for v in people[0]["box"]],
           "keypoints": people[0]["keypoints"].round(2).tolist()}
-  evaluate.write_json_atomic(os.path.join(workdir, "new_person.json"), info)
+  storage.write_json_atomic(os.path.join(workdir, "new_person.json"), info)
   return info
 
 
@@ -213,7 +213,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       "model_details": os.path.join("eval", evaluate.METRICS),
       "baseline_details": os.path.join("baseline", evaluate.METRICS),
   }
-  evaluate.write_json_atomic(os.path.join(workdir, "metrics.json"), result)
+  storage.write_json_atomic(os.path.join(workdir, "metrics.json"), result)
   print(f"\nkptjax demo: {result['num_eval_persons']} held-out synthetic people, "
         f"{result['train_steps']} steps, {result['wall_s']['total'] / 60:.1f} min "
         f"(data {t_data:.0f} s, train {t_train:.0f} s, eval {t_eval:.0f} s)\n")

@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kptjax import errors
+from kptjax import errors, storage
 from kptjax.evaluation import metrics, provenance
 from kptjax.inference import parsing
 
@@ -68,17 +68,6 @@ _TRAIN_ONLY_DATA = ("train", "eval", "augment", "curriculum", "curriculum_augmen
 
 # ---------------------------------------------------------------------------
 # Files.
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to ``path + '.tmp'`` then renames it over ``path``."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def is_done(out_dir: str) -> bool:
@@ -681,12 +670,12 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   })
   root = getattr(spec, "root_index", None) or 0
   predictions_path = os.path.join(out_dir, PREDICTIONS)
-  write_json_atomic(predictions_path, predictions_file(
+  storage.write_json_atomic(predictions_path, predictions_file(
       records, entries, is_3d, category_ids(coco_gt, records), root))
-  write_json_atomic(os.path.join(out_dir, PREDICTIONS_PROVENANCE),
+  storage.write_json_atomic(os.path.join(out_dir, PREDICTIONS_PROVENANCE),
                     {"provenance": record, "predictions": PREDICTIONS,
                      "sha256": _sha256_file(predictions_path)})
-  write_json_atomic(os.path.join(out_dir, METRICS), result)
+  storage.write_json_atomic(os.path.join(out_dir, METRICS), result)
   os.remove(partial_path)
   return result
 

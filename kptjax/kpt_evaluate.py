@@ -48,11 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from kptjax import errors, evaluate
+from kptjax import errors, evaluate, storage
 from kptjax.data import cape, conversation, kpt_tasks, pipeline, transforms
 from kptjax.errors import ConfigError
 from kptjax.evaluation import metrics
 from kptjax.inference import kpt_decode, parsing
+from kptjax.models import factory
 
 
 def _crop(config: Any, record: Any, spec: Any) -> dict[str, np.ndarray]:
@@ -392,7 +393,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", task: str = "visual"
                            seed=seed, rows_per_batch=rows_per_batch, coco_gt=ap_gt)
   result.update(task=task, shots=shots, seed=seed, checkpoint=checkpoint,
                 checkpoint_step=step, dataset=dict(config.data.eval), provenance=record)
-  evaluate.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
+  storage.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
   return result
 
 

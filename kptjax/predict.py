@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kptjax import errors
+from kptjax import errors, storage
 
 
 def parse_box(text: str) -> np.ndarray:
@@ -145,7 +145,7 @@ def predict(config: Any, image_path: str, *, box: Optional[np.ndarray] = None,
     png = os.path.join(out_dir, f"{stem}_keypoints.png")
     viz.save_png(png, overlay)
     result["overlay"] = os.path.abspath(png)
-    evaluate.write_json_atomic(os.path.join(out_dir, f"{stem}_keypoints.json"), result)
+    storage.write_json_atomic(os.path.join(out_dir, f"{stem}_keypoints.json"), result)
   return result
 
 

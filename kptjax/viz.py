@@ -5,11 +5,14 @@ Images are uint8[H, W, 3] RGB numpy arrays in and out; ``save_png`` writes them.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from kptjax import storage
 
 # Left (blue), right (orange), center (green) — the LocLLM/mmpose convention.
 _LEFT, _RIGHT, _CENTER = (51, 153, 255), (255, 128, 0), (0, 200, 0)
@@ -106,8 +109,6 @@ def denormalize(image: np.ndarray, kind: str = "clip") -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
   """Writes uint8[H, W, 3] as PNG (through a temporary file, then renamed)."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+  storage.write_atomic(path, buffer.getvalue())

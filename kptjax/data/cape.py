@@ -23,15 +23,15 @@ test on another. ``family_category_ids`` maps family names (the categories'
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from kptjax.data.sources.ap10k import family_category_ids, read_ap10k_families  # noqa: F401
+from kptjax import storage
 from kptjax.data.sources._util import category_table, load_json
+from kptjax.data.sources.ap10k import family_category_ids, read_ap10k_families  # noqa: F401
 from kptjax.errors import ConfigError
 
 SPLIT_PARTS = ("train", "val", "test")
@@ -111,9 +111,7 @@ def write_split_files(ann_file: PathLike, out_dir: PathLike, *, num_splits: int 
   for k, split in enumerate(splits, start=1):
     for part in SPLIT_PARTS:
       target = out / split_file_name(k, part)
-      tmp = target.with_suffix(".tmp")
-      tmp.write_text(json.dumps(subset_by_categories(data, split[part])))
-      os.replace(tmp, target)
+      storage.write_json_atomic(target, subset_by_categories(data, split[part]), indent=None)
   return splits
 
 

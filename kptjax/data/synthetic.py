@@ -37,10 +37,11 @@ import pathlib
 import zlib
 from typing import Any, Mapping, Optional, Union
 
-from absl import logging
 import numpy as np
+from absl import logging
 from PIL import Image, ImageDraw
 
+from kptjax import storage
 from kptjax.errors import ConfigError
 
 VERSION = 1          # bump when the drawing changes: invalidates cached datasets
@@ -388,13 +389,6 @@ def _manifest(preset: str, knobs: Knobs, num_images: int, seed: int, split: str)
               num_images=int(num_images), seed=int(seed), split=split)
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Concurrent generators (several hosts or test runs) never expose a half-written file."""
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
-
-
 def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_images: int,
              seed: int = 0, split: str = "train",
              overrides: Union[str, Mapping[str, Any], None] = None,
@@ -439,7 +433,7 @@ def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_imag
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=knobs.jpeg_quality,
                                 subsampling=0)
-    _write_atomic(img_dir / file_name, buffer.getvalue())
+    storage.write_atomic(img_dir / file_name, buffer.getvalue())
     images.append(dict(id=image_id, file_name=file_name, width=knobs.image_size,
                        height=knobs.image_size))
     for p in people:
@@ -455,8 +449,8 @@ def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_imag
   data = dict(info=dict(description=f"kptjax synthetic people, preset {preset}",
                         version=VERSION, seed=seed, split=split),
               licenses=[], images=images, annotations=annotations, categories=[_category()])
-  _write_atomic(ann_file, json.dumps(data, separators=(",", ":")).encode())
-  _write_atomic(manifest_file, json.dumps(manifest, indent=1, sort_keys=True).encode())
+  storage.write_atomic(ann_file, json.dumps(data, separators=(",", ":")).encode())
+  storage.write_atomic(manifest_file, json.dumps(manifest, indent=1, sort_keys=True).encode())
   logging.info("synthetic: wrote %d images, %d people to %s", len(images), len(annotations),
                out)
   return str(ann_file)

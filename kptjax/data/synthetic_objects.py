@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kptjax import storage
 from kptjax.errors import ConfigError
 
 VERSION = 1
@@ -193,7 +194,7 @@ def generate_objects(out_dir: Union[str, os.PathLike], *, num_images: int, seed:
     file_name = f"{split}/{i + 1:012d}.jpg"
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    _write_atomic(img_dir / file_name, buffer.getvalue())
+    storage.write_atomic(img_dir / file_name, buffer.getvalue())
     images.append(dict(id=i + 1, file_name=file_name, width=image_size, height=image_size))
     annotations.append(dict(
         id=i + 1, image_id=i + 1, category_id=ids[name], iscrowd=0,
@@ -204,12 +205,9 @@ def generate_objects(out_dir: Union[str, os.PathLike], *, num_images: int, seed:
   data = dict(info=dict(description="kptjax synthetic objects", version=VERSION, seed=seed,
                         split=split),
               images=images, annotations=annotations, categories=categories_json(names))
-  _write_atomic(ann_file, json.dumps(data, separators=(",", ":")).encode())
-  _write_atomic(manifest_file, json.dumps(manifest, indent=1, sort_keys=True).encode())
+  storage.write_atomic(ann_file, json.dumps(data, separators=(",", ":")).encode())
+  storage.write_atomic(manifest_file, json.dumps(manifest, indent=1, sort_keys=True).encode())
   return str(ann_file), str(img_dir)
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
+

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
+from kptjax import storage
 from kptjax.errors import ConfigError
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -175,8 +176,4 @@ def check_workdir_model(workdir: str, model_config: ml_collections.ConfigDict,
 
 def write_model_config(workdir: str, model_config: ml_collections.ConfigDict) -> None:
   """Writes ``WORKDIR/model_config.json`` atomically (a temp file renamed over it)."""
-  path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(model_config.to_json(indent=2))
-  os.replace(tmp, path)
+  storage.write_atomic(os.path.join(workdir, MODEL_CONFIG_FILE), model_config.to_json(indent=2))
