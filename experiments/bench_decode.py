@@ -163,32 +163,37 @@ def vit_flops(v: Any, projector_out: int) -> float:
   return 2 * n * v.patch_size ** 2 * 3 * d + v.num_layers * per_layer + 2 * n * d * projector_out
 
 
-def llm_token_flops(l: Any, context: float, logits: bool) -> float:
-  """One token through the Llama at a context of ``context`` keys."""
+def llm_token_flops(l: Any, context: float, logits: bool, kv_only_last: bool = False) -> float:
+  """One token through the Llama at a context of ``context`` keys; ``kv_only_last``:
+  the last block computes only the token's key and value (nobody reads its output)."""
   d, h = l.hidden_size, l.head_dim
-  proj = 2 * d * h * (2 * l.num_heads + 2 * l.num_kv_heads) + 6 * d * l.intermediate_size
-  return l.num_layers * (proj + 4 * context * l.num_heads * h) + (2 * d * l.vocab_size
-                                                                   if logits else 0)
+  kv = 4 * d * h * l.num_kv_heads
+  full = kv + 4 * d * h * l.num_heads + 6 * d * l.intermediate_size + 4 * context * l.num_heads * h
+  blocks = l.num_layers * full if not kv_only_last else (l.num_layers - 1) * full + kv
+  return blocks + (2 * d * l.vocab_size if logits else 0)
 
 
-def _span(l: Any, start: int, count: int, logits: bool = False) -> float:
+def _span(l: Any, start: int, count: int, logits: bool = False,
+          kv_only_last: bool = False) -> float:
   """``count`` tokens at contexts start+1 .. start+count."""
-  return sum(llm_token_flops(l, start + i + 1, logits) for i in range(count))
+  return sum(llm_token_flops(l, start + i + 1, logits, kv_only_last) for i in range(count))
 
 
 def flops_per_person(model_config: Any, prefix_len: int, query_lens: Sequence[int],
                      steps: Sequence[int], shared: bool) -> float:
   """Model FLOPs of one person: the kptjax engine (``shared``: one crop, the prefix once,
-  logits only at each query's last token and each fed token) or LocLLM's rows (a crop
-  and the whole row per keypoint). ``steps``: tokens fed after the prompt, per query."""
+  logits and the last block's output only at each query's last token and each fed
+  token) or LocLLM's rows (a crop and the whole row per keypoint, logits at its last
+  token). ``steps``: tokens fed after the prompt, per query."""
   l = model_config.llm
   vit = vit_flops(model_config.vit, l.hidden_size)
-  total = 0.0 if not shared else vit + _span(l, 0, prefix_len)
+  total = 0.0 if not shared else vit + _span(l, 0, prefix_len, kv_only_last=True)
   for tq, fed in zip(query_lens, steps):
     start = prefix_len if shared else 0
     count = tq if shared else prefix_len + tq
     total += 0.0 if shared else vit
-    total += _span(l, start, count - 1) + llm_token_flops(l, start + count, True)
+    total += _span(l, start, count - 1, kv_only_last=shared)
+    total += llm_token_flops(l, start + count, True)
     total += _span(l, start + count, fed, logits=True)
   return total
 

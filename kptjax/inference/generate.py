@@ -181,9 +181,8 @@ def generate(model: Any, params: Any, images: Array, rows: Array, lengths: Array
   cache = constrain(cache)
   mask = jnp.arange(t)[None] < lengths[:, None]
   hidden, cache = apply("extend_hidden", rows, mask, cache, image_embeds=image_embeds,
-                        prompt_embeds=prompt_embeds)
-  logits, aux = apply("read", jnp.take_along_axis(hidden, (lengths - 1)[:, None, None],
-                                                  axis=1)[:, 0])
+                        prompt_embeds=prompt_embeds, read=lengths - 1)
+  logits, aux = apply("read", hidden[:, 0])
 
   def step(token, cache):
     hidden, cache = apply("extend_hidden", token[:, None], jnp.ones((b, 1), bool), cache)

@@ -122,23 +122,29 @@ class Attention(_Sublayer):
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
                kv_cache: dict[str, Array] | None = None, deterministic: bool = True,
-               return_attention: bool = False):
+               return_attention: bool = False, read: Array | None = None):
     """x [B,T,D]; positions i32[B,T]; mask bool[B,T,S] (S = T without cache, else the
     cache length); kv_cache: one layer's cache (``cached_attention``), the new keys and
-    values written at slot ``kv_cache['start']`` of each row.
+    values written at slot ``kv_cache['start']`` of each row; read: optional i32[B], with
+    a cache only: the one position per row whose output is computed (keys and values
+    are still written for all T).
 
-    Returns (out [B,T,D], new kv_cache {'k','v'} or None, probs f32[B,N,T,S] or None).
+    Returns (out [B,T,D] ([B,1,D] with read), new kv_cache {'k','v'} or None,
+    probs f32[B,N,T,S] or None).
     """
     c = self.config
     n, kv, h = c.num_heads, c.num_kv_heads, c.head_dim
     dense = self._dense
     b, t, _ = x.shape
-    q = dense("q_proj", n * h, ("embed", "heads"))(x, deterministic).reshape(b, t, n, h)
     k = dense("k_proj", kv * h, ("embed", "kv_heads"))(x, deterministic).reshape(b, t, kv, h)
     v = dense("v_proj", kv * h, ("embed", "kv_heads"))(x, deterministic).reshape(b, t, kv, h)
     inv_freq = layers.rope_inv_freq(h, c.rope_theta, c.rope_scaling_dict)
-    q = layers.apply_rope(q, positions, inv_freq)
     k = layers.apply_rope(k, positions, inv_freq)
+    if read is not None:
+      x, positions, mask = (take_rows(a, read) for a in (x, positions, mask))
+      t = 1
+    q = dense("q_proj", n * h, ("embed", "heads"))(x, deterministic).reshape(b, t, n, h)
+    q = layers.apply_rope(q, positions, inv_freq)
     if kv_cache is not None:
       out, kv_cache = cached_attention(q, k, v, mask, kv_cache, self.dtype)
       probs = None
@@ -156,14 +162,21 @@ class DecoderBlock(_Sublayer):
   (x, (kv_cache, attention probs))."""
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv_cache, deterministic, return_attention):
+  def __call__(self, x, positions, mask, kv_cache, deterministic, return_attention,
+               read=None):
+    """read: optional i32[B] (cached path only): only that position of each row goes
+    past the keys and values (x [B,T,D] -> [B,1,D]), as for the last block when only
+    one position per row is read."""
     c = self.config
     kw = dict(attention=self.attention)
     x = layers.constrain(x, layers.ACT_EMBED)
     h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
     h, kv_cache, probs = Attention(c, self.lora, self.dtype, self.param_dtype, **kw,
                                    name="self_attn")(
-        h.astype(self.dtype), positions, mask, kv_cache, deterministic, return_attention)
+        h.astype(self.dtype), positions, mask, kv_cache, deterministic, return_attention,
+        read)
+    if read is not None:
+      x = take_rows(x, read)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
     x = x + MLP(c, self.lora, self.dtype, self.param_dtype, **kw, name="mlp")(
@@ -203,6 +216,12 @@ def cache_mask(end: Array, t: int, s: int) -> Array:
   length S: query t sees every slot up to and including its own position."""
   query_pos = end[:, None] + jnp.arange(t)[None]
   return jnp.arange(s)[None, None, :] <= query_pos[:, :, None]
+
+
+def take_rows(x: Array, index: Array) -> Array:
+  """x [B,T,...] at one position per row, index i32[B] -> [B,1,...]."""
+  index = index.astype(jnp.int32).reshape((-1, 1) + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
 
 
 class Llama(nn.Module):
@@ -314,11 +333,17 @@ class Llama(nn.Module):
     x, cache = self._extend_blocks(x, input_mask, cache)
     return self.logits(x), cache
 
-  def extend_hidden(self, input_mask: Array, cache: Cache, embeds: Array
-                    ) -> tuple[Array, Cache]:
+  def extend_hidden(self, input_mask: Array, cache: Cache, embeds: Array,
+                    read: Array | None = None) -> tuple[Array, Cache]:
     """``extend`` returning the last block's output [B,T,D] (before the final norm)
-    instead of logits; ``logits(hidden)`` gives ``extend``'s logits."""
-    return self._extend_blocks(embeds.astype(self.dtype), input_mask, cache)
+    instead of logits; ``logits(hidden)`` gives ``extend``'s logits.
+
+    read: optional i32[B], the one position per row that is read (e.g. each prompt's
+    last token): the output is then [B,1,D], that position's, and the last block
+    computes only the keys and values of the other positions (no query, attention
+    or MLP rows that nobody reads).
+    """
+    return self._extend_blocks(embeds.astype(self.dtype), input_mask, cache, read)
 
   def _layer_params(self, i: int) -> Any:
     """Block i's params (a slice of the stacked ones under ``scan_layers``)."""
@@ -327,9 +352,11 @@ class Llama(nn.Module):
       return jax.tree.map(lambda a: a[i], params["layers"])
     return params[f"layers_{i}"]
 
-  def _extend_blocks(self, x: Array, input_mask: Array, cache: Cache) -> tuple[Array, Cache]:
+  def _extend_blocks(self, x: Array, input_mask: Array, cache: Cache,
+                     read: Array | None = None) -> tuple[Array, Cache]:
     """The blocks over x [B,T,D] written into the cache at each row's end: (the last
-    block's output [B,T,D], the cache with the new keys/values and end += sum(input_mask)).
+    block's output [B,T,D] (at ``read`` only: [B,1,D], see ``extend_hidden``), the
+    cache with the new keys/values and end += sum(input_mask)).
 
     The layers run unrolled, each on its own cache buffers (updated in place inside a
     decode loop); under ``scan_layers`` block i reads its slice of the stacked params
@@ -352,8 +379,9 @@ class Llama(nn.Module):
         sp = prefix["k"][i].shape[2]
         layer.update(prefix_k=prefix["k"][i], prefix_v=prefix["v"][i],
                      prefix_mask=jnp.arange(sp)[None] < prefix["end"][:, None])
+      last = read if i == c.num_layers - 1 else None
       x, (layer, _) = block.apply({"params": self._layer_params(i)}, x, positions, mask,
-                                  layer, True, False)
+                                  layer, True, False, last)
       new_k.append(layer["k"])
       new_v.append(layer["v"])
     out = {"k": tuple(new_k), "v": tuple(new_v),
@@ -368,7 +396,8 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array, cache: dict[str,
   """Attention of T new tokens over one layer's cache, after writing their keys/values.
 
   Args:
-    q: [B,T,N,H] (RoPE applied); k, v: [B,T,K,H] the new tokens' keys/values.
+    q: [B,T,N,H] (RoPE applied); k, v: [B,T',K,H] the new tokens' keys/values
+      (T' = T, or T = 1 when only one position per row is read).
     mask: bool[B,T,S] over the rows' own slots.
     cache: {'k','v': [B,K,S,H], 'start': i32[B] the slot of the first new token} and
       optionally the shared prefix {'prefix_k','prefix_v': [P,K,Sp,H],
@@ -382,38 +411,46 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array, cache: dict[str,
   one max and one normalizer: exactly the softmax over the concatenation, while the
   prefix is read once per person (a [Q*T*G, H] x [H, Sp] matmul per person and kv
   head) and never copied per row.
+
+  Every einsum asks for its dot's natural layout (batch dims, then the lhs' free dims,
+  then the rhs'), so the [.., T, S] scores are never transposed; only q and the output
+  ([B,T,N,H]-sized) change layout.
   """
   write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(
       buf, new.transpose(1, 0, 2).astype(buf.dtype), (0, start, 0)))
   kc, vc = write(cache["k"], k, cache["start"]), write(cache["v"], v, cache["start"])
   b, t, n, h = q.shape
   kv = k.shape[2]
+  g = n // kv
   scale = h ** -0.5
   neg = jnp.finfo(jnp.float32).min
-  q = q.reshape(b, t, kv, n // kv, h)
-  own = jnp.einsum("BTKGH,BKSH->BKGTS", q, kc.astype(dtype),
+  q = q.reshape(b, t, kv, g, h)
+  own = jnp.einsum("BTKGH,BKSH->BKTGS", q, kc.astype(dtype),
                    preferred_element_type=jnp.float32) * scale
-  own = jnp.where(mask[:, None, None], own, neg)
+  own = jnp.where(mask[:, None, :, None], own, neg)
   if "prefix_k" not in cache:
     probs = jax.nn.softmax(own, axis=-1)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(dtype), vc.astype(dtype))
-    return out.reshape(b, t, n, h), {"k": kc, "v": vc}
+    out = jnp.einsum("BKTGS,BKSH->BKTGH", probs.astype(dtype), vc.astype(dtype))
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h), {"k": kc, "v": vc}
   pk, pv = cache["prefix_k"].astype(dtype), cache["prefix_v"].astype(dtype)
   p = pk.shape[0]
   rq = b // p
-  pre = jnp.einsum("PQTKGH,PKSH->PQKGTS", q.reshape(p, rq, t, kv, n // kv, h), pk,
+  pre = jnp.einsum("PQTKGH,PKSH->PKQTGS", q.reshape(p, rq, t, kv, g, h), pk,
                    preferred_element_type=jnp.float32) * scale
   pre = jnp.where(cache["prefix_mask"][:, None, None, None, None, :], pre, neg)
-  own = own.reshape(p, rq, *own.shape[1:])                          # [P,Q,K,G,T,S]
-  top = jnp.maximum(jnp.max(pre, axis=-1), jnp.max(own, axis=-1))[..., None]
-  e_pre, e_own = jnp.exp(pre - top), jnp.exp(own - top)
-  total = jnp.sum(e_pre, axis=-1) + jnp.sum(e_own, axis=-1)          # [P,Q,K,G,T]
-  out = (jnp.einsum("PQKGTS,PKSH->PQTKGH", e_pre.astype(dtype), pv,
-                    preferred_element_type=jnp.float32)
-         + jnp.einsum("PQKGTS,PQKSH->PQTKGH", e_own.astype(dtype),
-                      vc.astype(dtype).reshape(p, rq, *vc.shape[1:]),
-                      preferred_element_type=jnp.float32))
-  out = out / jnp.transpose(total, (0, 1, 4, 2, 3))[..., None]
+  own = own.reshape(p, rq, kv, t, g, own.shape[-1])                 # [P,Q,K,T,G,S]
+  to_own = (0, 2, 1, 3, 4)                                          # [P,K,Q,T,G] <-> [P,Q,K,T,G]
+  top = jnp.maximum(jnp.max(pre, axis=-1).transpose(to_own), jnp.max(own, axis=-1))
+  e_pre = jnp.exp(pre - top.transpose(to_own)[..., None])
+  e_own = jnp.exp(own - top[..., None])
+  total = jnp.sum(e_pre, axis=-1).transpose(to_own) + jnp.sum(e_own, axis=-1)
+  out_pre = jnp.einsum("PKQTGS,PKSH->PKQTGH", e_pre.astype(dtype), pv,
+                       preferred_element_type=jnp.float32)
+  out_own = jnp.einsum("PQKTGS,PQKSH->PQKTGH", e_own.astype(dtype),
+                       vc.astype(dtype).reshape(p, rq, *vc.shape[1:]),
+                       preferred_element_type=jnp.float32)
+  out = (out_pre.transpose(0, 2, 3, 1, 4, 5) + out_own.transpose(0, 1, 3, 2, 4, 5)
+         ) / total.transpose(0, 1, 3, 2, 4)[..., None]               # [P,Q,T,K,G,H]
   return out.astype(dtype).reshape(b, t, n, h), {"k": kc, "v": vc}
 
 

@@ -147,12 +147,13 @@ class VLM(nn.Module):
     return self._embed(tokens, image_embeds)
 
   def extend_hidden(self, tokens: Array, input_mask: Array, cache: Cache, *,
-                    image_embeds: Array | None = None,
-                    prompt_embeds: Array | None = None) -> tuple[Array, Cache]:
+                    image_embeds: Array | None = None, prompt_embeds: Array | None = None,
+                    read: Array | None = None) -> tuple[Array, Cache]:
     """``extend`` returning the last block's output [B,T,D] instead of logits, so that
-    ``read`` runs only at the positions a decoder reads."""
+    ``read`` runs only at the positions a decoder reads; with ``read`` i32[B] only that
+    position of each row, [B,1,D] (``Llama.extend_hidden``)."""
     x = self.embed_tokens(tokens, image_embeds, prompt_embeds)
-    return self.llm.extend_hidden(input_mask, cache, x)
+    return self.llm.extend_hidden(input_mask, cache, x, read)
 
   def read(self, h: Array) -> tuple[Array, dict[str, Array]]:
     """What a decoder reads at a position: h [B,D] (``extend_hidden``) -> (next-token
