@@ -8,7 +8,9 @@ regression and CapeLLM / semantic text answers (``kptjax.inference.kpt_decode``)
     >>> tokens, probs, lengths, aux = run(params, images, rows, lengths, prefix, None, None)
 
 Only the needed work: vocabulary logits are computed only where they are read (the
-last prompt token, then each step's token); the cache lives inside the program and
+last prompt token, then each step's token), and so is the last block's query side
+(``extend_hidden(read=...)``: over the other prompt tokens it computes only the keys and
+values that later tokens attend to); the cache lives inside the program and
 each layer's buffer is written in place by the loop (``llama.cached_attention``); the
 loop stops when every row has ended; weights are unstacked per layer once, before the
 loop (``decoding_model``).
