@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from kptjax import storage
-from kptjax.data.sources._util import category_table, load_json
+from kptjax.data.sources.fields import category_table, load_json
 from kptjax.data.sources.ap10k import family_category_ids, read_ap10k_families  # noqa: F401
 from kptjax.errors import ConfigError
 

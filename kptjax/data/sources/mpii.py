@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import (VISIBILITY, checked_array, field, image_size,
+from kptjax.data.sources.fields import (VISIBILITY, checked_array, field, image_size,
                                       load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
 from kptjax.errors import DataError
