@@ -1,4 +1,4 @@
-"""Localization conversations: templates, coordinate text, multi-round sampling, token masks.
+"""Localization conversations: templates, multi-round sampling, token sequences and loss masks.
 
 One conversation per person crop (LocLLM, ``../shared/papers/README.md``)::
 

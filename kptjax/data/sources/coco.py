@@ -37,10 +37,20 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from kptjax.data.sources.fields import (ExistsCache, UniqueIds, annotation_ids, category_table,
-                                      field, image_table, keypoint_rows, known_category,
-                                      load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
+from kptjax.data.sources.fields import (
+    ExistsCache,
+    UniqueIds,
+    annotation_ids,
+    category_table,
+    field,
+    image_table,
+    keypoint_rows,
+    known_category,
+    load_json,
+    number,
+    numbers,
+)
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec, register_spec, spec_from_dict
 

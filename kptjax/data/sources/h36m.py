@@ -36,10 +36,20 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources.fields import (VISIBILITY, ExistsCache, UniqueIds, annotation_ids,
-                                      checked_array, field, image_size, image_table,
-                                      keypoint_rows, load_json, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
+from kptjax.data.sources.fields import (
+    VISIBILITY,
+    ExistsCache,
+    UniqueIds,
+    annotation_ids,
+    checked_array,
+    field,
+    image_size,
+    image_table,
+    keypoint_rows,
+    load_json,
+    numbers,
+)
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec
 

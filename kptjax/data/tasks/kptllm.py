@@ -31,7 +31,6 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from kptjax.data.coords import config_value, format_answer
 from kptjax.data.conversation import (
     PROMPT_MARK,
     TASK_TEXT,
@@ -40,6 +39,7 @@ from kptjax.data.conversation import (
     pack_sequence,
     sample_rounds,
 )
+from kptjax.data.coords import config_value, format_answer
 from kptjax.data.sources import specs_of
 from kptjax.data.transforms import CropRecipe
 from kptjax.errors import ConfigError
