@@ -205,3 +205,49 @@ def test_setup_from_flags_and_refusals():
   with pytest.raises(ConfigError, match="HOST:PORT"):
     distributed.make_setup(coordinator_address="h", num_processes=2, process_id=0, env={})
   assert jax.process_count() == 1
+
+
+def _stub(path, body):
+  path.write_text("#!/bin/bash\n" + body)
+  path.chmod(0o755)
+  return path
+
+
+def test_slurm_script_passes_the_first_node_and_each_task_its_id(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _stub(bin_dir / "scontrol", 'echo node001; echo node002\n')
+  # srun: run the task command once per task, as SLURM would on each node.
+  _stub(bin_dir / "srun", 'shift\nfor i in 0 1; do SLURM_PROCID=$i "$@"; done\n')
+  python = _stub(tmp_path / "python", f'printf "%s\\n" "$@" > {tmp_path}/task_$SLURM_PROCID\n')
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(python),
+             SLURM_JOB_NODELIST="node[001-002]", SLURM_JOB_ID="77", SLURM_NTASKS="2")
+  env.pop("KPTJAX_COORDINATOR_PORT", None)
+  subprocess.run(["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), "--workdir", "/runs/a b",
+                  "--config.train.num_steps=3"], env=env, check=True, capture_output=True)
+  for i in (0, 1):
+    assert (tmp_path / f"task_{i}").read_text().splitlines() == [
+        "-m", "kptjax.train", f"--coordinator_address=node001:{77 % 4096 + 61440}",
+        "--num_processes=2", f"--process_id={i}", "--workdir", "/runs/a b",
+        "--config.train.num_steps=3"]
+
+
+def test_tpu_script_runs_one_command_on_every_worker(tmp_path):
+  calls = tmp_path / "gcloud_args"
+  gcloud = _stub(tmp_path / "gcloud", f'printf "%s\\n" "$@" > {calls}\n')
+  env = dict(os.environ, GCLOUD=str(gcloud), KPTJAX_DIR=str(tmp_path / "checkout"))
+  subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "train", "pod1", "us-east5-a",
+                  "--workdir", "gs://b/run", "--config.data.knobs=a b"],
+                 env=env, check=True, capture_output=True)
+  args = calls.read_text().split("\n", 9)
+  assert args[:8] == ["compute", "tpus", "tpu-vm", "ssh", "pod1", "--zone", "us-east5-a",
+                      "--worker=all"]
+  command = args[8].removeprefix("--command=").rstrip("\n")
+  # What every worker runs: the checkout's venv python with --multihost and the args intact.
+  venv = tmp_path / "checkout" / ".venv" / "bin"
+  venv.mkdir(parents=True)
+  _stub(venv / "python", f'printf "%s\\n" "$@" > {tmp_path}/worker_args\n')
+  subprocess.run(["bash", "-c", command], check=True, cwd=tmp_path)
+  assert (tmp_path / "worker_args").read_text().splitlines() == [
+      "-m", "kptjax.train", "--multihost", "--workdir", "gs://b/run", "--config.data.knobs=a b"]
+  assert (tmp_path / "checkout" / "kptjax_train.pid").read_text().strip().isdigit()
