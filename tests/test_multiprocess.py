@@ -23,11 +23,11 @@ import subprocess
 import sys
 
 import jax
+import mp_train_worker as worker
 import numpy as np
 import pytest
 from absl import flags
 
-import mp_train_worker as worker
 from kptjax import convert, distributed, train
 from kptjax.errors import ConfigError
 
