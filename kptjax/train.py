@@ -282,7 +282,8 @@ def make_dataset(config: ml_collections.ConfigDict):
   task conversations with supports (``kptjax.data.kpt_pipeline``, ``model.kpt.enabled``);
   caption records (``data.train.source='llava'``, stage 1) -> ``kptjax.data.captions``.
   """
-  tok = tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir)
+  from kptjax import evaluate  # pylint: disable=g-import-not-at-top
+  tok = evaluate.load_tokenizer(config)   # location tokens added when the format uses them
   records = pipeline.load_records(config, "train")
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if records and isinstance(records[0], CaptionRecord):
