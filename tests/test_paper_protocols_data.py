@@ -12,7 +12,7 @@ import pytest
 
 from configs import locllm_h36m, tiny
 from kptjax.data import cape, pipeline
-from kptjax.data.sources import read_dataset, read_h36m, read_mp100, read_mpii_json
+from kptjax.data.sources import read_dataset, read_h36m, read_mp100
 from kptjax.data.sources.catalog import parse_options, train_entries
 from kptjax.data.tasks.rounds import RoundsElement
 from kptjax.data.tokenizer import load_tokenizer
