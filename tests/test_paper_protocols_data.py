@@ -7,6 +7,7 @@ metrics.json."""
 import copy
 import json
 
+import grain
 import numpy as np
 import pytest
 
@@ -189,11 +190,17 @@ def test_dynamic_rounds_vary_per_item_and_epoch(coco_dynamic, tok):
   fixed_counts = {int(_rounds({"loss_mask": RoundsElement(fixed, tok, records)(
       (0, None), np.random.default_rng([0, e]))["loss_mask"][None]})[0]) for e in range(8)}
   assert fixed_counts == {5}                    # data.rounds
-  # Through the pipeline: 12 persons, 3 batches an epoch; rows vary in rounds.
-  ds = pipeline.make_train_dataset(c, tok, records=records)
-  it = iter(ds)
-  first = [next(it) for _ in range(6)]
-  assert len({int(n) for b in first for n in _rounds(b)}) > 2
+  # Through the pipeline: 12 persons, 3 batches an epoch; row j of batch b is stream
+  # element 4 b + j, whose item is the shuffled, repeated item list's.
+  it = iter(pipeline.make_train_dataset(c, tok, records=records))
+  counts = np.concatenate([_rounds(next(it)) for _ in range(6)])
+  order = grain.MapDataset.source(pipeline.train_items(records, 0, 0)).shuffle(seed=0).repeat()
+  per_epoch = {}
+  for i, n in enumerate(counts):
+    per_epoch.setdefault(order[i][0], []).append(int(n))
+  assert sorted(len(v) for v in per_epoch.values()) == [2] * 12
+  assert sum(a != b for a, b in per_epoch.values()) >= 3      # epochs differ per item
+  assert len({a for a, _ in per_epoch.values()}) > 2           # items differ in an epoch
 
 
 def test_dynamic_rounds_same_twice_and_resume_mid_epoch(coco_dynamic, tok):
