@@ -177,6 +177,10 @@ def make_train_dataset(config: Any, tokenizer: Any, *, records: Optional[Sequenc
     raise ConfigError("data.curriculum draws from one item list: it does not combine with "
                       "a mix of training sources (data.train with weights)")
   if len(parts) > 1:
+    if not all(part_items):
+      raise ConfigError(f"data.train: a source has fewer items than the {process_count} "
+                        f"processes (items {[len(p) for p in part_items]}, process "
+                        f"{process_index})")
     logging.info("%s: mixing %d sources, items %s, weights %s", element.name, len(parts),
                  [len(p) for p in part_items], [w for _, _, w in parts])
     ds = mixed_items(part_items, [w for _, _, w in parts], seed)
