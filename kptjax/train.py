@@ -278,9 +278,8 @@ def make_dataset(config: ml_collections.ConfigDict):
   """This process's slice of the training data, as a grain IterDataset of batches
   (``kptjax.data.pipeline.make_train_dataset`` picks the elements: localization rounds,
   KptLLM tasks with supports, or stage-1 captions)."""
-  from kptjax import evaluate  # pylint: disable=g-import-not-at-top
   return pipeline.make_train_dataset(
-      config, evaluate.load_tokenizer(config),   # location tokens added when the format uses them
+      config, tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir),
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
