@@ -8,7 +8,8 @@ References, run here on files the tests write beside the real samples' annotatio
                                     (mmpose's CocoMetric setting for AIC)
 with ground-truth boxes and with detection files (including images where the detector
 found nobody), with noisy predictions and with missing keypoints. kptjax's numbers come
-from ``evaluate.compute_metrics`` on records read by kptjax's own readers.
+from ``protocols.compute_metrics`` on records read by kptjax's own readers; which
+evaluator setting a benchmark gets is its entry in the ``protocols`` registry.
 """
 
 import contextlib
@@ -24,7 +25,7 @@ from xtcocotools.cocoeval import COCOeval as XtCOCOeval
 
 from kptjax import errors, evaluate
 from kptjax.data.sources import read_dataset
-from kptjax.evaluation import metrics
+from kptjax.evaluation import metrics, protocols
 from kptjax.keypoints import get_spec
 
 # name: (folder, annotation file, detection file in the sample or None, spec, reference)
@@ -87,7 +88,7 @@ def write_detections(gt_json, rng, path):
 
 
 def predict(records, gt_json, rng, jitter_px, missing_every=0):
-  """Entries as kptjax.evaluate makes them: each record gets the keypoints of the
+  """Entries as kptjax.evaluation.persons makes them: each record gets the keypoints of the
   ground-truth person its box overlaps most (none: the box centre), plus noise."""
   anns = {}
   for ann in gt_json["annotations"]:
@@ -116,7 +117,7 @@ def predict(records, gt_json, rng, jitter_px, missing_every=0):
 def results_file(records, entries, gt_path):
   """The COCO results of the entries (predictions.json's content): missing keypoints as
   0 and listed in ``missing``, each in its record's category."""
-  cats = evaluate.category_ids(str(gt_path), records)
+  cats = protocols.category_ids(str(gt_path), records)
   return [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
                               cats[e["ann_id"]],
                               missing=np.isin(np.arange(len(e["keypoints"])), e["missing"]))
@@ -158,12 +159,12 @@ def test_ap_equals_reference_evaluator(shared_data, tmp_path, name, boxes, case)
   gt_path, gt_json, records, spec, tool = _setup(shared_data, tmp_path, name, boxes)
   entries = predict(records, gt_json, np.random.default_rng(0), 4.0,
                     missing_every=5 if case == "missing" else 0)
-  ours = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  ours = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                   sigmas=spec.sigmas, has_gt=boxes == "ground_truth")
   results = results_file(records, entries, gt_path)
   given = tool_file(results) if case == "missing" else results
   ref = reference_ap(gt_path, given, tmp_path, spec.sigmas, tool)
-  names = metrics.AP_PROTOCOLS[metrics.ap_protocol(name)]
+  names = metrics.AP_PROTOCOLS[protocols.protocol_for(records).oks_ap]
   assert [ours["coco"][k] for k in names] == pytest.approx(ref, abs=1e-6, rel=0)
   assert 0 < ours["coco"]["AP"] < 1                  # noisy: neither trivial nor perfect
 
@@ -179,7 +180,7 @@ def test_images_without_detections_stay_in_recall(shared_data, tmp_path):
                          det_file=str(tmp_path / "dets.json"))
   assert 196141 not in {r.image_id for r in records}
   entries = predict(records, gt_json, np.random.default_rng(1), 0.0)
-  ours = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  ours = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                   sigmas=spec.sigmas, has_gt=False)["coco"]
   results = results_file(records, entries, gt_path)
   ref = reference_ap(gt_path, results, tmp_path, spec.sigmas, "pycocotools")
@@ -192,12 +193,12 @@ def test_images_without_detections_stay_in_recall(shared_data, tmp_path):
 def test_ap10k_detections_keep_their_category(shared_data, tmp_path):
   """A detection's category_id (AP-10K: the species) reaches the results and the AP."""
   gt_path, gt_json, records, spec, _ = _setup(shared_data, tmp_path, "ap10k", "detections")
-  cats = evaluate.category_ids(str(gt_path), records)
+  cats = protocols.category_ids(str(gt_path), records)
   dets = json.loads((tmp_path / "dets.json").read_text())
   assert sorted({cats[r.ann_id] for r in records}) == sorted({d["category_id"] for d in dets})
   assert set(cats.values()) - {1}                       # not everything forced to 1
   entries = predict(records, gt_json, np.random.default_rng(2), 0.0)
-  out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  out = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                  sigmas=spec.sigmas, has_gt=False)
   results = results_file(records, entries, gt_path)
   assert {r["category_id"] for r in results} == {d["category_id"] for d in dets}
@@ -238,7 +239,7 @@ def test_aic_without_iscrowd_is_evaluated(shared_data, tmp_path):
   gt_path, gt_json, records, spec, _ = _setup(shared_data, tmp_path, "aic", "ground_truth")
   assert not any("iscrowd" in a for a in gt_json["annotations"])
   entries = predict(records, gt_json, np.random.default_rng(4), 0.0)
-  out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  out = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                  sigmas=spec.sigmas)
   assert out["ap_protocol"] == "aic" and out["coco"]["AP"] == pytest.approx(1.0)
 
@@ -298,7 +299,7 @@ def test_nan_predictions_are_not_perfect(shared_data):
   records = read_dataset("coco", ann_file=str(path), image_root=str(shared_data / "coco"))
   entries = predict(records, gt, np.random.default_rng(0), 0.0, missing_every=1)
   spec = get_spec("coco17")
-  got = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(path),
+  got = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(path),
                                  sigmas=spec.sigmas)
   assert got["coco"]["AP"] == 0.0 and got["pck"]["PCK@0.25"] == 0.0
 
@@ -314,10 +315,10 @@ def test_mpii_without_head_boxes_is_an_error(shared_data):
               "keypoints": np.c_[r.keypoints[:, :2] + rng.normal(0, 3, (16, 2)),
                                  np.ones(16)].tolist()} for i, r in enumerate(records)]
   with pytest.raises(errors.ConfigError, match="headbox_file"):
-    evaluate.compute_metrics(records, entries, spec.names)
+    protocols.compute_metrics(records, entries, spec.names)
   with pytest.raises(errors.ConfigError, match="mpii_box_pck"):
-    evaluate.check_protocol(records)
-  out = evaluate.compute_metrics(records, entries, spec.names, mpii_box_pck=True)
+    protocols.check_protocol(records)
+  out = protocols.compute_metrics(records, entries, spec.names, mpii_box_pck=True)
   assert "pckh" not in out and 0 < out["pck"]["PCK@0.05"] <= 1
 
 

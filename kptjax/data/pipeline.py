@@ -74,7 +74,7 @@ from kptjax.errors import ConfigError, DataError, ImageError
 from kptjax.keypoints import get_spec
 
 
-def _parse_options(text: str) -> dict[str, Any]:
+def parse_options(text: str) -> dict[str, Any]:
   """'headbox_file=/x.mat,min_keypoints=0' -> {'headbox_file': '/x.mat', 'min_keypoints': 0}."""
   out = {}
   for part in (text or "").split(","):
@@ -124,7 +124,7 @@ def load_records(config: Any, split: str) -> Records:
     layout = _LAYOUTS.get(source, _LAYOUTS["coco"])
     ann_file = os.path.join(d.path, layout[0].format(split=d.split))
     image_root = image_root or os.path.join(d.path, layout[1].format(split=d.split))
-  options = {**det, **_parse_options(d.get("options", ""))}
+  options = {**det, **parse_options(d.get("options", ""))}
   if split == "eval":
     options = eval_options(source, options)
   return read_dataset(source, ann_file, image_root, **options)

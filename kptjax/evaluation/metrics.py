@@ -44,11 +44,6 @@ AREA_FROM_BOX = 0.53
 MISSING_FAR_PX = 1e9
 
 
-def ap_protocol(dataset: str) -> str:
-  """The OKS AP protocol of a dataset name ('crowdpose', 'aic'; everything else 'coco')."""
-  return dataset if dataset in AP_PROTOCOLS else "coco"
-
-
 # ---------------------------------------------------------------------------
 # The metric boundary.
 
@@ -111,12 +106,6 @@ def load_coco_gt(gt: Any):
   with contextlib.redirect_stdout(io.StringIO()):
     coco.createIndex()
   return coco
-
-
-def coco_categories(gt: Any) -> dict[str, int]:
-  """{category name: id} of a COCO-format ground truth (path or dict)."""
-  data = gt if isinstance(gt, Mapping) else _read_gt(gt)
-  return {str(c.get("name")): int(c["id"]) for c in data.get("categories", [])}
 
 
 def _split(data: dict, image_ids: Optional[Sequence[int]],
