@@ -18,7 +18,7 @@ from kptjax import evaluate
 from kptjax.data import cape, pipeline
 from kptjax.data import tokenizer as tok_lib
 from kptjax.data.sources import read_dataset
-from kptjax.evaluation import loading, metrics, prompted, protocols, results
+from kptjax.evaluation import loading, oks, prompted, protocols, results
 from kptjax.inference import decode
 from kptjax.models import kptllm
 
@@ -70,7 +70,7 @@ def test_coco_outputs_and_metrics(shared_data, coco_run):
   # AP recomputed from predictions.json on the same images equals the reported one.
   _, gt = _coco(shared_data)
   images = sorted({p["image_id"] for p in preds})
-  direct = metrics.coco_keypoint_ap(gt, preds, image_ids=images)
+  direct = oks.coco_keypoint_ap(gt, preds, image_ids=images)
   assert saved["coco"] == pytest.approx(direct)
   assert {"PCK@0.05", "PCK@0.1", "PCK@0.2"} <= set(saved["pck"])
 
@@ -453,7 +453,7 @@ def test_visual_answers_map_back_like_textual_ones(objects, monkeypatch):
   monkeypatch.setattr(decode, "generate_keypoints", centre)
   monkeypatch.setattr(jax, "jit", lambda f: f)
   vis, txt = (prompted.evaluate_cape(config, _FakeKptLLM(), None, tok, records, task=t,
-                                         rows_per_batch=4, threshold=0.5)
+                                     rows_per_batch=4, threshold=0.5)
               for t in ("visual", "textual"))
   assert vis["questions"] == txt["questions"]          # synthetic objects: all labeled
   assert vis["per_category"] == txt["per_category"] and 0 < vis["PCK@0.5"] < 1
@@ -474,7 +474,7 @@ def test_answers_map_back_to_image_pixels(objects, monkeypatch, coord_format):
     return xy, np.tile(np.asarray(text, np.int32), (tokens.shape[0], 1))
   monkeypatch.setattr(decode, "generate_keypoints", centre)
   out = prompted.evaluate_cape(config, None, None, tok, records, task="textual",
-                                   rows_per_batch=4)
+                               rows_per_batch=4)
   assert out["questions"] == sum(int((r.keypoints[:, 2] > 0).sum()) for r in records)
   assert out["keypoints"] == sum(r.num_keypoints for r in records)
   per_cat = {}                          # each instance's PCK, then the mean per category
@@ -487,14 +487,26 @@ def test_answers_map_back_to_image_pixels(objects, monkeypatch, coord_format):
   assert out["PCK@0.2"] == pytest.approx(np.mean([v for vs in per_cat.values() for v in vs]))
 
 
-def test_tiny_model_end_to_end(objects):
+def test_tiny_model_end_to_end(objects, monkeypatch):
+  """A real tiny KptLLM, visual 1-shot: the questions of one query share its image
+  prefix (one crop per query in the program, ``prefix_len`` > 0; that this gives the
+  tokens and xy of one full row per question is test_decode's
+  test_shared_prefix_equals_rows_and_teacher_forcing), in one batch shape."""
   config, records, tok = objects
   params = kptllm.init_params(config.model, jax.random.key(0, impl="unsafe_rbg"))
-  out = prompted.evaluate_cape(config, kptllm.KptLLM(config.model), params, tok,
-                                   records[:3], task="visual", shots=1, rows_per_batch=8,
-                                   max_new_tokens=1)
+  model = kptllm.KptLLM(config.model)
+  calls, real = [], decode.generate_keypoints
+
+  def spy(model, params, images, tokens, mask, **kw):
+    calls.append((len(images), len(tokens), kw["prefix_len"]))
+    return real(model, params, images, tokens, mask, **kw)
+  monkeypatch.setattr(decode, "generate_keypoints", spy)
+  out = prompted.evaluate_cape(config, model, params, tok, records[:3], task="visual",
+                               shots=1, rows_per_batch=8, max_new_tokens=1)
   assert out["questions"] > 0 and 0.0 <= out["PCK@0.2"] <= 1.0
   assert set(out["per_category"]) <= {r.category for r in records}
+  assert calls and all(p > 0 and n < b for n, b, p in calls)          # shared prefix
+  assert len({(n, b) for n, b, _ in calls}) == 1                      # one program
 
 
 def test_semantic_accuracy_by_exact_description(objects, monkeypatch):
@@ -570,8 +582,8 @@ def test_ap10k_family_perfect_answers_score_ap_one(shared_data, monkeypatch):
     return out, None
   monkeypatch.setattr(decode, "generate_keypoints", oracle)
   out = prompted.evaluate_cape(c, None, None, tok_lib.load_tokenizer(""), records, task="textual",
-                                   rows_per_batch=len(labeled),
-                                   coco_gt=str(folder / "test_ap10k.json"))
+                               rows_per_batch=len(labeled),
+                               coco_gt=str(folder / "test_ap10k.json"))
   assert out["questions"] == len(labeled) == 16
   assert out["PCK@0.2"] == 1.0 and out["AP"] == pytest.approx(1.0)
 
@@ -594,7 +606,7 @@ def test_ap10k_unparseable_answers_score_nothing(shared_data, monkeypatch, tmp_p
     return None, np.tile(np.asarray(garbage, np.int32), (tokens.shape[0], 1))
   monkeypatch.setattr(decode, "generate_keypoints", babble)
   out = prompted.evaluate_cape(c, None, None, tok, records, task="textual",
-                                   rows_per_batch=16, coco_gt=str(folder / "test_ap10k.json"))
+                               rows_per_batch=16, coco_gt=str(folder / "test_ap10k.json"))
   assert out["AP"] == 0.0 and out["PCK@0.2"] == 0.0
   assert out["questions"] == 16 and out["parse_failures"] == 16
   assert out["missing_keypoints"] == 16 and out["parse_failure_rate"] == 1.0
@@ -617,7 +629,7 @@ def test_unreadable_query_image_is_missing_and_counted(objects, monkeypatch, tmp
     return np.full((tokens.shape[0], 2), 0.5, np.float32), None
   monkeypatch.setattr(decode, "generate_keypoints", oracle)
   out = prompted.evaluate_cape(config, None, None, tok, records, task="textual",
-                                   rows_per_batch=4)
+                               rows_per_batch=4)
   k0 = int((records[0].keypoints[:, 2] > 0).sum())
   assert out["image_errors"] == 1 and out["unreadable_images"] == [str(broken)]
   assert out["missing_keypoints"] == k0 and out["parse_failures"] == 0
@@ -642,6 +654,6 @@ def test_ap10k_unparseable_answers_are_missing_not_perfect(shared_data, monkeypa
     return None, np.tile(junk, (tokens.shape[0], 1))
   monkeypatch.setattr(decode, "generate_keypoints", babble)
   out = prompted.evaluate_cape(c, None, None, tok, records, task="textual",
-                                   rows_per_batch=8, coco_gt=str(folder / "test_ap10k.json"))
+                               rows_per_batch=8, coco_gt=str(folder / "test_ap10k.json"))
   assert out["questions"] == out["missing"] == 32
   assert out["PCK@0.2"] == 0.0 and out["AP"] == 0.0 and out["AR"] == 0.0

@@ -41,7 +41,7 @@ from absl import logging
 
 from kptjax import errors
 from kptjax.data import cape, conversation, kpt_tasks, pipeline, transforms
-from kptjax.evaluation import metrics, protocols
+from kptjax.evaluation import metrics, oks, protocols
 from kptjax.inference import decode, parsing
 
 COORD_FORMATS = ("keypoint_token", "decimal2d")
@@ -123,36 +123,37 @@ def _stack(rows: Sequence[dict[str, Any]], key: str) -> jax.Array:
   return jnp.asarray(np.stack([r[key] for r in rows]))
 
 
-def _person_batches(items: Iterator[dict], rows_per_batch: int
+def _person_batches(items: Iterator[dict], queries: int, persons: int
                     ) -> Iterator[tuple[list[dict], list[list[dict]]]]:
-  """(image-error questions, per-query groups) of at most ``rows_per_batch`` rows once
-  every group is padded to the batch's largest (a group larger than a batch is split)."""
-  errors_, groups = [], []
+  """(image-error questions, at most ``persons`` groups of at most ``queries``
+  questions of one query each); a query with more questions is split."""
+  failed, groups = [], []
   for _, group in itertools.groupby(items, key=lambda x: x["index"]):
     group = list(group)
-    errors_ += [g for g in group if "image_error" in g]
+    failed += [g for g in group if "image_error" in g]
     group = [g for g in group if "image_error" not in g]
-    for chunk in (group[i:i + rows_per_batch] for i in range(0, len(group), rows_per_batch)):
-      q = max([len(chunk)] + [len(g) for g in groups])
-      if groups and (len(groups) + 1) * q > rows_per_batch:
-        yield errors_, groups
-        errors_, groups = [], []
+    for chunk in (group[i:i + queries] for i in range(0, len(group), queries)):
       groups.append(chunk)
-  if errors_ or groups:
-    yield errors_, groups
+      if len(groups) == persons:
+        yield failed, groups
+        failed, groups = [], []
+  if failed or groups:
+    yield failed, groups
 
 
 def answers(config: Any, model: Any, params: Any, tokenizer: Any,
             items: Iterator[dict[str, Any]], task: str, *, rows_per_batch: int,
-            max_new_tokens: int, force_keypoint: bool
+            max_keypoints: int, max_new_tokens: int, force_keypoint: bool
             ) -> Iterator[tuple[dict[str, Any], Optional[np.ndarray], Optional[np.ndarray]]]:
   """(question, xy f32[2] normalized crop units, generated tokens i32[M]) per question of
   ``items``; (question, None, None) for an image-error question.
 
-  The questions of one query share its image prefix (one crop per query, ``prefix_len``)
-  when ``config.decode.share_prefix`` and the prefix holds no prompt slot; else each
-  row carries its crop. Each query's rows are padded to the batch's largest group by
-  repeating its last question (the copies are dropped)."""
+  Every batch holds P = rows_per_batch // Q queries of Q = min(rows_per_batch,
+  ``max_keypoints``) rows (a query's questions padded by repeating its last one, the
+  batch by repeating its last query; copies dropped), so one program serves the run.
+  The questions of one query share its image prefix (one crop per query,
+  ``prefix_len``) when ``config.decode.share_prefix`` and the prefix holds no prompt
+  slot; else each row carries its crop."""
   enc = task_encoder(config, tokenizer)
   prefix, max_len = enc.prefix(), int(config.data.max_len) or 512
   share = bool(config.decode.get("share_prefix", True)) and \
@@ -164,13 +165,16 @@ def answers(config: Any, model: Any, params: Any, tokenizer: Any,
     embed = lambda rows: apply(params, _stack(rows, "support_image"),
                                _stack(rows, "support_xy")[:, :, None],
                                _stack(rows, "support_mask")[:, :, None])
-  for failed, groups in _person_batches(items, rows_per_batch):
+  # One batch shape for the whole run (one compilation): P groups of Q rows.
+  q = max(1, min(rows_per_batch, max_keypoints))
+  p = max(1, rows_per_batch // q)
+  for failed, groups in _person_batches(items, q, p):
     for row in failed:
       yield row, None, None
     if not groups:
       continue
-    q = max(len(g) for g in groups)
-    padded = [g + [g[-1]] * (q - len(g)) for g in groups] if share else groups
+    padded = [g + [g[-1]] * (q - len(g)) for g in groups]
+    padded += [padded[-1]] * (p - len(padded))
     rows = [r for g in padded for r in g]
     tokens = np.full((len(rows), max_len), enc.pad_id, np.int32)
     mask = np.zeros((len(rows), max_len), bool)
@@ -245,7 +249,7 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   unreadable: dict[int, str] = {}                    # query index -> unreadable image
   for row, xy, generated in answers(
       config, model, params, tokenizer, questions(config, records, task, shots, seed), task,
-      rows_per_batch=rows_per_batch, force_keypoint=regress,
+      rows_per_batch=rows_per_batch, max_keypoints=k_max, force_keypoint=regress,
       max_new_tokens=int(max_new_tokens or config.decode.max_new_tokens)):
     n, k = row["index"], row["keypoint"]
     visible[n, k] = True
@@ -280,18 +284,18 @@ def _coco_ap(coco_gt: str, records: Sequence[Any], pred: np.ndarray, missing: np
   """OKS AP of the predictions f32[N, K, 2], one result per instance (score 1) on its
   own image, in the instance's own category; ``missing`` bool[N, K] keypoints not asked
   or not answered. The images are those of the records' categories
-  (``metrics.coco_keypoint_ap``), so a family split scores alone."""
+  (``oks.coco_keypoint_ap``), so a family split scores alone."""
   spec = protocols.keypoint_spec(records, what="OKS AP")
   if spec.sigmas is None:
     raise errors.ConfigError(f"OKS AP needs a keypoint spec with sigmas; {spec.name} has none")
   category = protocols.category_ids(coco_gt, records)
   k = spec.num_keypoints
-  results = [metrics.coco_result(r.image_id, np.concatenate([pred[i, :k], np.ones((k, 1))], 1),
-                                 1.0, category[int(r.ann_id)], missing=missing[i, :k])
+  results = [oks.coco_result(r.image_id, np.concatenate([pred[i, :k], np.ones((k, 1))], 1),
+                             1.0, category[int(r.ann_id)], missing=missing[i, :k])
              for i, r in enumerate(records)]
-  return metrics.coco_keypoint_ap(coco_gt, results, spec.sigmas,
-                                  category_ids=sorted(set(category.values())),
-                                  protocol=ap_protocol)
+  return oks.coco_keypoint_ap(coco_gt, results, spec.sigmas,
+                              category_ids=sorted(set(category.values())),
+                              protocol=ap_protocol)
 
 
 def _normalize(text: str) -> str:
@@ -320,6 +324,7 @@ def evaluate_semantic(config: Any, model: Any, params: Any, tokenizer: Any,
   for row, _, generated in answers(
       config, model, params, tokenizer, questions(config, records, "semantic", 1, 0),
       "semantic", rows_per_batch=rows_per_batch, force_keypoint=False,
+      max_keypoints=max(r.num_keypoints for r in records),
       max_new_tokens=int(max_new_tokens or config.decode.max_new_tokens)):
     spec = row["spec"]
     if "image_error" in row:                 # unreadable image: a wrong answer

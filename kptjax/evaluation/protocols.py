@@ -18,8 +18,8 @@ Metric families:
   pckh     MPII's PCKh with head boxes (its joint groups); without head boxes the run
            is refused unless box PCK only is asked (``mpii_box_pck``).
   mpjpe    3D: MPJPE / PA-MPJPE per action, from the root-relative depth answers.
-  prompted category-agnostic questions (MP-100 1/5-shot visual, textual, semantic;
-           ``kptjax.evaluation.prompted``): PCK@0.2 per instance and category.
+  default_task 'visual' | 'textual' | 'semantic': category-agnostic questions (MP-100
+           1/5-shot, ``kptjax.evaluation.prompted``): PCK@0.2 per instance and category.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 
 from kptjax import errors
 from kptjax.data.sources._util import category_table, load_json
-from kptjax.evaluation import metrics
+from kptjax.evaluation import metrics, oks
 from kptjax.keypoints import get_spec
 
 PERSON_TASK = "keypoints"                        # every keypoint of the spec, per person
@@ -44,20 +44,19 @@ class Protocol:
 
   Attributes:
     name: the registry key.
-    oks_ap: 'coco' | 'crowdpose' | 'aic' (``metrics.AP_PROTOCOLS``), or None.
+    oks_ap: 'coco' | 'crowdpose' | 'aic' (``oks.AP_PROTOCOLS``), or None.
     pckh: PCKh from head boxes (MPII joint order).
     needs_head_boxes: refuse before decoding when a record lacks its head box (unless
       box PCK only is asked).
     mpjpe: 3D metrics from depth answers and cameras.
-    prompted: category-agnostic questions (``kptjax.evaluation.prompted``).
-    default_task: the task when none is asked ('keypoints' or one of PROMPTED_TASKS).
+    default_task: the task when none is asked: 'keypoints', or one of PROMPTED_TASKS
+      (category-agnostic questions, ``kptjax.evaluation.prompted``).
   """
   name: str
   oks_ap: Optional[str] = "coco"
   pckh: bool = False
   needs_head_boxes: bool = False
   mpjpe: bool = False
-  prompted: bool = False
   default_task: str = PERSON_TASK
 
 
@@ -67,7 +66,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("aic", oks_ap="aic"),
     Protocol("mpii", oks_ap=None, pckh=True, needs_head_boxes=True),
     Protocol("h36m", oks_ap=None, mpjpe=True),
-    Protocol("mp100", oks_ap=None, prompted=True, default_task="visual"),
+    Protocol("mp100", oks_ap=None, default_task="visual"),
 )}
 DEFAULT = PROTOCOLS["coco"]
 
@@ -195,8 +194,8 @@ def category_ids(coco_gt: Optional[str], records: Sequence[Any]) -> dict[int, in
 def coco_entry(e: dict, categories: Mapping[int, int]) -> dict:
   """The COCO results entry of a person entry (missing keypoints as 0 and listed)."""
   kp = np.array(e["keypoints"])
-  return metrics.coco_result(e["image_id"], kp, e["score"], categories.get(int(e["ann_id"]), 1),
-                             missing=missing_mask([e], len(kp))[0])
+  return oks.coco_result(e["image_id"], kp, e["score"], categories.get(int(e["ann_id"]), 1),
+                         missing=missing_mask([e], len(kp))[0])
 
 
 def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequence[str], *,
@@ -250,9 +249,9 @@ def compute_metrics(records: Sequence[Any], entries: Sequence[dict], names: Sequ
     partial = len({e["index"] for e in entries}) < len(records)
     image_ids = sorted({int(records[e["index"]].image_id) for e in entries}) if partial else None
     out["ap_protocol"] = protocol.oks_ap
-    out["coco"] = metrics.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids,
-                                           category_ids=sorted(set(cats.values())),
-                                           protocol=protocol.oks_ap)
+    out["coco"] = oks.coco_keypoint_ap(coco_gt, preds, sigmas, image_ids=image_ids,
+                                       category_ids=sorted(set(cats.values())),
+                                       protocol=protocol.oks_ap)
   recs = [records[e["index"]] for e in entries]
   check_protocol(recs, mpii_box_pck, protocol)
   if has_gt and recs and recs[0].keypoints.shape[0] == len(names):
