@@ -15,8 +15,7 @@ import pytest
 
 from configs import tiny
 from kptjax import evaluate
-from kptjax.data import cape, pipeline
-from kptjax.data import tokenizer as tok_lib
+from kptjax.data import cape, pipeline, tokenizer as tok_lib
 from kptjax.data.sources import read_dataset
 from kptjax.evaluation import loading, oks, prompted, protocols, results
 from kptjax.inference import decode

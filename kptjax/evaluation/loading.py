@@ -19,8 +19,7 @@ import ml_collections
 from absl import logging
 
 from kptjax import convert, errors
-from kptjax.data import pipeline
-from kptjax.data import tokenizer as tok_lib
+from kptjax.data import pipeline, tokenizer as tok_lib
 from kptjax.data.sources import eval_options, read_dataset
 from kptjax.models import factory, vlm
 from kptjax.training import checkpoint as ckpt_lib
