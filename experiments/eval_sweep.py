@@ -42,7 +42,7 @@ from typing import Any, Optional, Sequence
 import ml_collections
 
 from kptjax import errors, storage
-from kptjax.data import pipeline
+from kptjax.data.sources.catalog import parse_options
 from kptjax.evaluation import loading, runner
 from kptjax.evaluation.metrics import markdown_table
 
@@ -104,7 +104,7 @@ def parse_dataset(text: str) -> tuple[str, str]:
 
 def parse_decode(text: str) -> dict[str, Any]:
   """'constrained=True,max_new_tokens=20' -> {'constrained': True, 'max_new_tokens': 20}."""
-  return pipeline.parse_options(text)
+  return parse_options(text)
 
 
 def with_decode(config: Any, overrides: dict[str, Any]) -> Any:

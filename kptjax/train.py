@@ -56,8 +56,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from kptjax import convert, sharding
-from kptjax.data import captions, kpt_pipeline, pipeline, tokenizer
-from kptjax.data.sources import CaptionRecord
+from kptjax.data import pipeline, tokenizer
 from kptjax.errors import ConfigError
 from kptjax.models import factory, vlm
 from kptjax.training import (
@@ -276,20 +275,12 @@ def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def make_dataset(config: ml_collections.ConfigDict):
-  """This process's slice of the training data, as a grain IterDataset of batches.
-
-  Person records -> localization conversations (``kptjax.data.pipeline``), or KptLLM's
-  task conversations with supports (``kptjax.data.kpt_pipeline``, ``model.kpt.enabled``);
-  caption records (``data.train.source='llava'``, stage 1) -> ``kptjax.data.captions``.
-  """
-  tok = tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir)
-  records = pipeline.load_records(config, "train")
-  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if records and isinstance(records[0], CaptionRecord):
-    return captions.make_caption_dataset(config, tok, records, **where)
-  if factory.variant(config) == "kptllm":
-    return kpt_pipeline.make_kpt_train_dataset(config, tok, records=records, **where)
-  return pipeline.make_train_dataset(config, tok, records=records, **where)
+  """This process's slice of the training data, as a grain IterDataset of batches
+  (``kptjax.data.pipeline.make_train_dataset`` picks the elements: localization rounds,
+  KptLLM tasks with supports, or stage-1 captions)."""
+  return pipeline.make_train_dataset(
+      config, tokenizer.load_tokenizer(config.checkpoints.tokenizer_dir),
+      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | None = None,

@@ -21,6 +21,7 @@ from absl import logging
 from kptjax import convert, errors
 from kptjax.data import pipeline, tokenizer as tok_lib
 from kptjax.data.sources import eval_options, read_dataset
+from kptjax.data.sources.catalog import parse_options
 from kptjax.models import factory, vlm
 from kptjax.training import checkpoint as ckpt_lib
 
@@ -134,7 +135,7 @@ def parse_dataset(dataset: str) -> tuple[str, dict[str, Any]]:
     if "=" not in part:
       raise errors.ConfigError(f"--dataset: expected key=value after the source name, "
                                f"got '{part}'")
-  return name, pipeline.parse_options(",".join(rest))
+  return name, parse_options(",".join(rest))
 
 
 def load_eval_records(config: Any, dataset: str = "") -> Any:
@@ -151,4 +152,4 @@ def dataset_values(config: Any, dataset: str = "") -> list[Any]:
   if dataset:
     return list(parse_dataset(dataset)[1].values())
   d = config.data.eval
-  return list(d.values()) + list(pipeline.parse_options(d.get("options", "")).values())
+  return list(d.values()) + list(parse_options(d.get("options", "")).values())

@@ -16,13 +16,12 @@ refused (``DataError`` naming the field).
 
 from __future__ import annotations
 
-import os
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from kptjax import errors
+from kptjax.data.sources.h36m import frame_action
 
 PCK_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
 PCKH_SC_BIAS = 0.6
@@ -327,13 +326,7 @@ def pixel_to_camera(xy: np.ndarray, z: np.ndarray, focal: np.ndarray, center: np
   return np.concatenate([(xy - c) / f * z[..., None], z[..., None]], axis=-1)
 
 
-_H36M_ACTION_RE = re.compile(r"S\d+_([A-Za-z]+)")
-
-
-def h36m_action(image_path: str) -> str:
-  """Action name from an H36M frame name: 'S1_Directions_1.54138969_000001.jpg' -> 'Directions'."""
-  m = _H36M_ACTION_RE.search(os.path.basename(image_path))
-  return m.group(1) if m else "unknown"
+h36m_action = frame_action   # 'S1_Directions_1.54138969_000001.jpg' -> 'Directions'
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ one query share its image prefix (``prefix_len``: the image header is prefilled 
 query, ``config.decode.share_prefix``). An unparseable answer, or a question whose query
 or support image cannot be read (``errors.ImageError``), is missing: a miss in PCK and in
 OKS, counted (``parse_failures``, ``missing_keypoints``, ``image_errors``,
-``unreadable_images``). Crops are the eval pipeline's (``pipeline.EvalTransform``);
+``unreadable_images``). Crops are the eval pipeline's (``transforms.CropRecipe``);
 predictions go back to image pixels through the crop's inverse affine.
 
     >>> result = evaluate_cape(config, model, params, tokenizer, records, task="visual",
@@ -40,19 +40,23 @@ import numpy as np
 from absl import logging
 
 from kptjax import errors
-from kptjax.data import cape, conversation, kpt_tasks, pipeline, transforms
+from kptjax.data import cape, transforms
+from kptjax.data.sources import specs_of
+from kptjax.data.tasks.kptllm import TaskEncoder
 from kptjax.evaluation import metrics, oks, protocols
 from kptjax.inference import decode, parsing
+from kptjax.models import vlm
 
 COORD_FORMATS = ("keypoint_token", "decimal2d")
 
 
-def _support_view(element: dict[str, np.ndarray], side: int) -> dict[str, np.ndarray]:
-  """An eval element's crop keypoints: xy f32[K, 2] crop px, labeled-and-inside bool[K]."""
-  xy = transforms.apply_affine(element["keypoints"][:, :2],
-                               transforms.invert_affine(element["affine_inv"]))
-  inside = transforms.keypoints_in_crop(xy, (side, side))
-  return dict(image=element["image"], xy=xy, labeled=(element["keypoints"][:, 2] > 0) & inside)
+def _crop_view(recipe: transforms.CropRecipe, record: Any, spec: Any) -> dict[str, np.ndarray]:
+  """The eval crop of ``record`` (``CropRecipe``, no augmentation): 'image' f32[S, S, 3]
+  normalized, 'affine_inv' f32[2, 3], 'xy' f32[K, 2] crop px, 'labeled' bool[K]
+  (labeled and inside the crop)."""
+  crop = recipe(record, spec)
+  return dict(image=crop["image"], affine_inv=np.asarray(crop["affine_inv"], np.float32),
+              xy=crop["keypoints"][:, :2], labeled=crop["keypoints"][:, 2] > 0)
 
 
 def questions(config: Any, records: Sequence[Any], task: str, shots: int,
@@ -62,19 +66,20 @@ def questions(config: Any, records: Sequence[Any], task: str, shots: int,
   the keypoint's position in each ('support_xy' f32[shots, 2] normalized,
   'support_mask' f32[shots]), 'index', 'keypoint', 'spec'; or 'image_error' instead of
   the crops when an image cannot be read."""
-  transform = pipeline.EvalTransform(config, records)
-  side = int(config.model.vit.image_size)
+  recipe = transforms.CropRecipe.from_config(config)     # the eval pipeline's crop
+  specs = specs_of(records)
+  side = recipe.side
   draws = cape.sample_supports(records, shots, seed) if task == "visual" else \
       [(q, ()) for q in range(len(records))]
   for q, support_ids in draws:
     record = records[q]
-    spec = transform.specs[record.spec]
+    spec = specs[record.spec]
     labeled = np.asarray(record.keypoints)[:, -1] > 0
     if task == "visual":
       labeled &= cape.support_keypoint_mask(record, [records[i] for i in support_ids])
     try:
-      query = transform(q)
-      supports = [_support_view(transform(i), side) for i in support_ids]
+      query = _crop_view(recipe, record, spec)
+      supports = [_crop_view(recipe, records[i], specs[records[i].spec]) for i in support_ids]
     except errors.ImageError as e:           # every question of this query is missing
       logging.warning("query %d: %s; its %d questions are scored as missing", q, e,
                       int(labeled.sum()))
@@ -82,7 +87,7 @@ def questions(config: Any, records: Sequence[Any], task: str, shots: int,
         yield dict(index=q, keypoint=int(k), spec=spec, image_error=str(e.path))
       continue
     if task == "semantic":                   # the model names a keypoint marked on its image
-      shots, supports = 1, [_support_view(query, side)]
+      shots, supports = 1, [query]
     n = max(shots, 1)
     for k in np.flatnonzero(labeled):
       xy, mask = np.zeros((n, 2), np.float32), np.zeros((n,), np.float32)
@@ -109,14 +114,13 @@ def _parse(tokenizer: Any, tokens: np.ndarray, eos_id: int) -> Optional[np.ndarr
   return None if values is None else np.asarray(values[:2], np.float32)
 
 
-def task_encoder(config: Any, tokenizer: Any) -> kpt_tasks.TaskEncoder:
+def task_encoder(config: Any, tokenizer: Any) -> TaskEncoder:
   """The training task encoder of ``config`` (prompts, ``<keypoint>``, image slots)."""
   kpt = config.model.kpt
-  return kpt_tasks.TaskEncoder(tokenizer, config.data,
-                               conversation.num_image_tokens(config.model),
-                               prompt_token_id=kpt.prompt_token_id,
-                               keypoint_token_id=kpt.keypoint_token_id,
-                               image_token_id=config.model.get("image_token_id", None))
+  return TaskEncoder(tokenizer, config.data, vlm.num_image_tokens(config.model),
+                     prompt_token_id=kpt.prompt_token_id,
+                     keypoint_token_id=kpt.keypoint_token_id,
+                     image_token_id=config.model.get("image_token_id", None))
 
 
 def _stack(rows: Sequence[dict[str, Any]], key: str) -> jax.Array:

@@ -30,9 +30,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from kptjax import errors
-from kptjax.data.sources._util import category_table, load_json
+from kptjax.data.sources import specs_of
+from kptjax.data.sources.fields import category_table, load_json
 from kptjax.evaluation import metrics, oks
-from kptjax.keypoints import get_spec
 
 PERSON_TASK = "keypoints"                        # every keypoint of the spec, per person
 PROMPTED_TASKS = ("visual", "textual", "semantic")
@@ -84,7 +84,7 @@ def protocol_for(records: Sequence[Any], config: Any = None) -> Protocol:
 def keypoint_spec(records: Sequence[Any], limit: Optional[int] = None,
                   what: str = "evaluate") -> Any:
   """The one KeypointSpec of the first ``limit`` records (default all): the records'
-  own (``Records.specs``), or the registry's by name.
+  own (``Records.specs``), or the registry's by name (``sources.specs_of``).
 
   Raises:
     ConfigError: those records hold several specs.
@@ -92,7 +92,7 @@ def keypoint_spec(records: Sequence[Any], limit: Optional[int] = None,
   names = sorted({records[i].spec for i in range(len(records))[:limit]})
   if len(names) != 1:
     raise errors.ConfigError(f"{what} asks one keypoint spec per run; the dataset has {names}")
-  return (getattr(records, "specs", {}) or {}).get(names[0]) or get_spec(names[0])
+  return specs_of(records)[names[0]]
 
 
 def oks_ground_truth(records: Any, protocol: Protocol) -> Optional[str]:

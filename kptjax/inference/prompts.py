@@ -17,6 +17,7 @@ import numpy as np
 
 from kptjax import errors
 from kptjax.data import conversation
+from kptjax.models import vlm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ def build_prompts(tokenizer: Any, config: Any, names: Sequence[str],
   if not names:
     raise errors.ConfigError("no keypoints to ask for")
   prefix = conversation.encode_prefix(tokenizer, config.data,
-                                      conversation.num_image_tokens(config.model),
+                                      vlm.num_image_tokens(config.model),
                                       image_token_id=int(config.model.image_token_id))
   queries = [conversation.encode_query(tokenizer, config.data, n, d, subject=subject)
              for n, d in zip(names, descriptions)]
