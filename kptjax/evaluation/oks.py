@@ -18,7 +18,10 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+import faster_coco_eval
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from kptjax import errors
 from kptjax.evaluation.metrics import answered_mask
@@ -51,7 +54,6 @@ def _read_gt(gt: Any) -> dict:
 
 def load_coco_gt(gt: Any):
   """A pycocotools ``COCO`` from a path, a COCO-format dict or a ``COCO`` (unchanged)."""
-  from pycocotools.coco import COCO
   if isinstance(gt, COCO):
     return gt
   data = _read_gt(gt)
@@ -241,7 +243,6 @@ def coco_keypoint_ap(gt: Any, results: Sequence[Mapping[str, Any]],
 
 def _pycocotools_eval(data: dict, results: list[dict], sigmas: Optional[Sequence[float]]
                       ) -> list[float]:
-  from pycocotools.cocoeval import COCOeval
   coco_gt = load_coco_gt(data)
   with contextlib.redirect_stdout(io.StringIO()):
     ev = COCOeval(coco_gt, coco_gt.loadRes(results), "keypoints")
@@ -254,9 +255,8 @@ def _pycocotools_eval(data: dict, results: list[dict], sigmas: Optional[Sequence
 
 
 def _faster_crowd_eval(data: dict, results: list[dict], sigmas: Sequence[float]) -> list[float]:
-  from faster_coco_eval import COCO, COCOeval_faster
-  coco_gt = COCO(data, print_function=lambda *a, **k: None)
-  ev = COCOeval_faster(coco_gt, coco_gt.loadRes(results), "keypoints_crowd",
+  coco_gt = faster_coco_eval.COCO(data, print_function=lambda *a, **k: None)
+  ev = faster_coco_eval.COCOeval_faster(coco_gt, coco_gt.loadRes(results), "keypoints_crowd",
                        kpt_oks_sigmas=list(sigmas), use_area=False,
                        print_function=lambda *a, **k: None)
   ev.evaluate()
