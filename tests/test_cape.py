@@ -13,6 +13,7 @@ from kptjax.data.sources import ap10k, read_dataset, read_mp100
 from kptjax.errors import DataError
 from kptjax.evaluation import metrics
 from kptjax.inference import decode
+from kptjax.inference.prompts import build_prompts
 
 
 def _mp100_file(path, num_categories=10, per_category=6):
@@ -141,8 +142,8 @@ def test_capellm_prompts_decode_with_the_shared_prefix_as_by_full_forwards(model
   config.data.template = "capellm"
   tokenizer = tok_lib.load_tokenizer("")
   names, descriptions = ["left eye", "tail tip"], ["The left eye.", None]
-  prompts = decode.build_prompts(tokenizer, config.lock(), names, descriptions,
-                                 subject="animal", pad_id=tokenizer.eos_token_id)
+  prompts = build_prompts(tokenizer, config.lock(), names, descriptions,
+                          subject="animal", pad_id=tokenizer.eos_token_id)
   decoder = decode.Decoder(model, params, prompts, eos_id=tokenizer.eos_token_id,
                            max_new_tokens=6)
   images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
