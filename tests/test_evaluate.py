@@ -72,6 +72,8 @@ def test_coco_outputs_and_metrics(shared_data, coco_run):
   direct = oks.coco_keypoint_ap(gt, preds, image_ids=images)
   assert saved["coco"] == pytest.approx(direct)
   assert {"PCK@0.05", "PCK@0.1", "PCK@0.2"} <= set(saved["pck"])
+  assert saved["protocol"] == {"name": "coco", "task": "keypoints", "heldout_keypoints": None,
+                               "padding": float(_config().data.padding)}
 
 
 def test_finished_run_is_not_recomputed(shared_data, coco_run, model_params, tokenizer):

@@ -41,6 +41,7 @@ from absl import logging
 
 from kptjax import errors
 from kptjax.data import cape, transforms
+from kptjax.data.conversation import VISUAL_TASKS
 from kptjax.data.sources import specs_of
 from kptjax.data.tasks.kptllm import TaskEncoder
 from kptjax.evaluation import metrics, oks, protocols
@@ -69,13 +70,13 @@ def questions(config: Any, records: Sequence[Any], task: str, shots: int,
   recipe = transforms.CropRecipe.from_config(config)     # the eval pipeline's crop
   specs = specs_of(records)
   side = recipe.side
-  draws = cape.sample_supports(records, shots, seed) if task == "visual" else \
+  draws = cape.sample_supports(records, shots, seed) if task in VISUAL_TASKS else \
       [(q, ()) for q in range(len(records))]
   for q, support_ids in draws:
     record = records[q]
     spec = specs[record.spec]
     labeled = np.asarray(record.keypoints)[:, -1] > 0
-    if task == "visual":
+    if task in VISUAL_TASKS:
       labeled &= cape.support_keypoint_mask(record, [records[i] for i in support_ids])
     try:
       query = _crop_view(recipe, record, spec)
@@ -225,8 +226,9 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     model, params: ``KptLLM`` (or a ``VLM`` for the textual task) and its params;
       tokenizer: the model's tokenizer.
     records: the test instances (e.g. ``read_mp100`` of ``mp100_split{k}_test.json``).
-    task: 'visual' or 'textual'.
-    shots: supports per query (visual).
+    task: 'visual', 'visual+textual' (KptLLM Table 7: support prompt and description) or
+      'textual'.
+    shots: supports per query (visual tasks).
     seed: the support draw.
     rows_per_batch: questions decoded together.
     max_new_tokens: default ``config.decode.max_new_tokens``.
@@ -238,7 +240,7 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
     ``metrics.category_pck``'s dict plus 'questions' (keypoints asked), the missing
     counts (``protocols.missing_counts``), and with ``coco_gt`` the COCO AP/AR names.
   """
-  _check(config, model, task, ("visual", "textual"))
+  _check(config, model, task, VISUAL_TASKS + ("textual",))
   fmt = config.data.coord_format
   if fmt not in COORD_FORMATS:
     raise errors.ConfigError(f"evaluate_cape: coord_format {fmt!r} (expected one of "

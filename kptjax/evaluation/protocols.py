@@ -25,17 +25,19 @@ Metric families:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from kptjax import errors
+from kptjax.data import cape
 from kptjax.data.sources import specs_of
 from kptjax.data.sources.fields import category_table, load_json
 from kptjax.evaluation import metrics, oks
 
 PERSON_TASK = "keypoints"                        # every keypoint of the spec, per person
-PROMPTED_TASKS = ("visual", "textual", "semantic")
+PROMPTED_TASKS = ("visual", "visual+textual", "textual", "semantic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,28 @@ def check_protocol(records: Sequence[Any], mpii_box_pck: bool = False,
         f"{getattr(records, 'source', protocol.name)}: {protocol.name} is scored by PCKh, "
         "which needs the head boxes: add headbox_file=<mpii_gt_val.mat> to the dataset, or "
         "ask for box PCK only (--mpii_box_pck, config.decode.mpii_box_pck)")
+
+
+def protocol_record(protocol: Protocol, records: Sequence[Any], config: Any, *, task: str,
+                    pckh_variant: str = "", mpii_box_pck: bool = False) -> dict[str, Any]:
+  """What produced an evaluation's numbers, for ``metrics.json['protocol']``.
+
+  The registry entry and task; the crop padding; the keypoints training held out
+  (``data.heldout_keypoints``, LocLLM's novel-keypoint protocol); with PCKh, the variant,
+  whether every person had its head box and whether box PCK was asked; for the prompted
+  (MP-100-style) tasks, which split produced the test file (``cape.split_protocol``:
+  seeded, cross-supercategory, or files of unknown origin such as POMNet's).
+  """
+  out: dict[str, Any] = {
+      "name": protocol.name, "task": task, "padding": float(config.data.padding),
+      "heldout_keypoints": config.data.get("heldout_keypoints", "") or None}
+  if protocol.pckh:
+    out.update(pckh_variant=pckh_variant or None, mpii_box_pck=bool(mpii_box_pck),
+               head_boxes=bool(len(records)) and all(r.head_box is not None for r in records))
+  if task in PROMPTED_TASKS:
+    source = os.fspath(getattr(records, "source", "") or "")
+    out["split"] = cape.split_protocol(source) if source and os.path.isfile(source) else None
+  return out
 
 
 # ---------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
                                       shots=shots, seed=seed, rows_per_batch=rows_per_batch,
                                       coco_gt=protocols.oks_ground_truth(records, protocol),
                                       protocol=protocol)
-    result.update(task=task, shots=shots, seed=seed, **common)
+    result.update(task=task, shots=shots, seed=seed, **common,
+                  protocol=protocols.protocol_record(protocol, records, config, task=task))
     storage.write_json_atomic(os.path.join(out_dir, results.METRICS), result)
     return result
 
@@ -114,6 +115,9 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
                                      protocol=protocol)
   result.update({
       **common, "spec": spec.name, "task": task,
+      "protocol": protocols.protocol_record(protocol, records, config, task=task,
+                                            pckh_variant=pckh_variant,
+                                            mpii_box_pck=mpii_box_pck),
       "decode": {"max_new_tokens": localizer.max_new_tokens, "constrained": localizer.constrained,
                  "share_prefix": localizer.share_prefix,
                  "batch_persons": int(config.decode.batch_persons)},
