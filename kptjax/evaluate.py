@@ -17,6 +17,10 @@ dataset is scored (OKS AP by COCO / CrowdPose / AIC's setting, PCKh, MPJPE, MP-1
 PCK per category) comes from ``kptjax.evaluation.protocols``; the files written are
 described in ``kptjax.evaluation.results``.
 
+Several processes (``launch/local.py``, a TPU pod, SLURM; the start-up flags of
+``kptjax.distributed``): each decodes its block of persons on its own devices, process 0
+gathers them in single-process order and writes the same files one process writes.
+
 The periodic-evaluation hook of ``kptjax.train`` is
 ``config.train.evaluator = 'kptjax.evaluate:make_train_evaluator'``.
 """
@@ -28,7 +32,7 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from kptjax import errors
+from kptjax import distributed, errors
 from kptjax.evaluation.loading import load_tokenizer
 from kptjax.evaluation.persons import make_train_evaluator
 from kptjax.evaluation.protocols import PERSON_TASK, PROMPTED_TASKS
@@ -57,6 +61,7 @@ def _define_flags() -> None:
                     "Joints in the PCKh mean (metrics.PCKH_MEAN_EXCLUDE).")
   flags.DEFINE_bool("mpii_box_pck", False, "MPII without head boxes: report box PCK only "
                     "(default: refuse, PCKh needs headbox_file).")
+  distributed.define_flags()
   flags.mark_flag_as_required("config")
 
 
@@ -66,13 +71,14 @@ def main(argv: Sequence[str]) -> None:
   out = f.out or f.workdir
   if not out:
     raise app.UsageError("--out (or --workdir) is required")
+  distributed.initialize(distributed.setup_from_flags(f))
   try:
     result = run(f.config, out, checkpoint=f.checkpoint, dataset=f.dataset, task=f.task,
                  shots=f.shots, seed=f.seed, max_persons=f.max_persons,
                  pckh_variant=f.pckh_variant, step=f.step, mpii_box_pck=f.mpii_box_pck)
   except errors.KptjaxError as e:
     raise SystemExit(f"error: {e}") from None
-  for line in summary_lines(result):
+  for line in summary_lines(result) if result else ():   # {} on processes other than 0
     print(line)
 
 

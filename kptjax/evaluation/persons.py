@@ -126,17 +126,18 @@ def make_localizer(config: Any, model: Any, params: Any, tokenizer: Any,
 
 def decode_resumable(config: Any, localizer: Any, records: Sequence[Any],
                      indices: Sequence[int], out_dir: str, record: dict, *,
-                     progress: bool = True) -> tuple[list[dict], dict[str, Any]]:
+                     progress: bool = True, partial_name: str = results.PARTIAL
+                     ) -> tuple[list[dict], dict[str, Any]]:
   """Entries of ``records[i]`` for i in ``indices``, decoded in batches of
   ``config.decode.batch_persons`` and appended to the partial file as they come;
   persons already in it (same provenance, without the 'evaluation' options) are not
-  decoded again.
+  decoded again. ``partial_name``: the partial file in ``out_dir`` (one per process).
 
   Returns:
     (entries in ``indices`` order, timing {'wall_s', 'first_batch_s', 'persons_per_s'
     (after the first batch, which includes the compilation, when there are more)}).
   """
-  partial_path = os.path.join(out_dir, results.PARTIAL)
+  partial_path = os.path.join(out_dir, partial_name)
   partial_record = {k: v for k, v in record.items() if k != "evaluation"}
   done = results.read_partial(partial_path, partial_record)
   todo = [i for i in indices if i not in done]

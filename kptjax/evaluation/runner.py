@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from kptjax import errors, storage
+import jax
+
+from kptjax import distributed, errors, storage
 from kptjax.evaluation import loading, persons, prompted, protocols, results
 
 ModelLoader = Callable[..., tuple[Any, Any, Any]]
@@ -98,14 +100,25 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
                                       protocol=protocol)
     result.update(task=task, shots=shots, seed=seed, **common,
                   protocol=protocols.protocol_record(protocol, records, config, task=task))
-    storage.write_json_atomic(os.path.join(out_dir, results.METRICS), result)
+    if jax.process_index() == 0:   # prompted tasks are not split over processes (yet)
+      storage.write_json_atomic(os.path.join(out_dir, results.METRICS), result)
     return result
 
   localizer = persons.make_localizer(config, model, params, tokenizer, spec)
   is_3d = localizer.count == 3
   indices = list(range(len(records)))[:max_persons]
-  entries, timing = persons.decode_resumable(config, localizer, records, indices, out_dir,
-                                             record, progress=progress)
+  # Several processes: each decodes its block of persons on its own devices, process 0
+  # gathers them (in single-process order) and writes the outputs.
+  part = distributed.split_for_process(len(indices))
+  partial_name = results.PARTIAL if jax.process_count() == 1 else \
+      f"{results.PARTIAL}.process-{jax.process_index()}-of-{jax.process_count()}"
+  entries, timing = persons.decode_resumable(
+      config, localizer, records, indices[part.start:part.stop], out_dir, record,
+      progress=progress, partial_name=partial_name)
+  entries = distributed.gather_to_process0(entries)
+  if entries is None:                    # not process 0: its persons are with process 0
+    os.remove(os.path.join(out_dir, partial_name))
+    return {}                            # (``run`` returns the metrics on process 0 only)
   coco_gt = None if is_3d else protocols.oks_ground_truth(records, protocol)
   has_gt = not (dataset and "det_file=" in dataset) and not config.data.eval.get("det_file")
   root = getattr(spec, "root_index", None) or 0
@@ -125,7 +138,7 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
   predictions = results.predictions_file(records, entries, is_3d,
                                          protocols.category_ids(coco_gt, records), root)
   results.write_person_outputs(out_dir, predictions, result, record)
-  os.remove(os.path.join(out_dir, results.PARTIAL))
+  os.remove(os.path.join(out_dir, partial_name))
   return result
 
 
