@@ -1,8 +1,9 @@
 r"""Trains the VLM: ``python -m kptjax.train --config configs/X.py[:arg] --workdir DIR``.
 
-Overrides: ``--config.optim.lr=1e-4``. Multi-host: ``--multihost`` calls
-``jax.distributed.initialize()`` first; every process then reads its own slice of the
-data and only process 0 writes logs, metrics and the adapter export.
+Overrides: ``--config.optim.lr=1e-4``. Multi-host: ``--multihost`` or
+``--coordinator_address/--num_processes/--process_id`` start the processes first
+(``kptjax.distributed``; launch scripts in ``launch/``); every process then reads its own
+slice of the data and only process 0 writes logs, metrics and the adapter export.
 
 Restarting with the same workdir resumes from the latest checkpoint in
 ``WORKDIR/checkpoints`` (params, optimizer state and data-iterator state), so a
@@ -55,7 +56,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from kptjax import convert, sharding
+from kptjax import convert, distributed, sharding, storage
 from kptjax.data import pipeline, tokenizer
 from kptjax.errors import ConfigError
 from kptjax.models import factory, vlm
@@ -234,12 +235,11 @@ class _JsonlWriter:
   TensorFlow) appending ``{"step": s, name: value, ...}`` lines to a file; scalars only."""
 
   def __init__(self, path: str):
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._path = path
 
   def write_scalars(self, step, scalars):
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    storage.append_text(self._path, json.dumps(row) + "\n")
 
   def write_summaries(self, step, values, metadata=None): pass
   def write_images(self, step, images): pass
@@ -249,17 +249,14 @@ class _JsonlWriter:
   def write_histograms(self, step, arrays, num_buckets=None): pass
   def write_hparams(self, hparams): pass
 
-  def flush(self):
-    self._file.flush()
-
-  def close(self):
-    self._file.close()
+  def flush(self): pass
+  def close(self): pass
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The rows of ``WORKDIR/metrics.jsonl`` (train and eval), in the order written."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (storage.path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
@@ -316,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform, workdir)
-  has_model_config = os.path.exists(os.path.join(workdir, preflight.MODEL_CONFIG_FILE))
+  has_model_config = (storage.path(workdir) / preflight.MODEL_CONFIG_FILE).exists()
   if is_main and (not resuming or has_model_config):
     preflight.write_model_config(workdir, config.model)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -445,7 +442,7 @@ def _define_flags() -> None:
   """Flags of the CLI (defined only when run as a program, so importers may define theirs)."""
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
+  distributed.define_flags()   # --multihost, --coordinator_address, --num_processes, ...
   flags.DEFINE_bool("strict", False, "Stop at the first training image that cannot be read "
                     "(data.strict_images=True) instead of skipping and counting it.")
   flags.DEFINE_integer("preempt_at_step", None,
@@ -454,8 +451,7 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  if FLAGS.multihost:
-    jax.distributed.initialize()
+  distributed.initialize(distributed.setup_from_flags(FLAGS))
   config = FLAGS.config
   if FLAGS.strict:
     with config.unlocked():

@@ -56,7 +56,8 @@ def agreement_problems(config: ml_collections.ConfigDict, tokenizer: Any) -> lis
     problems.append(
         f"{_tokenizer_name(config)} has {n_tok} ids, the embedding table model.llm.vocab_size="
         f"{vocab}{_source(config, 'llm')}: ids {vocab}..{n_tok - 1} have no row (give the "
-        "checkpoint's own tokenizer as checkpoints.tokenizer_dir)")
+        "checkpoint's own tokenizer as checkpoints.tokenizer_dir, or add rows for the new "
+        "tokens with model.llm.new_token_init='mean' or 'normal')")
   ids = {f"tokenizer {name}": getattr(tokenizer, name, None)
          for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
   ids["model.image_token_id"] = m.get("image_token_id", None)
@@ -155,14 +156,13 @@ def check_workdir_model(workdir: str, model_config: ml_collections.ConfigDict,
   Raises:
     ConfigError: listing every field that differs and is not allowed.
   """
-  path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / MODEL_CONFIG_FILE
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    try:
-      saved = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: malformed JSON: {e}") from e
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: malformed JSON: {e}") from e
   requested = json.loads(model_config.to_json())
   allowed = list(allowed)
   refused = config_differences(saved, requested, prefix="model.", may_change=allowed)
