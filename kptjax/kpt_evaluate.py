@@ -335,7 +335,7 @@ def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
   of ``kptjax.evaluate.load_model``. From a training workdir (its ``model_config.json``
   and its checkpoint at ``step``, default the latest), else the Hugging Face dirs (prompt
   modules and head fresh), else random weights."""
-  from kptjax import train  # pylint: disable=g-import-not-at-top
+  from kptjax.training import preflight  # pylint: disable=g-import-not-at-top
   from kptjax.models import kptllm  # pylint: disable=g-import-not-at-top
   if factory.variant(config) != "kptllm":
     return evaluate.load_model(config, checkpoint, step)
@@ -348,7 +348,7 @@ def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
     model_file = evaluate._model_config_file(checkpoint)  # pylint: disable=protected-access
     if model_file:
       with open(model_file, encoding="utf-8") as f:
-        config = train.with_model_config(config, ml_collections.ConfigDict(json.load(f)))
+        config = preflight.with_model_config(config, ml_collections.ConfigDict(json.load(f)))
     abstract = nn.meta.unbox(kptllm.abstract_params(config.model))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params, missing = ckpt_lib.load_params(checkpoint, abstract,
@@ -361,7 +361,7 @@ def load_kpt_model(config: Any, checkpoint: str = "", step: Optional[int] = None
   if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
     from kptjax import convert  # pylint: disable=g-import-not-at-top
     model_config, loaded = convert.load_vlm(config)
-    config = train.with_model_config(config, model_config)
+    config = preflight.with_model_config(config, model_config)
     params = {**kptllm.init_params(config.model, jax.random.key(config.seed)), **loaded}
   else:
     logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")

@@ -86,10 +86,10 @@ def demo_or_tiny_checkpoint(workdir: Optional[str] = None, tmp_root: Optional[st
   if is_workdir(path):
     spec = os.environ.get(DEMO_CONFIG_ENV) or DEFAULT_DEMO_CONFIG
     return load_config(spec), str(path), f"checkpoint: {path} (config {spec})"
-  from kptjax import train
+  from kptjax.training import trainer
   config = load_config(SMOKE_CONFIG)
   out = tempfile.mkdtemp(prefix="kptjax_smoke_", dir=tmp_root)
-  train.run(config, out)
+  trainer.run(config, out)
   return config, out, (f"no demo workdir at {path}: trained {SMOKE_CONFIG} for "
                        f"{config.train.num_steps} steps into {out} (an untrained model: "
                        "expect noisy answers; run `python -m kptjax.demo` for a real one)")

@@ -12,15 +12,7 @@ import flax.linen as nn
 import jax
 import pytest
 
-from configs import (
-    capellm_mp100,
-    demo,
-    kptllm_ap10k,
-    kptllm_mp100,
-    locllm_coco,
-    posellm_coco,
-    tiny,
-)
+from configs import capellm_mp100, demo, kptllm_ap10k, kptllm_mp100, locllm_coco, posellm_coco, tiny
 from kptjax.models import kptllm, vlm
 from kptjax.models.lora import count_params, trainable_mask
 
