@@ -30,7 +30,7 @@ from flax import traverse_util
 from configs import tiny
 from kptjax import convert, sharding
 from kptjax.errors import CheckpointError
-from kptjax.training import checkpoint, trainer as trainer_lib
+from kptjax.training import checkpoint, metrics_writer, trainer as trainer_lib
 from kptjax.training.step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def _wait(*procs):
 
 
 def _losses(workdir):
-  return {r["step"]: r["loss"] for r in trainer_lib.read_metrics(workdir) if "loss" in r}
+  return {r["step"]: r["loss"] for r in metrics_writer.read_metrics(workdir) if "loss" in r}
 
 
 def test_kill_and_resume_in_a_new_process_is_exact(stage1, tmp_path):

@@ -42,7 +42,7 @@ from kptjax import sharding
 from kptjax.data import pipeline, tokenizer
 from kptjax.errors import CheckpointError, ConfigError
 from kptjax.models import factory
-from kptjax.training import checkpoint, trainer as trainer_lib
+from kptjax.training import checkpoint, metrics_writer, trainer as trainer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def overfit(tmp_path_factory, trainer):
     return {"answer_tokens_seen": float(step * batches[0]["loss_mask"].sum())}
 
   state = trainer_lib.run(config, workdir, eval_fn=eval_fn, dataset=dataset, trainer=trainer)
-  rows = trainer_lib.read_metrics(workdir)
+  rows = metrics_writer.read_metrics(workdir)
   return dict(workdir=workdir, state=state, calls=calls, rows=rows, batches=batches)
 
 
@@ -250,7 +250,7 @@ def test_read_only_workdir_mid_run_fails_at_the_next_save(tmp_path, trainer, mou
 
 
 def _losses_logged(workdir):
-  return [r["step"] for r in trainer_lib.read_metrics(str(workdir)) if "loss" in r]
+  return [r["step"] for r in metrics_writer.read_metrics(str(workdir)) if "loss" in r]
 
 
 def test_stage1_caption_batches(tmp_path, trainer, shared_data):
@@ -321,7 +321,7 @@ def test_corrupt_image_is_skipped_and_counted_in_a_real_run(tmp_path, trainer, c
   config = _coco_config(ann, root, steps)
   state = trainer_lib.run(config, str(tmp_path), trainer=trainer)
   assert int(jax.device_get(state.step)) == steps
-  rows = [r for r in trainer_lib.read_metrics(str(tmp_path)) if "loss" in r]
+  rows = [r for r in metrics_writer.read_metrics(str(tmp_path)) if "loss" in r]
   assert [r["step"] for r in rows] == list(range(1, steps + 1))
   assert all(np.isfinite(r["loss"]) for r in rows)
   # Expected count from the shuffled stream of the 12 persons: how often one on the
@@ -388,7 +388,7 @@ def test_kptllm_two_step_run_trains_and_checkpoints(tmp_path):
   workdir = tmp_path / "work"
   state = trainer_lib.run(config, str(workdir), mesh=mesh)
   assert int(state.step) == 2
-  rows = [r for r in trainer_lib.read_metrics(str(workdir)) if "l1" in r]
+  rows = [r for r in metrics_writer.read_metrics(str(workdir)) if "l1" in r]
   assert [r["step"] for r in rows] == [1, 2]
   assert all(np.isfinite(r["loss"]) and r["keypoints"] > 0 for r in rows)
   assert (workdir / "checkpoints").is_dir() and (workdir / "adapter.safetensors").exists()

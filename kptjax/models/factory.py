@@ -19,6 +19,7 @@ asks which paper a config is: it asks this one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,8 +64,8 @@ class Variant:
     name: 'vlm' | 'kptllm'.
     model: the Linen module of ``config.model`` (unbound, no params).
     batch_keys: the train-batch fields the step reads.
-    init_kwargs: shape-only keyword inputs ``model.init`` needs beyond
-      ``vlm.dummy_inputs``.
+    init_kwargs: ``() -> {name: array}``, the shape-only keyword inputs ``model.init``
+      needs beyond ``vlm.dummy_inputs`` (made when called, e.g. inside a trace).
     forward: ``(model, params, batch, **apply_kwargs) -> {'hidden': [B,T,D], ...}`` (the
       train step's forward pass, ``kptjax.training.step.make_train_step``).
     loss_terms: ``kptjax.training.losses.LossTerm``s summed into the loss.
@@ -72,7 +73,7 @@ class Variant:
   name: str
   model: nn.Module
   batch_keys: tuple[str, ...]
-  init_kwargs: dict[str, jax.Array]
+  init_kwargs: Callable[[], dict[str, jax.Array]]
   forward: Callable[..., dict[str, jax.Array]]
   loss_terms: tuple[losses.LossTerm, ...]
 
@@ -88,11 +89,12 @@ def variant_of(config: ml_collections.ConfigDict) -> Variant:
   if variant(config) == "kptllm":
     return Variant(name="kptllm", model=kptllm.KptLLM(config.model),
                    batch_keys=BATCH_KEYS + KPT_BATCH_KEYS,
-                   init_kwargs=kptllm.dummy_support(config.model), forward=_kptllm_forward,
+                   init_kwargs=functools.partial(kptllm.dummy_support, config.model),
+                   forward=_kptllm_forward,
                    loss_terms=(losses.LM_TERM,
                                losses.l1_term(config.optim.get("l1_weight", 2.0))))
   return Variant(name="vlm", model=vlm.VLM(config.model), batch_keys=BATCH_KEYS,
-                 init_kwargs={}, forward=_vlm_forward, loss_terms=(losses.LM_TERM,))
+                 init_kwargs=dict, forward=_vlm_forward, loss_terms=(losses.LM_TERM,))
 
 
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -102,7 +104,7 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 def init_kwargs(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """Shape-only keyword inputs ``model.init`` needs beyond ``vlm.dummy_inputs``."""
-  return variant_of(config).init_kwargs
+  return variant_of(config).init_kwargs()
 
 
 def batch_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:

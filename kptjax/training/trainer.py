@@ -127,7 +127,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
 
   def init_boxed(rng):
     with nn.logical_axis_rules(rules):
-      return model.init(rng, *vlm.dummy_inputs(config.model), **variant.init_kwargs)["params"]
+      return model.init(rng, *vlm.dummy_inputs(config.model), **variant.init_kwargs())["params"]
 
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   param_shardings = sharding.logical_shardings(boxed, mesh, rules)
