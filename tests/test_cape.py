@@ -9,7 +9,7 @@ import pytest
 
 from configs import tiny
 from kptjax.data import cape, tokenizer as tok_lib
-from kptjax.data.sources import read_dataset, read_mp100
+from kptjax.data.sources import ap10k, read_dataset, read_mp100
 from kptjax.errors import DataError
 from kptjax.evaluation import metrics
 from kptjax.inference import decode
@@ -122,10 +122,10 @@ def test_ap10k_families(tmp_path):
   for a in data["annotations"]:                   # AP-10K files have 17 keypoints each
     a["keypoints"] = (a["keypoints"] + [0, 0, 0] * 17)[:51]
   ann.write_text(json.dumps(data))
-  assert cape.family_category_ids(ann, "fam1") == [1, 3, 5, 7, 9]
-  assert cape.family_category_ids(ann, "FAM0|fam1") == list(range(1, 11))
+  assert ap10k.family_category_ids(ann, "fam1") == [1, 3, 5, 7, 9]
+  assert ap10k.family_category_ids(ann, "FAM0|fam1") == list(range(1, 11))
   with pytest.raises(DataError, match="Felidae"):
-    cape.family_category_ids(ann, "Felidae")
+    ap10k.family_category_ids(ann, "Felidae")
   train = read_dataset("ap10k_family", ann, tmp_path, families="fam1", check_images=False)
   test = read_dataset("ap10k_family", ann, tmp_path, families="fam0", check_images=False)
   assert len(train) == len(test) == 30

@@ -4,7 +4,7 @@ and end-of-turn only, prefix/query consistency, other templates and coordinate f
 import numpy as np
 import pytest
 
-from kptjax.data import conversation as conv, transforms
+from kptjax.data import conversation as conv, coords, transforms
 from kptjax.data.sources import read_coco_keypoints
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError
@@ -158,7 +158,7 @@ def test_coordinate_formats(tok, spec, person_crop):
       "[0.500,0.250,0.512346]"
   loc = _cfg(coord_format="loc_tokens")
   assert conv.format_answer([0.5, 0.257], loc) == "<loc_50><loc_25>"
-  np.testing.assert_allclose(conv.parse_loc_answer("<loc_50><loc_25>"), [0.505, 0.255])
+  np.testing.assert_allclose(coords.parse_loc_answer("<loc_50><loc_25>"), [0.505, 0.255])
   out = conv.encode_training_example(person_crop, 224, spec, tok, loc, N_IMAGE,
                                      np.random.default_rng(SEED))
   assert out["loss_mask"].sum() == 5 * (2 + 1)                  # two location tokens + </s>

@@ -1,7 +1,11 @@
 """Grain pipelines: static shapes, same seed -> same batches, restore -> same next batch,
 two processes cover the data once (train epoch and eval), eval metadata, real sources,
 an unreadable training image skipped and counted (deterministically, resumably) or, with
-data.strict_images, raised."""
+data.strict_images, raised; stage-1 captions and KptLLM's tasks with supports through the
+same entry (the synthetic objects, MP-100 style: static shapes, tasks mixed in one run,
+visual supports from other images of the same category with the prompted keypoint's
+position, semantic supports = the query crop, deterministic by seed; an unreadable query
+or support image skips the element, counted, or, strict, raises)."""
 
 import dataclasses
 import json
@@ -11,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax.data import captions, pipeline
+from kptjax.data import pipeline
 from kptjax.data.sources import read_llava_captions
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError, ImageError
@@ -149,7 +153,7 @@ def test_real_source_and_groups(config, tok, shared_data):
   c.data.train.path = ""
   with pytest.raises(ConfigError, match="ann_file"):
     pipeline.load_records(c, "train")
-  items = pipeline._items(records, 4, seed=0)
+  items = pipeline.train_items(records, 4, seed=0)
   assert len(items) == 12 * 5                             # 17 keypoints -> 5 groups of 4
   ids = {i for index, group in items if index == 0 for i in group}
   assert ids == set(range(17)) and all(len(g) == 4 for _, g in items)
@@ -259,10 +263,111 @@ def test_caption_pipeline_skips_an_unreadable_image(config, tok, shared_data, tm
   records = read_llava_captions(tmp_path / "chat.json", tmp_path)
   c = config.copy_and_resolve_references()
   c.train.batch_size = 2
-  batches, _ = _take(captions.make_caption_dataset(c, tok, records), 3)   # two epochs
+  batches, _ = _take(pipeline.make_train_dataset(c, tok, records=records), 3)   # two epochs
   stream = _stream_items(c, 3, 12)
   kept = [j for j, item in enumerate(stream) if item != 1][:6]
   assert sum(int(b["skipped_images"].sum()) for b in batches) == stream[:kept[-1]].count(1) > 0
   c.data.strict_images = True
   with pytest.raises(ImageError, match="bad.jpg"):
-    _take(captions.make_caption_dataset(c, tok, records), 3)
+    _take(pipeline.make_train_dataset(c, tok, records=records), 3)
+
+
+# ------------------------------------------------------------------ KptLLM: tasks with supports
+
+KB, SHOTS, ROUNDS, MAX_LEN = 6, 2, 2, 160
+
+
+def _kpt_config(root):
+  c = tiny.get_config().unlock()
+  c.model.kpt.enabled = True
+  c.data.train.update(source="synthetic_objects", path=str(root), num_images=12, split="train")
+  c.data.update(tasks="semantic:1,visual:1,textual:1", shots=SHOTS, rounds=ROUNDS,
+                max_len=MAX_LEN, coord_format="keypoint_token", read_threads=1)
+  c.data.augment.flip_prob = 0.0        # markers are chiral (synthetic_objects docstring)
+  c.train.batch_size = KB
+  return c.lock()
+
+
+@pytest.fixture(scope="module")
+def kpt_setup(tmp_path_factory):
+  config = _kpt_config(tmp_path_factory.mktemp("objects"))
+  tok = load_tokenizer("")
+  records = pipeline.load_records(config, "train")
+  it = iter(pipeline.make_train_dataset(config, tok, records=records))
+  return config, tok, records, [next(it) for _ in range(4)]
+
+
+def test_kptllm_batch_shapes(kpt_setup):
+  config, _, records, batches = kpt_setup
+  side = config.model.vit.image_size
+  b = batches[0]
+  assert len(records) == 12
+  assert b["image"].shape == (KB, side, side, 3) and b["tokens"].shape == (KB, MAX_LEN)
+  assert b["support_image"].shape == (KB, SHOTS, side, side, 3)
+  assert b["support_xy"].shape == (KB, SHOTS, ROUNDS, 2)
+  assert b["support_mask"].shape == (KB, SHOTS, ROUNDS)
+  assert b["kpt_xy"].shape == (KB, ROUNDS, 2) and b["kpt_mask"].shape == (KB, ROUNDS)
+
+
+def test_kptllm_tasks_mix_and_slots_match_tokens(kpt_setup):
+  config, _, _, batches = kpt_setup
+  k = config.model.kpt
+  seen = set()
+  for b in batches:
+    for row in range(KB):
+      prompts = int(np.sum(b["tokens"][row] == k.prompt_token_id))
+      keypoints = int(np.sum(b["tokens"][row] == k.keypoint_token_id))
+      assert keypoints == int(b["kpt_mask"][row].sum())
+      assert prompts == int(np.sum(b["support_mask"][row].max(0) > 0))
+      if prompts and keypoints:
+        seen.add("visual")
+        assert np.any(b["support_image"][row, 1] != 0)         # two shots drawn
+      elif prompts:
+        seen.add("semantic")
+        np.testing.assert_array_equal(b["support_image"][row, 0], b["image"][row])
+        assert not np.any(b["support_mask"][row, 1])            # one support: the query
+      elif keypoints:
+        seen.add("textual")
+        assert not np.any(b["support_mask"][row]) and not np.any(b["support_image"][row])
+  assert seen == {"semantic", "visual", "textual"}
+
+
+def test_kptllm_semantic_prompt_is_the_answered_keypoint(kpt_setup):
+  """In a semantic row the prompt sits at the query keypoint the round asks about; the
+  loss covers only answers."""
+  _, _, _, batches = kpt_setup
+  for b in batches:
+    for row in range(KB):
+      mask = b["support_mask"][row]
+      if mask[0].any() and not mask[1].any() and not b["kpt_mask"][row].any():
+        rounds = mask[0] > 0
+        np.testing.assert_allclose(b["support_xy"][row, 0][rounds], b["kpt_xy"][row][rounds],
+                                   atol=1e-6)
+        assert np.all(b["loss_mask"][row][b["input_mask"][row] == 0] == 0)
+        return
+  pytest.fail("no semantic row in 4 batches")
+
+
+def test_kptllm_deterministic_by_seed(kpt_setup):
+  config, tok, records, batches = kpt_setup
+  again = next(iter(pipeline.make_train_dataset(config, tok, records=records)))
+  assert all(np.array_equal(again[k], batches[0][k]) for k in again)
+
+
+def test_kptllm_unreadable_image_skips_the_element_or_raises_when_strict(kpt_setup, tmp_path):
+  config, tok, records, batches = kpt_setup
+  corrupt = tmp_path / "corrupt.jpg"
+  corrupt.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  broken = list(records)
+  broken[0] = dataclasses.replace(broken[0], image_path=str(corrupt))
+  def counts(cfg):
+    it = iter(pipeline.make_train_dataset(cfg, tok, records=broken))
+    return [next(it)["skipped_images"] for _ in range(4)]
+  first = counts(config)
+  assert sum(int(c.sum()) for c in first) > 0                # the query or a support
+  assert all(np.array_equal(a, b) for a, b in zip(first, counts(config)))   # deterministic
+  assert not any(b["skipped_images"].any() for b in batches)   # intact records: none
+  strict = config.copy_and_resolve_references()
+  strict.data.strict_images = True
+  with pytest.raises(ImageError, match="corrupt.jpg"):
+    counts(strict)

@@ -1,4 +1,4 @@
-"""Readers refuse what is not a number (kptjax/data/sources/_util.py).
+"""Readers refuse what is not a number (kptjax/data/sources/fields.py).
 
 Each case starts from a real sample in shared/data (or, for MP-100, a file written here
 over a real image), breaks one field of a copy in tmp_path, and asserts the reader's

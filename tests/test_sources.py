@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 import scipy.io
@@ -18,7 +19,8 @@ from kptjax.data.sources import (
     read_mp100,
     read_mpii_json,
 )
-from kptjax.data.sources.h36m import project
+from kptjax.data.sources import catalog
+from kptjax.data.sources.h36m import frame_action, project
 from kptjax.errors import ConfigError, DataError
 from kptjax.keypoints import get_spec
 
@@ -259,3 +261,25 @@ def test_unknown_source_name_is_a_config_error(shared_data):
   with pytest.raises(ConfigError, match="min_keypoints"):
     read_dataset("coco", shared_data / "coco/test_coco.json", shared_data / "coco",
                  min_keypoints="many")
+
+
+def test_catalog_layouts_options_and_detections():
+  entry = ml_collections.ConfigDict(dict(source="mp100", path="/d", split="val", det_file="",
+                                         options="min_keypoints=0,note=a b"))
+  reader, files, options = catalog.locate(entry, "eval")
+  assert reader == "mp100" and files == ("/d/annotations/val.json", "/d/images")
+  assert options == {"min_keypoints": 0, "note": "a b"}
+  entry.update(source="crowdpose", det_file="/det.json", options="det_score_threshold=0.5")
+  reader, files, options = catalog.locate(entry, "eval")
+  assert reader == "crowdpose"
+  assert files == ("/d/annotations/person_keypoints_val.json", "/d/val")
+  assert options == {"det_file": "/det.json", "det_score_threshold": 0.5}   # options win
+  assert catalog.CATALOG["synthetic_objects"].reader == "mp100"
+  with pytest.raises(ConfigError, match="not key=value"):
+    catalog.parse_options("min_keypoints")
+
+
+def test_h36m_frame_action():
+  assert frame_action("S1/S1_Directions_1.54138969_000001.jpg") == "Directions"
+  assert frame_action("S8_WalkDog.55011271_000026.jpg") == "WalkDog"
+  assert frame_action("000000000785.jpg") == "unknown"

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from kptjax.data import synthetic, transforms
+from kptjax.data import synthetic, synthetic_figures as figures, transforms
 from kptjax.data.sources import read_coco_keypoints
 from kptjax.errors import ConfigError
 
@@ -30,10 +30,10 @@ def test_same_seed_same_bytes(tmp_path, preset):
 
 
 def test_image_does_not_depend_on_count_and_splits_differ():
-  knobs = synthetic.get_knobs("easy")
-  img_a, people_a = synthetic.render_image(0, "train", 5, knobs)
-  img_b, _ = synthetic.render_image(0, "train", 5, knobs)
-  img_c, _ = synthetic.render_image(0, "val", 5, knobs)
+  knobs = figures.get_knobs("easy")
+  img_a, people_a = figures.render_image(0, "train", 5, knobs)
+  img_b, _ = figures.render_image(0, "train", 5, knobs)
+  img_c, _ = figures.render_image(0, "val", 5, knobs)
   assert np.array_equal(img_a, img_b) and not np.array_equal(img_a, img_c)
   assert img_a.shape == (128, 128, 3) and img_a.dtype == np.uint8 and people_a
 
@@ -72,25 +72,25 @@ def test_cached_and_regenerated_on_change(tmp_path):
   # Sizes are cached side by side (ensure_dataset names the size).
   assert synthetic.dataset_dir(tmp_path, "easy", 0, num_images=64) != \
       synthetic.dataset_dir(tmp_path, "easy", 0, num_images=4000)
-  assert synthetic.get_knobs("easy", "image_size=96,people=1:1,markers=false") == \
-      synthetic.Knobs(image_size=96, people=(1, 1), markers=False)
+  assert figures.get_knobs("easy", "image_size=96,people=1:1,markers=false") == \
+      figures.Knobs(image_size=96, people=(1, 1), markers=False)
   with pytest.raises(ConfigError, match="unknown synthetic knob"):
-    synthetic.get_knobs("easy", "colour=1")
+    figures.get_knobs("easy", "colour=1")
   with pytest.raises(ConfigError, match="unknown synthetic preset"):
-    synthetic.get_knobs("medium")
+    figures.get_knobs("medium")
 
 
 def test_markers_are_visible_at_visible_joints():
   """Easy preset: the pixel at a visible (v=2) joint has that joint's marker colour."""
-  knobs = synthetic.get_knobs("easy")
+  knobs = figures.get_knobs("easy")
   hits = []
   for i in range(20):
-    image, people = synthetic.render_image(0, "train", i, knobs)
+    image, people = figures.render_image(0, "train", i, knobs)
     for p in people:
       for j, (x, y, v) in enumerate(p["keypoints"]):
         if v == 2:
           pixel = image[int(round(y)), int(round(x))].astype(float)
-          hits.append(np.abs(pixel - synthetic._MARKER_COLORS[j]).max() < 60)
+          hits.append(np.abs(pixel - figures.MARKER_COLORS[j]).max() < 60)
   assert len(hits) > 200 and np.mean(hits) > 0.8
 
 
@@ -98,13 +98,13 @@ def test_easy_no_image_baseline_is_low():
   """Predicting each keypoint's mean training position in the crop (no image) must stay
   below PCK@0.1 = 0.40 on held-out people (issue 6), so the demo proves the image is used.
   Crops as the pipeline makes them (padding 1.25, square); PCK threshold 0.1 x max(w, h)."""
-  knobs = synthetic.get_knobs("easy")
+  knobs = figures.get_knobs("easy")
   side = 64
 
   def crops(split, n):
     out = []
     for i in range(n):
-      for p in synthetic.render_image(0, split, i, knobs)[1]:
+      for p in figures.render_image(0, split, i, knobs)[1]:
         center, scale = transforms.box_to_center_scale(p["box"], 1.0, 1.25)
         affine = transforms.crop_affine(center, scale, 0.0, (side, side))
         xy = transforms.apply_affine(p["keypoints"][:, :2], affine)

@@ -5,7 +5,7 @@ their coloured markers, deterministic per image, cached."""
 import numpy as np
 
 from kptjax.data import cape, synthetic_objects as so
-from kptjax.data.sources import read_mp100
+from kptjax.data.sources import ap10k, read_mp100
 from kptjax.keypoints import get_spec
 
 
@@ -27,7 +27,7 @@ def test_generated_split_reads_as_mp100(tmp_path):
     x, y, w, h = r.box
     assert np.all((k[:, 0] >= x - 1) & (k[:, 0] <= x + w + 1))
   # Families for cross-family splits; supports within a category.
-  assert cape.family_category_ids(ann, "animal") == [1]
+  assert ap10k.family_category_ids(ann, "animal") == [1]
   assert all(records[s].spec == records[q].spec for q, sup in cape.sample_supports(records, 1)
              for s in sup)
 

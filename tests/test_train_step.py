@@ -22,9 +22,10 @@ from flax import traverse_util
 
 from configs import tiny
 from kptjax import sharding
-from kptjax.data import kpt_tasks, pipeline, tokenizer
+from kptjax.data import pipeline, tokenizer
+from kptjax.data.tasks.kptllm import TaskEncoder
 from kptjax.keypoints import get_spec
-from kptjax.models import factory, kptllm
+from kptjax.models import factory
 from kptjax.models.vlm import dummy_inputs
 from kptjax.training import losses, optim, trainer as trainer_lib
 from kptjax.training.step import init_state, make_train_step
@@ -233,10 +234,10 @@ def _pairs(config):
   """PAIRS support/query pairs of one keypoint (the 'nose' of coco17: a bright square)."""
   rng = np.random.default_rng(0)
   side = config.model.vit.image_size
-  enc = kpt_tasks.TaskEncoder(tokenizer.load_tokenizer(""), config.data, 16,
-                              prompt_token_id=config.model.kpt.prompt_token_id,
-                              keypoint_token_id=config.model.kpt.keypoint_token_id,
-                              image_token_id=config.model.image_token_id)
+  enc = TaskEncoder(tokenizer.load_tokenizer(""), config.data, 16,
+                    prompt_token_id=config.model.kpt.prompt_token_id,
+                    keypoint_token_id=config.model.kpt.keypoint_token_id,
+                    image_token_id=config.model.image_token_id)
   spec = get_spec("coco17")
   rows = []
   for _ in range(PAIRS):
@@ -269,9 +270,10 @@ def kpt_run():
   config = _kpt_config()
   batch = _pairs(config)
   variant = factory.variant_of(config)
+  assert variant.name == "kptllm" and [t.name for t in variant.loss_terms] == ["lm_loss", "l1"]
   model = variant.model
   init = jax.jit(lambda key: model.init(key, *dummy_inputs(config.model),
-                                        **kptllm.dummy_support(config.model)),
+                                        **variant.init_kwargs()),
                  compiler_options=FAST_COMPILE)
   params = nn.meta.unbox(init(jax.random.key(0, impl="unsafe_rbg"))["params"])
   mask = optim.trainable_mask(params, config.optim.trainable)

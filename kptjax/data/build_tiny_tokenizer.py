@@ -24,8 +24,8 @@ import sys
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kptjax.data import conversation
-from kptjax.data import tokenizer as tokenizer_lib
+from kptjax.data import conversation, tokenizer as tokenizer_lib
+from kptjax.keypoints import get_spec, list_specs
 
 VOCAB_SIZE = 512
 ALPHABET = sorted(set(string.ascii_letters + string.digits + " \n.,:;?!'\"()[]-_/+=*%&<>#@$|~"))
@@ -33,7 +33,6 @@ ALPHABET = sorted(set(string.ascii_letters + string.digits + " \n.,:;?!'\"()[]-_
 
 def corpus() -> list[str]:
   """Training texts, repeated by weight."""
-  from kptjax.keypoints import get_spec, list_specs  # pylint: disable=g-import-not-at-top
   names, descriptions, subjects = [], [], set()
   for spec_name in list_specs(builtin_only=True):
     spec = get_spec(spec_name)

@@ -15,7 +15,7 @@ and in at least one support (5-shot: the prompt is the average of the supports w
 the keypoint is labeled; ``support_keypoint_mask``).
 
 AP-10K cross-species (CLAMP's protocol, KptLLM's textual prompts): train on one family,
-test on another. ``family_category_ids`` maps family names (the categories'
+test on another. ``sources.ap10k.family_category_ids`` maps family names (the categories'
 ``supercategory``) to category ids for ``read_coco_keypoints(category_ids=...)``;
 ``read_ap10k_families`` reads a file keeping only those families (both live in
 ``kptjax/data/sources/ap10k.py``; data source ``ap10k_family``).
@@ -30,8 +30,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from kptjax import storage
-from kptjax.data.sources._util import category_table, load_json
-from kptjax.data.sources.ap10k import family_category_ids, read_ap10k_families  # noqa: F401
+from kptjax.data.sources.fields import category_table, load_json
 from kptjax.errors import ConfigError
 
 SPLIT_PARTS = ("train", "val", "test")

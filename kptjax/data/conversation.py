@@ -1,4 +1,4 @@
-"""Localization conversations: templates, coordinate text, multi-round sampling, token masks.
+"""Localization conversations: templates, multi-round sampling, token sequences and loss masks.
 
 One conversation per person crop (LocLLM, ``../shared/papers/README.md``)::
 
@@ -20,19 +20,11 @@ Templates (``config.data.template``):
 * ``compact``: short sequences for CPU demos: ``<s>`` + N image tokens, then per round
   ``{name}?`` (``{description} {name}?`` with descriptions) + answer + ``</s>``.
 
-Coordinate text (``config.data.coord_format``), values in normalized crop units:
-
-* ``decimal2d``: ``[{x:.3f},{y:.3f}]`` with x = crop px / crop width (LocLLM).
-* ``decimal3d``: ``[{x:.3f},{y:.3f},{z:.6f}]``, z = (z_cam - z_root) / 2000 + 0.5.
-* ``loc_tokens``: ``<loc_i><loc_j>`` with i = floor(x * loc_bins) (the paper's location
-  token ablation; the bundled tiny tokenizer has ``<loc_0>``..``<loc_99>``, HF
-  tokenizers get them from ``load_tokenizer(path, loc_bins=...)``).
-
-* ``keypoint_token``: the ``<keypoint>`` token alone (KptLLM's regression decoding: its
-  final hidden state goes through an FFN head to (x, y); ``kpt_tasks.TaskEncoder`` only).
+Coordinate text (``config.data.coord_format``: decimal2d, decimal3d, loc_tokens,
+keypoint_token) is written by ``kptjax.data.coords.format_answer``.
 
 KptLLM's three tasks (``config.data.tasks``, e.g. ``'visual:1,textual:1'``; encoded by
-``kptjax.data.kpt_tasks.TaskEncoder``)
+``kptjax.data.tasks.kptllm.TaskEncoder``)
 share the ``locllm`` prefix; ``<prompt>`` is one keypoint-prompt slot (filled by the
 model with the support keypoint's prompt feature) and ``{coords}`` the answer above:
 
@@ -45,9 +37,6 @@ model with the support keypoint's prompt feature) and ``{coords}`` the answer ab
   {coords}</s>``
 * ``textual`` (textual-prompt detection): LocLLM's round, ``{coords}</s>``.
 
-Values are clipped to [0, 0.999] (and z to [0, 0.999999]) so that they always match
-the parser's ``0\\.\\d+``: LocLLM's own ``{:.3f}`` would write 1.000 for x = 223.9/224.
-
 Segments (the prefix, each round's query, answer, end-of-turn) are tokenized
 separately and concatenated, so the prompt/answer boundary is the same at training
 and at decoding time: ``encode_prefix`` + ``encode_query`` is what a decoder feeds,
@@ -56,18 +45,23 @@ and the training sequence is ``prefix + query_1 + answer_1 + </s> + query_2 + ..
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from kptjax.data.coords import (
+    COORD_FORMATS,
+    DEFAULT_LOC_BINS,
+    config_value,
+    depth_value,
+    format_answer,
+    loc_token,
+)
 from kptjax.errors import ConfigError
+from kptjax.models.vlm import num_image_tokens
 
 TEMPLATES = ("locllm", "capellm", "chat", "compact")
-COORD_FORMATS = ("decimal2d", "decimal3d", "loc_tokens", "keypoint_token")
 TASKS = ("semantic", "visual", "textual")
-DEPTH_RANGE_MM = 2000.0
-DEFAULT_LOC_BINS = 100
 
 _QUESTION = "Where is the {name} of this {subject} in this image? Please provide its coordinates."
 # Per template: text before / after the N image tokens, and one round's prompt with and
@@ -93,7 +87,7 @@ TEMPLATE_TEXT: dict[str, dict[str, str]] = {
         round="{description} {name}?", round_no_description="{name}?"),
 }
 
-_PROMPT_MARK = "{prompt}"
+PROMPT_MARK = "{prompt}"
 # KptLLM's tasks: one round's prompt and its answer ({coords}: the coordinate answer).
 TASK_TEXT: dict[str, dict[str, str]] = {
     "semantic": dict(
@@ -109,17 +103,6 @@ TASK_TEXT: dict[str, dict[str, str]] = {
 
 # Sentinels marking the image and the answers in a rendered chat template.
 _IMAGE_MARK, _ANSWER_MARK = "\x00IMAGE\x00", "\x00ANSWER{}\x00"
-_LOC_RE = re.compile(r"<loc_(\d+)>")
-
-
-def _get(cfg: Any, name: str, default: Any) -> Any:
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
-
-
-def loc_token(i: int) -> str:
-  return f"<loc_{i}>"
 
 
 def default_image_token_id(tokenizer: Any) -> int:
@@ -139,43 +122,6 @@ def pad_token_id(tokenizer: Any) -> int:
   return int(tokenizer.eos_token_id if pad is None else pad)
 
 
-def format_answer(values: Sequence[float], cfg: Any) -> str:
-  """Answer text for normalized crop values (x, y) or (x, y, z_text).
-
-  Args:
-    values: x, y in [0, 1) (crop px / crop side); for decimal3d also the depth value
-      (z_cam - z_root) / 2000 + 0.5.
-    cfg: config.data (``coord_format``, ``loc_bins``).
-  """
-  fmt = _get(cfg, "coord_format", "decimal2d")
-  v = np.asarray(values, np.float64)
-  if fmt == "decimal2d":
-    x, y = np.clip(v[:2], 0.0, 0.999)
-    return f"[{x:.3f},{y:.3f}]"
-  if fmt == "decimal3d":
-    if v.shape[0] < 3:
-      raise ConfigError("coord_format 'decimal3d' needs x, y and z values")
-    x, y = np.clip(v[:2], 0.0, 0.999)
-    z = float(np.clip(v[2], 0.0, 0.999999))
-    return f"[{x:.3f},{y:.3f},{z:.6f}]"
-  if fmt == "loc_tokens":
-    bins = int(_get(cfg, "loc_bins", DEFAULT_LOC_BINS))
-    i, j = np.clip(np.floor(v[:2] * bins), 0, bins - 1).astype(int)
-    return loc_token(i) + loc_token(j)
-  if fmt == "keypoint_token":
-    raise ConfigError("coord_format 'keypoint_token' answers with a token id, not text: "
-                      "use kptjax.data.kpt_tasks.TaskEncoder")
-  raise ConfigError(f"unknown coord_format {fmt!r}; known: {COORD_FORMATS}")
-
-
-def parse_loc_answer(text: str, loc_bins: int = DEFAULT_LOC_BINS) -> Optional[np.ndarray]:
-  """float[2] bin centers of the first two ``<loc_i>`` tokens, or None."""
-  found = [int(m) for m in _LOC_RE.findall(text)[:2]]
-  if len(found) < 2:
-    return None
-  return (np.asarray(found, np.float32) + 0.5) / loc_bins
-
-
 def sample_rounds(keypoints_crop: np.ndarray, crop_size: Union[int, Sequence[int]], cfg: Any,
                   rng: Optional[np.random.Generator],
                   keypoint_ids: Optional[Sequence[int]] = None) -> list[int]:
@@ -193,7 +139,7 @@ def sample_rounds(keypoints_crop: np.ndarray, crop_size: Union[int, Sequence[int
     return [int(i) for i in keypoint_ids if ok[i]]
   order = rng.permutation(k.shape[0]) if rng is not None else np.arange(k.shape[0])
   chosen = [int(i) for i in order if ok[i]]
-  return chosen[:int(_get(cfg, "rounds", 5))]
+  return chosen[:int(config_value(cfg, "rounds", 5))]
 
 
 class ConversationEncoder:
@@ -210,16 +156,16 @@ class ConversationEncoder:
   def __init__(self, tokenizer: Any, cfg: Any, num_image_tokens: int, *,
                image_token_id: Optional[int] = None):
     self.tokenizer = tokenizer
-    self.template = _get(cfg, "template", "locllm")
-    self.coord_format = _get(cfg, "coord_format", "decimal2d")
+    self.template = config_value(cfg, "template", "locllm")
+    self.coord_format = config_value(cfg, "coord_format", "decimal2d")
     if self.template not in TEMPLATES:
       raise ConfigError(f"unknown data.template {self.template!r}; known: {TEMPLATES}")
     if self.coord_format not in COORD_FORMATS:
       raise ConfigError(f"unknown data.coord_format {self.coord_format!r}; known: "
                         f"{COORD_FORMATS}")
     self.cfg = cfg
-    self.use_descriptions = bool(_get(cfg, "use_descriptions", True))
-    self.max_len = int(_get(cfg, "max_len", 0) or 0)
+    self.use_descriptions = bool(config_value(cfg, "use_descriptions", True))
+    self.max_len = int(config_value(cfg, "max_len", 0) or 0)
     self.num_image_tokens = int(num_image_tokens)
     self.image_token_id = (default_image_token_id(tokenizer) if image_token_id is None
                            else int(image_token_id))
@@ -230,7 +176,7 @@ class ConversationEncoder:
     if self.template == "chat" and not getattr(tokenizer, "chat_template", None):
       raise ConfigError("data.template 'chat' needs a tokenizer with a chat template")
     if self.coord_format == "loc_tokens":
-      bins = int(_get(cfg, "loc_bins", DEFAULT_LOC_BINS))
+      bins = int(config_value(cfg, "loc_bins", DEFAULT_LOC_BINS))
       vocab = tokenizer.get_vocab()
       if loc_token(bins - 1) not in vocab:
         raise ConfigError(f"coord_format 'loc_tokens' needs tokens <loc_0>..<loc_{bins - 1}>: "
@@ -325,7 +271,7 @@ class ConversationEncoder:
       if self.coord_format == "decimal3d":
         if kp.shape[1] < 4:
           raise ConfigError("coord_format 'decimal3d' needs keypoints [K, 4] (x, y, z_rel, v)")
-        values.append(kp[i, 2] / DEPTH_RANGE_MM + 0.5)
+        values.append(depth_value(kp[i, 2]))
       desc = spec.descriptions[i] if self.use_descriptions else None
       rounds.append((self.round_text(spec.names[i], desc, subject),
                      format_answer(values, self.cfg)))
@@ -350,23 +296,36 @@ class ConversationEncoder:
                                            or len(tokens) + len(trailing) <= self.max_len):
       tokens += trailing
       is_answer += [False] * len(trailing)
-    length = self.max_len or len(tokens)
-    out_tokens = np.full((length,), self.pad_id, np.int32)
-    out_tokens[:len(tokens)] = tokens
-    targets = np.full((length,), self.pad_id, np.int32)
-    targets[:len(tokens) - 1] = tokens[1:]
-    loss_mask = np.zeros((length,), np.float32)
-    loss_mask[:len(tokens) - 1] = np.asarray(is_answer[1:], np.float32)
-    input_mask = np.zeros((length,), bool)
-    input_mask[:len(tokens)] = True
-    return dict(tokens=out_tokens, targets=targets, loss_mask=loss_mask,
-                input_mask=input_mask, num_rounds=np.int32(used))
+    return dict(pack_sequence(tokens, is_answer, self.max_len, self.pad_id),
+                num_rounds=np.int32(used))
 
 
-def num_image_tokens(model_config: Any) -> int:
-  """N = (vit.image_size / vit.patch_size) ** 2 (patch tokens only; no class/registers)."""
-  vit = _get(model_config, "vit", None)
-  return (int(_get(vit, "image_size", 0)) // int(_get(vit, "patch_size", 1))) ** 2
+def pack_sequence(tokens: Sequence[int], is_answer: Sequence[bool], max_len: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+  """One training sequence in the batch contract, padded to ``max_len`` (0: its length T).
+
+  Returns:
+    ``tokens`` i32[T]; ``targets`` i32[T] (tokens shifted left by one, pad at the end);
+    ``loss_mask`` f32[T] (1 where the target is an answer token); ``input_mask`` bool[T].
+  """
+  n = len(tokens)
+  length = max_len or n
+  out_tokens = np.full((length,), pad_id, np.int32)
+  out_tokens[:n] = tokens
+  targets = np.full((length,), pad_id, np.int32)
+  targets[:n - 1] = tokens[1:]
+  loss_mask = np.zeros((length,), np.float32)
+  loss_mask[:n - 1] = np.asarray(is_answer[1:], np.float32)
+  input_mask = np.zeros((length,), bool)
+  input_mask[:n] = True
+  return dict(tokens=out_tokens, targets=targets, loss_mask=loss_mask, input_mask=input_mask)
+
+
+def encoder_for(config: Any, tokenizer: Any) -> ConversationEncoder:
+  """The encoder of a full config: ``config.data``, the model's N image tokens
+  (``kptjax.models.vlm.num_image_tokens``) and its ``image_token_id``."""
+  return ConversationEncoder(tokenizer, config.data, num_image_tokens(config.model),
+                             image_token_id=config.model.get("image_token_id", None))
 
 
 def encode_training_example(keypoints_crop: np.ndarray, crop_size: Union[int, Sequence[int]],

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from kptjax import storage
+from kptjax.data.synthetic_figures import rotate
 from kptjax.errors import ConfigError
 
 VERSION = 1
@@ -71,26 +72,20 @@ CATEGORIES: dict[str, tuple[str, list[tuple[str, str, tuple[int, int, int]]], li
 }
 
 
-def _rot(points: np.ndarray, deg: float) -> np.ndarray:
-  a = np.deg2rad(deg)
-  r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-  return points @ r.T
-
-
 def _shape_points(name: str, rng: np.random.Generator) -> np.ndarray:
   """Keypoints f32[K, 2] of one object in units of its size, centred near 0."""
   if name == "square":
     w, h = rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)
     pts = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
-    return _rot(pts, rng.uniform(-30, 30))
+    return rotate(pts, rng.uniform(-30, 30))
   if name == "triangle":
     w, h = rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)
     pts = np.array([[rng.uniform(-0.2, 0.2) * w, -h / 2], [-w / 2, h / 2], [w / 2, h / 2]])
-    return _rot(pts, rng.uniform(-25, 25))
+    return rotate(pts, rng.uniform(-25, 25))
   if name == "kite":
     w, top, bottom = rng.uniform(0.5, 0.8), rng.uniform(0.3, 0.45), rng.uniform(0.5, 0.6)
     pts = np.array([[0, -top], [-w / 2, 0], [w / 2, 0], [0, bottom]])
-    return _rot(pts, rng.uniform(-25, 25))
+    return rotate(pts, rng.uniform(-25, 25))
   # quadruped, seen from the side; facing right or left (its left side is then nearer).
   length = rng.uniform(0.55, 0.7)
   face = 1.0 if rng.uniform() < 0.5 else -1.0

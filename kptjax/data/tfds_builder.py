@@ -28,6 +28,8 @@ import numpy as np
 from kptjax.data.sources.base import PersonRecord
 from kptjax.errors import DataError
 
+# tensorflow_datasets (and TensorFlow under it) is imported inside the functions that use
+# it: it is heavy and only needed to prepare or read these files.
 FILE_FORMAT = "array_record"
 VERSION = "1.0.0"
 

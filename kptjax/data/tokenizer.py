@@ -43,7 +43,12 @@ def load_tokenizer(path: Union[str, os.PathLike] = "", *, loc_bins: int = 0):
     loc_bins: make sure ``<loc_0>``..``<loc_{loc_bins-1}>`` exist (added to an HF
       tokenizer when missing; the model's vocabulary must then cover them).
   """
-  from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  # Lazy: transformers imports torch when it is installed (tens of seconds on a loaded CPU);
+  # readers, synthetic data and grain workers that never tokenize do not pay for it.
+  from transformers import (  # pylint: disable=g-import-not-at-top
+      AutoTokenizer,
+      PreTrainedTokenizerFast,
+  )
   path = str(path or "")
   if not path:
     if not TINY_TOKENIZER_FILE.exists():

@@ -10,7 +10,9 @@ Conventions (those of HRNet/mmpose ``get_affine_transform``, which LocLLM uses):
   the center and the zoom ``w / (scale[0] * pixel_std)``.
 * An affine is f32[2, 3]: ``[x', y'] = A[:, :2] @ [x, y] + A[:, 2]``.
 
-``crop_person`` is the one function the pipeline calls: it composes the optional
+``CropRecipe`` is the one crop + normalize recipe of every model input (training,
+evaluation, supports, prediction): load the record's image, ``crop_person``, normalize.
+``crop_person`` composes the optional
 flip into the affine (one bilinear warp of the original image, no flipped copy),
 maps keypoints with it, swaps left/right keypoints through the spec, and zeroes the
 visibility of keypoints that fall outside the crop. ``keypoints_to_image`` maps
@@ -57,6 +59,19 @@ class AugmentConfig:
   rotation_max: float = 40.0
   rotation_prob: float = 0.5
   flip_prob: float = 0.5
+
+
+NO_AUGMENT = AugmentConfig(scale_sigma=0.0, scale_min=1.0, scale_max=1.0, rotation_max=0.0,
+                           rotation_prob=0.0, flip_prob=0.0)
+
+
+def augment_config(config: Any) -> AugmentConfig:
+  """config.data.augment (its ``rotation`` is the maximum angle) as an AugmentConfig."""
+  a = config.data.augment
+  return AugmentConfig(
+      scale_sigma=float(a.scale_sigma), scale_min=float(a.scale_min),
+      scale_max=float(a.scale_max), rotation_max=float(a.rotation),
+      rotation_prob=float(a.rotation_prob), flip_prob=float(a.flip_prob))
 
 
 # ----------------------------------------------------------------------------- images
@@ -322,3 +337,39 @@ def keypoints_to_image(keypoints_crop: np.ndarray, affine_inv: np.ndarray, flipp
       raise ValueError("a flipped crop needs the keypoint spec to swap rows back")
     out = out[get_spec(spec).flip_permutation()]
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CropRecipe:
+  """The crop + normalize recipe: record -> its image -> top-down crop -> model input.
+
+  Attributes:
+    side: crop side S in px (``config.model.vit.image_size``).
+    padding: box padding factor (``config.data.padding``).
+    normalization: ``NORMALIZATION`` key (``config.data.normalization``).
+    augment: what a call with an ``rng`` draws from (``config.data.augment``).
+  """
+  side: int
+  padding: float
+  normalization: str
+  augment: AugmentConfig = AugmentConfig()
+
+  @classmethod
+  def from_config(cls, config: Any) -> "CropRecipe":
+    """The recipe of a full config (model.vit.image_size, data.padding / normalization /
+    augment)."""
+    return cls(side=int(config.model.vit.image_size), padding=float(config.data.padding),
+               normalization=config.data.normalization, augment=augment_config(config))
+
+  def __call__(self, record: Any, spec: Union[str, KeypointSpec, None] = None,
+               rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
+    """``crop_person``'s dict for ``record`` (augmented when ``rng`` is given) with
+    ``image`` f32[S, S, 3] normalized; ``keypoints`` f32[K, 3] are in crop px.
+
+    Raises:
+      ImageError: the record's image is missing or cannot be decoded.
+    """
+    crop = crop_person(record, load_record_image(record), (self.side, self.side),
+                       padding=self.padding, rng=rng, augment_cfg=self.augment, spec=spec)
+    crop["image"] = normalize_image(crop["image"], self.normalization).astype(np.float32)
+    return crop

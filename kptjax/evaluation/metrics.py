@@ -23,12 +23,12 @@ import copy
 import io
 import json
 import os
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from kptjax import errors
+from kptjax.data.sources.h36m import frame_action
 
 COCO_AP_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 CROWDPOSE_AP_NAMES = ("AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP(E)", "AP(M)", "AP(H)")
@@ -601,13 +601,7 @@ def pixel_to_camera(xy: np.ndarray, z: np.ndarray, focal: np.ndarray, center: np
   return np.concatenate([(xy - c) / f * z[..., None], z[..., None]], axis=-1)
 
 
-_H36M_ACTION_RE = re.compile(r"S\d+_([A-Za-z]+)")
-
-
-def h36m_action(image_path: str) -> str:
-  """Action name from an H36M frame name: 'S1_Directions_1.54138969_000001.jpg' -> 'Directions'."""
-  m = _H36M_ACTION_RE.search(os.path.basename(image_path))
-  return m.group(1) if m else "unknown"
+h36m_action = frame_action   # 'S1_Directions_1.54138969_000001.jpg' -> 'Directions'
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from kptjax import errors
+from kptjax.data.coords import DEPTH_RANGE_MM
+from kptjax.data.transforms import apply_affine
 
 COORD_RE = re.compile(r"0\.\d+")
 
@@ -36,9 +38,6 @@ ANSWER_SHAPES = {
     "decimal2d": "[0.ddd,0.ddd]",
     "decimal3d": "[0.ddd,0.ddd,0.dddddd]",
 }
-
-DEPTH_RANGE_MM = 2000.0   # z text value = (z_cam - z_root) / DEPTH_RANGE_MM + 0.5
-
 
 def num_values(coord_format: str) -> int:
   """Number of values in an answer of ``coord_format`` (2 or 3)."""
@@ -136,9 +135,7 @@ def to_image_coords(values: np.ndarray, affine_inv: np.ndarray, crop_size: float
   Returns:
     float32[..., 2] pixel coordinates in the original image.
   """
-  xy = np.asarray(values, np.float64)[..., :2] * crop_size
-  a = np.asarray(affine_inv, np.float64)
-  return (xy @ a[:, :2].T + a[:, 2]).astype(np.float32)
+  return apply_affine(np.asarray(values, np.float64)[..., :2] * crop_size, affine_inv)
 
 
 def depth_from_value(z: np.ndarray) -> np.ndarray:

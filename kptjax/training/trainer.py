@@ -56,8 +56,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from kptjax import convert, sharding
-from kptjax.data import captions, kpt_pipeline, pipeline
-from kptjax.data.sources import CaptionRecord
+from kptjax.data import pipeline
 from kptjax.errors import ConfigError
 from kptjax.models import factory, vlm
 from kptjax.training import (
@@ -208,22 +207,12 @@ def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def make_dataset(config: ml_collections.ConfigDict):
-  """This process's slice of the training data, as a grain IterDataset of batches.
-
-  Person records -> localization conversations (``kptjax.data.pipeline``), or KptLLM's
-  task conversations with supports (``kptjax.data.kpt_pipeline``); caption records
-  (``data.train.source='llava'``, stage 1) -> ``kptjax.data.captions``.
-  """
-  tok = factory.tokenizer(config)
-  records = pipeline.load_records(config, "train")
-  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  # TODO(issue 15, data side): kptjax.data.pipeline.make_train_dataset makes this choice
-  # itself once the data side lands; then this function is that one call.
-  if records and isinstance(records[0], CaptionRecord):
-    return captions.make_caption_dataset(config, tok, records, **where)
-  if factory.variant(config) == "kptllm":
-    return kpt_pipeline.make_kpt_train_dataset(config, tok, records=records, **where)
-  return pipeline.make_train_dataset(config, tok, records=records, **where)
+  """This process's slice of the training data, as a grain IterDataset of batches
+  (``kptjax.data.pipeline.make_train_dataset`` picks the elements: localization rounds,
+  KptLLM tasks with supports, or stage-1 captions), tokenized by ``factory.tokenizer``."""
+  return pipeline.make_train_dataset(
+      config, factory.tokenizer(config), process_index=jax.process_index(),
+      process_count=jax.process_count())
 
 
 def write_adapter(trainer: Trainer, state: TrainState, workdir: str) -> None:

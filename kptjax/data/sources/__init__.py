@@ -28,7 +28,7 @@ import inspect
 from typing import Any, Callable
 
 from kptjax.data.sources.ap10k import read_ap10k_families
-from kptjax.data.sources.base import CaptionRecord, PersonRecord, Records
+from kptjax.data.sources.base import CaptionRecord, PersonRecord, Records, specs_of
 from kptjax.data.sources.coco import read_coco_keypoints, read_mp100, sanitize_box
 from kptjax.data.sources.h36m import read_h36m
 from kptjax.data.sources.llava import read_llava_captions
@@ -119,4 +119,4 @@ def _coerce(source: str, key: str, value: str, default: Any) -> Any:
 
 __all__ = ["CaptionRecord", "PersonRecord", "READERS", "Records", "read_coco_keypoints",
            "read_dataset", "read_h36m", "read_llava_captions", "read_mp100", "read_mpii_json",
-           "sanitize_box"]
+           "sanitize_box", "specs_of"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence, Union
 
-from kptjax.data.sources._util import category_table, load_json
 from kptjax.data.sources.base import Records
 from kptjax.data.sources.coco import read_coco_keypoints
+from kptjax.data.sources.fields import category_table, load_json
 from kptjax.errors import DataError
 
 PathLike = Union[str, os.PathLike]

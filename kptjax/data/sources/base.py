@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
+
+from kptjax.keypoints import KeypointSpec, get_spec
 
 
 @dataclasses.dataclass
@@ -102,3 +104,13 @@ class Records(list):
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
     logging.info("%s(%s): %d records; skipped %d (%s)", reader, self.source, len(self),
                  self.num_skipped, reasons)
+
+
+def specs_of(records: Sequence[Any]) -> dict[str, KeypointSpec]:
+  """Spec name -> KeypointSpec of every record: the reader's own (``Records.specs``,
+  MP-100) first, else the registry's (``kptjax.keypoints.get_spec``)."""
+  specs = dict(getattr(records, "specs", {}) or {})
+  for name in {r.spec for r in records}:
+    if name not in specs:
+      specs[name] = get_spec(name)
+  return specs

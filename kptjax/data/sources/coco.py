@@ -12,7 +12,7 @@ Bad input policy:
     of a category not in ``categories``, a duplicate image, annotation or category id,
     a number that is NaN / inf or out of its range (keypoint visibility not 0 / 1 / 2,
     image width or height not a whole number >= 1, detection score outside [0, 1];
-    ``sources._util``): ``DataError`` naming the file, the record and the field.
+    ``sources.fields``): ``DataError`` naming the file, the record and the field.
   * counted, logged skips (``records.skipped``):
       'crowd'             iscrowd annotations;
       'zero_area'         a box with w <= 0 or h <= 0 or area <= 0 (nothing to crop);
@@ -37,10 +37,20 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import (ExistsCache, UniqueIds, annotation_ids, category_table,
-                                      field, image_table, keypoint_rows, known_category,
-                                      load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
+from kptjax.data.sources.fields import (
+    ExistsCache,
+    UniqueIds,
+    annotation_ids,
+    category_table,
+    field,
+    image_table,
+    keypoint_rows,
+    known_category,
+    load_json,
+    number,
+    numbers,
+)
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec, register_spec, spec_from_dict
 

@@ -36,15 +36,26 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import (VISIBILITY, ExistsCache, UniqueIds, annotation_ids,
-                                      checked_array, field, image_size, image_table,
-                                      keypoint_rows, load_json, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
+from kptjax.data.sources.fields import (
+    VISIBILITY,
+    ExistsCache,
+    UniqueIds,
+    annotation_ids,
+    checked_array,
+    field,
+    image_size,
+    image_table,
+    keypoint_rows,
+    load_json,
+    numbers,
+)
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec
 
 # 'S1_Directions_1.54138969_000001.jpg' -> subject, sequence folder, camera id.
-_FRAME = re.compile(r"^(?P<subject>S\d+)_(?P<action>.+)\.(?P<camera>\d+)_(?P<frame>\d+)\.\w+$")
+FRAME_NAME = re.compile(r"^(?P<subject>S\d+)_(?P<action>.+)\.(?P<camera>\d+)_(?P<frame>\d+)\.\w+$")
+_ACTION_WORD = re.compile(r"[A-Za-z]+")
 METRES_TO_MM = 1000.0
 
 
@@ -88,8 +99,16 @@ def project(points_cam_mm: np.ndarray, camera: dict[str, Any]) -> np.ndarray:
   return (p[..., :2] / p[..., 2:3] * camera["f"] + camera["c"]).astype(np.float32)
 
 
+def frame_action(image_path: str) -> str:
+  """The action of an H36M frame file: 'S1_Directions_1.54138969_000001.jpg' -> 'Directions'
+  (the sequence name without its take number); 'unknown' for other names."""
+  m = FRAME_NAME.match(os.path.basename(image_path))
+  word = _ACTION_WORD.match(m["action"]) if m else None
+  return word.group(0) if word else "unknown"
+
+
 def _camera_for(name: str, cameras: Optional[dict[str, Any]], path: str, where: str):
-  m = _FRAME.match(os.path.basename(name))
+  m = FRAME_NAME.match(os.path.basename(name))
   if m is None:
     return None, None
   if cameras is None:

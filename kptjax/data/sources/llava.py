@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 from typing import Union
 
-from kptjax.data.sources._util import ExistsCache, field, load_json
 from kptjax.data.sources.base import CaptionRecord, Records
+from kptjax.data.sources.fields import ExistsCache, field, load_json
 from kptjax.errors import DataError
 
 

@@ -28,9 +28,16 @@ from typing import Optional, Union
 
 import numpy as np
 
-from kptjax.data.sources._util import (VISIBILITY, checked_array, field, image_size,
-                                      load_json, number, numbers)
 from kptjax.data.sources.base import PersonRecord, Records
+from kptjax.data.sources.fields import (
+    VISIBILITY,
+    checked_array,
+    field,
+    image_size,
+    load_json,
+    number,
+    numbers,
+)
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec
 
@@ -38,6 +45,7 @@ from kptjax.keypoints import KeypointSpec, get_spec
 def read_mpii_headboxes(headbox_file: Union[str, os.PathLike], count: Optional[int] = None
                         ) -> np.ndarray:
   """f32[N, 4] head boxes x1, y1, x2, y2 (1-based, as stored) from ``mpii_gt_val.mat``."""
+  # Lazy: scipy.io (seconds to import) is only needed for MPII's .mat files.
   import scipy.io  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(headbox_file)

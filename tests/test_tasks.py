@@ -1,11 +1,15 @@
-"""KptLLM task conversations: golden strings of the three tasks (decimal and <keypoint>
+"""Training elements (kptjax/data/tasks): the registry picks captions by record type and
+the conversations by model variant; KptLLM task conversations: golden strings of the three tasks (decimal and <keypoint>
 answers), loss masks on answers and end-of-turn only, per-round prompt / regression slots,
 task mixing."""
 
 import numpy as np
 import pytest
 
-from kptjax.data import conversation as conv, kpt_tasks
+from configs import tiny
+from kptjax.data import conversation as conv, tasks
+from kptjax.data.sources import CaptionRecord, PersonRecord
+from kptjax.data.tasks import kptllm as kpt_tasks
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError
 from kptjax.keypoints import get_spec
@@ -117,3 +121,16 @@ def test_task_mixing():
   with pytest.raises(ConfigError, match="keypoint_token_id"):
     kpt_tasks.TaskEncoder(load_tokenizer(""), dict(coord_format="keypoint_token"), 1,
                           prompt_token_id=PROMPT)
+
+
+def test_element_builder_by_record_type_and_variant(tok):
+  config = tiny.get_config()
+  person = PersonRecord(image_path="x.jpg", image_size=(64, 64), box=np.array([0, 0, 8, 8.]),
+                        keypoints=np.zeros((17, 3), np.float32), spec="coco17")
+  assert isinstance(tasks.element_for(config, tok, [person]), tasks.RoundsElement)
+  caption = CaptionRecord(image_path="x.jpg", caption="a cat")
+  assert isinstance(tasks.element_for(config, tok, [caption]), tasks.CaptionElement)
+  with config.unlocked():
+    config.model.kpt.enabled = True
+    config.data.tasks = "visual:1"
+  assert isinstance(tasks.element_for(config, tok, [person]), tasks.KptTaskElement)
