@@ -187,3 +187,28 @@ def test_max_len_drops_whole_rounds_and_groups(tok, spec, person_crop):
                                          N_IMAGE, None, keypoint_ids=[4, 16, 2, 0])
   text = _decode(tok, grouped["tokens"][grouped["input_mask"]])
   assert text.count("?") == 2 and text.index("right ankle?") < text.index("nose?")
+
+
+def test_held_out_keypoints_never_appear_in_a_training_conversation():
+  """LocLLM Table 7's protocol: right elbow, left wrist, left knee, right ankle held out;
+  the real pipeline (flip augmentation on, which swaps left/right labels) never asks them,
+  and asks every other keypoint."""
+  from configs import tiny
+  from kptjax.data import pipeline
+  from kptjax.data.tokenizer import load_tokenizer
+  held = ["right elbow", "left wrist", "left knee", "right ankle"]
+  config = tiny.get_config()
+  with config.unlocked():
+    config.data.update(heldout_keypoints=",".join(held), rounds=17)
+    config.data.augment.flip_prob = 1.0
+  tok = load_tokenizer("")
+  it = iter(pipeline.make_train_dataset(config, tok))
+  asked = set()
+  names = get_spec("coco17").names
+  for _ in range(4):
+    batch = next(it)
+    for row, mask in zip(batch["tokens"], batch["input_mask"]):
+      text = tok.decode([int(t) for t in row[mask]], skip_special_tokens=False)
+      asked |= {n for n in names if f"Where is the {n} of" in text}
+  assert asked.isdisjoint(held)
+  assert asked == set(names) - set(held)

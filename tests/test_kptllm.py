@@ -123,3 +123,33 @@ def test_trained_params_are_lora_projector_prompt_modules_and_head(params):
   assert any(p.startswith("llm/") for p in trained) and any(p.startswith("vit/") for p in trained)
   assert not any(p.startswith(("llm/", "vit/")) and not p.endswith(("lora_a", "lora_b"))
                  for p in trained)
+
+
+def test_avg_pool_prompt_is_the_gaussian_weighted_patch_mean(config):
+  """prompt_extractor='avg_pool' (Table 6): no extractor params; the prompt is the
+  projection of the support patches' Gaussian-weighted mean around the keypoint."""
+  c = config.unlock()
+  c.model.kpt.prompt_extractor = "avg_pool"
+  c.model.kpt.avg_pool_sigma = 1.5
+  c.lock()
+  model = kptllm.KptLLM(c.model)
+  params = kptllm.init_params(c.model, jax.random.key(0, impl="unsafe_rbg"))
+  assert "prompt_extractor" not in params and "prompt_encoder" not in params
+  assert "prompt_projector" in params
+  img, xy, mask = _support(c, np.array([[0.1, 0.8], [0.55, 0.3], [0.9, 0.9]]))
+  prompt = model.apply({"params": params}, img, xy, mask, method="embed_prompts")
+  feats = np.asarray(model.apply({"params": params}, img[:, 0], method=lambda m, x: m.vit(x)),
+                     np.float64)                                               # [B,P,E]
+  g = int(round(feats.shape[1] ** 0.5))
+  centres = (np.arange(g) + 0.5) / g
+  cy, cx = np.meshgrid(centres, centres, indexing="ij")
+  grid = np.stack([cx.ravel(), cy.ravel()], -1)
+  d2 = ((np.asarray(xy[:, 0], np.float64)[:, :, None] - grid) ** 2).sum(-1)    # [B,R,P]
+  w = np.exp(-d2 / (2 * (1.5 / g) ** 2))
+  pooled = np.einsum("brp,bpe->bre", w / w.sum(-1, keepdims=True), feats)
+  proj = params["prompt_projector"]
+  want = pooled @ np.asarray(proj["kernel"], np.float64) + np.asarray(proj["bias"])
+  np.testing.assert_allclose(np.asarray(prompt), want, rtol=2e-4, atol=2e-5)
+  c.unlock().model.kpt.prompt_extractor = "mean"
+  with pytest.raises(Exception, match="prompt_extractor"):
+    kptllm.init_params(c.model, jax.random.key(0))

@@ -76,15 +76,18 @@ def test_golden_strings(tok, fmt):
 @pytest.mark.parametrize("task", kpt_tasks.TASKS)
 def test_loss_mask_covers_only_answers(tok, task):
   spec = get_spec("coco17")
-  enc = _enc(tok, coord_format="keypoint_token", max_len=200)
+  max_len = 300 if task == "visual+textual" else 200   # its rounds carry the description
+  enc = _enc(tok, coord_format="keypoint_token", max_len=max_len)
   out = enc.encode_task(task, _keypoints(), 100, spec, np.random.default_rng(0))
   tokens, targets, mask = out["tokens"], out["targets"], out["loss_mask"]
   n = int(out["input_mask"].sum())
-  assert tokens.shape == (200,) and np.array_equal(targets[:n - 1], tokens[1:n])
+  assert tokens.shape == (max_len,) and np.array_equal(targets[:n - 1], tokens[1:n])
   masked = tok.decode([int(t) for t in targets[mask > 0]], skip_special_tokens=False)
   answers = {"semantic": "{0}</s>{1}</s>",
              "visual": "{0} Coordinates: <loc_99></s>{1} Coordinates: <loc_99></s>",
-             "textual": "<loc_99></s><loc_99></s>"}[task]
+             "textual": "<loc_99></s><loc_99></s>"}
+  answers["visual+textual"] = answers["visual"]
+  answers = answers[task]
   order = [int(i) for i in out["prompt_index"]]
   assert sorted(order) == [0, 1]
   assert masked == answers.format(*(spec.descriptions[i] for i in order))
@@ -134,3 +137,40 @@ def test_element_builder_by_record_type_and_variant(tok):
     config.model.kpt.enabled = True
     config.data.tasks = "visual:1"
   assert isinstance(tasks.element_for(config, tok, [person]), tasks.KptTaskElement)
+
+
+VT_Q = ("Keypoint prompt: <loc_98>\nKeypoint: {d}\nQuestion: Where is the keypoint marked by "
+        "the prompt in this image? Please describe it, then provide its coordinates.\n"
+        "Answer: ")
+
+
+def test_visual_plus_textual_and_detect_only_strings(tok):
+  """KptLLM Table 7 (prompt and description together) and Table 5 (no identify step)."""
+  spec = get_spec("coco17")
+  nose = spec.descriptions[0]
+  both = _enc(tok).encode_task("visual+textual", _keypoints(), 100, spec, None,
+                               keypoint_ids=[0])
+  assert _text(tok, both) == (PREFIX + VT_Q.format(d=nose) + nose
+                              + " Coordinates: [0.412,0.733]</s>")
+  assert both["prompt_mask"][0] == 1 and both["prompt_index"][0] == 0
+  direct = _enc(tok, identify_then_detect=False)
+  vis = direct.encode_task("visual", _keypoints(), 100, spec, None, keypoint_ids=[0])
+  assert _text(tok, vis) == (PREFIX + VIS_Q.replace("Please describe it, then provide",
+                                                    "Please provide") + "[0.412,0.733]</s>")
+  vt = direct.encode_task("visual+textual", _keypoints(), 100, spec, None, keypoint_ids=[0])
+  assert _text(tok, vt) == (PREFIX + VT_Q.format(d=nose).replace(
+      "Please describe it, then provide", "Please provide") + "[0.412,0.733]</s>")
+  # The semantic and textual tasks are the same either way.
+  for task in ("semantic", "textual"):
+    assert _text(tok, direct.encode_task(task, _keypoints(), 100, spec, None)) == \
+        _text(tok, _enc(tok).encode_task(task, _keypoints(), 100, spec, None))
+
+
+@pytest.mark.parametrize("task", ["visual", "textual", "visual+textual"])
+def test_held_out_keypoints_are_never_asked(tok, task):
+  spec = get_spec("coco17")
+  enc = _enc(tok, rounds=17, heldout_keypoints="nose")
+  out = enc.encode_task(task, _keypoints(), 100, spec, np.random.default_rng(0))
+  assert list(out["prompt_index"][:int(out["num_rounds"])]) == [1]   # the left eye only
+  with pytest.raises(ConfigError, match="heldout_keypoints"):
+    _enc(tok, heldout_keypoints="tail tip").encode_task(task, _keypoints(), 100, spec, None)

@@ -30,8 +30,10 @@ from kptjax.convert.export import (adapter_params, apply_adapter, export_adapter
                                    unflatten)
 from kptjax.convert.hf_io import load_tensors, read_config
 from kptjax.convert.identify import identify
+from kptjax.convert import clip, dinov2, vocab
 from kptjax.convert.llama import llm_config_from_dir, llm_config_from_hf, load_llama
 from kptjax.errors import CheckpointError
+from kptjax.models import vlm
 from kptjax.models.lora import lora_a_init
 from kptjax.models.projector import Projector
 
@@ -50,13 +52,11 @@ _LLM_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "nu
 
 def load_dinov2(ckpt_dir, *, param_dtype=None, image_size=None):
   """See kptjax.convert.dinov2.load_dinov2."""
-  from kptjax.convert import dinov2  # pylint: disable=g-import-not-at-top
   return dinov2.load_dinov2(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
 
 
 def load_clip_vision(ckpt_dir, *, param_dtype=None, image_size=None):
   """See kptjax.convert.clip.load_clip_vision."""
-  from kptjax.convert import clip  # pylint: disable=g-import-not-at-top
   return clip.load_clip_vision(ckpt_dir, param_dtype=param_dtype, image_size=image_size)
 
 
@@ -73,7 +73,6 @@ def load_vit(ckpt_dir, *, param_dtype=None, image_size=None):
 
 def vit_config_from_dir(ckpt_dir, *, image_size=None) -> ml_collections.ConfigDict:
   """config.model.vit fields of a DINOv2 or CLIP dir, from its config.json only."""
-  from kptjax.convert import clip, dinov2  # pylint: disable=g-import-not-at-top
   hf = read_config(ckpt_dir)
   module = clip if identify(ckpt_dir, hf, "vit") in _CLIP_TYPES else dinov2
   return module.vit_config_from_hf(hf, image_size)
@@ -83,8 +82,8 @@ def _report_changes(section: str, old: ml_collections.ConfigDict, new: ml_collec
                     keys) -> None:
   for k in keys:
     if k in old and k in new and old[k] != new[k]:
-      logging.warning("load_vlm: model.%s.%s=%s in the config, %s in the checkpoint; "
-                      "using the checkpoint's", section, k, old[k], new[k])
+      logging.warning("load_vlm: model.%s.%s=%s in the config, %s from the checkpoint "
+                      "(and the tokens it adds); using the latter", section, k, old[k], new[k])
 
 
 def _init_missing_leaf(name: str, shape: tuple[int, ...], dtype, key) -> jax.Array:
@@ -115,7 +114,7 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   mc = ml_collections.ConfigDict(config.model.to_dict())
   llm_dir, vit_dir = config.checkpoints.llm_dir, config.checkpoints.vit_dir
   if llm_dir:
-    llm_config = llm_config_from_dir(llm_dir)
+    llm_config = vocab.resize(llm_config_from_dir(llm_dir), config)
     _report_changes("llm", mc.llm, llm_config, _LLM_ARCH)
     llm_config.max_position_embeddings = max(llm_config.max_position_embeddings,
                                              mc.llm.max_position_embeddings)
@@ -149,7 +148,6 @@ def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
   Returns:
     (model config to build ``VLM`` with, params nested dict: 'vit', 'projector', 'llm').
   """
-  from kptjax.models import vlm  # pylint: disable=g-import-not-at-top
   mc = model_config(config)
   param_dtype = param_dtype or mc.param_dtype
   rng = jax.random.key(config.get("seed", 0)) if rng is None else rng
@@ -160,9 +158,12 @@ def load_vlm(config: ml_collections.ConfigDict, *, rng: jax.Array | None = None,
   if vit_dir:
     _, loaded["vit"] = load_vit(vit_dir, param_dtype=param_dtype, image_size=mc.vit.image_size)
 
-  init_rng, proj_rng, lora_rng = jax.random.split(rng, 3)
+  init_rng, proj_rng, lora_rng, rows_rng = jax.random.split(rng, 4)
   expected = flatten(nn.meta.unbox(vlm.abstract_params(mc)))
   from_ckpt = flatten(loaded)
+  if llm_dir:   # rows of added tokens, from the checkpoint's (vocab.new_rows)
+    from_ckpt.update({f"llm/{k}": v for k, v in
+                      vocab.new_rows(loaded["llm"], mc.llm, rows_rng).items()})
   for name, value in from_ckpt.items():
     if name not in expected:
       raise CheckpointError(f"load_vlm: checkpoint param {name} has no place in the model")

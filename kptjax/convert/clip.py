@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from kptjax.convert import hf_io
-from kptjax.convert.dinov2 import (Rule, _abstract_params, _conv_shape, _flatten, _linear,
-                                   _same, _side, _unflatten, place_tensor, raise_if_dropped)
+from kptjax.convert import vit_rules
+from kptjax.convert.vit_rules import Rule, place_tensor, raise_if_dropped
 from kptjax.convert.identify import identify
 from kptjax.errors import CheckpointError
 from kptjax.models.layers import to_dtype
@@ -77,10 +77,10 @@ def vit_config_from_hf(hf_config: dict, image_size: int | None = None
   v = vision_hf_config(hf_config)
   if int(v.get("num_channels", 3)) != 3:
     raise CheckpointError(f"config.json: num_channels={v['num_channels']} (expected 3)")
-  pretrained = _side(v.get("image_size", 224), "image_size")
+  pretrained = vit_rules.square_side(v.get("image_size", 224), "image_size")
   return ml_collections.ConfigDict(dict(
       image_size=int(image_size or pretrained),
-      patch_size=_side(v.get("patch_size", 32), "patch_size"),
+      patch_size=vit_rules.square_side(v.get("patch_size", 32), "patch_size"),
       hidden_size=int(v.get("hidden_size", 768)),
       num_layers=int(v.get("num_hidden_layers", 12)),
       num_heads=int(v.get("num_attention_heads", 12)),
@@ -104,13 +104,13 @@ def vit_config_from_hf(hf_config: dict, image_size: int | None = None
 
 # ------------------------------------------------------------------ tensor name table
 _EMBED_RULES: dict[str, Rule] = {
-    "embeddings.class_embedding": (("embeddings", "cls_token"), *_same()),
-    "embeddings.position_embedding.weight": (("embeddings", "pos_embed"), *_same()),
+    "embeddings.class_embedding": (("embeddings", "cls_token"), *vit_rules.same()),
+    "embeddings.position_embedding.weight": (("embeddings", "pos_embed"), *vit_rules.same()),
     "embeddings.patch_embedding.weight": (
         ("embeddings", "patch_kernel"),
-        lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]), _conv_shape),
-    "pre_layrnorm.weight": (("pre_norm", "scale"), *_same()),
-    "pre_layrnorm.bias": (("pre_norm", "bias"), *_same()),
+        lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]), vit_rules.conv_shape),
+    "pre_layrnorm.weight": (("pre_norm", "scale"), *vit_rules.same()),
+    "pre_layrnorm.bias": (("pre_norm", "bias"), *vit_rules.same()),
 }
 
 
@@ -118,8 +118,8 @@ def _layer_rules() -> dict[str, Rule]:
   """Per-block rules keyed by the name after ``encoder.layers.{i}.``; paths under 'layers'."""
   rules: dict[str, Rule] = {}
   for hf, ours in (("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
-    rules[f"{hf}.weight"] = ((ours, "scale"), *_same())
-    rules[f"{hf}.bias"] = ((ours, "bias"), *_same())
+    rules[f"{hf}.weight"] = ((ours, "scale"), *vit_rules.same())
+    rules[f"{hf}.bias"] = ((ours, "bias"), *vit_rules.same())
   projections = {
       "self_attn.q_proj": ("attention", "query"),
       "self_attn.k_proj": ("attention", "key"),
@@ -129,8 +129,8 @@ def _layer_rules() -> dict[str, Rule]:
       "mlp.fc2": ("mlp", "fc2"),
   }
   for name, path in projections.items():
-    rules[f"{name}.weight"] = (path + ("kernel",), *_linear())
-    rules[f"{name}.bias"] = (path + ("bias",), *_same())
+    rules[f"{name}.weight"] = (path + ("kernel",), *vit_rules.linear())
+    rules[f"{name}.bias"] = (path + ("bias",), *vit_rules.same())
   return rules
 
 
@@ -160,7 +160,7 @@ def load_clip_vision(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
   identify(ckpt_dir, hf, "vit")
   config = vit_config_from_hf(hf, image_size)
   target_dtype = None if param_dtype is None else to_dtype(param_dtype)
-  expected = _flatten(_abstract_params(config))
+  expected = vit_rules.flatten_paths(vit_rules.param_shapes(config))
   layer_rules = _layer_rules()
   num_layers = config.num_layers
 
@@ -202,4 +202,4 @@ def load_clip_vision(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       name, rule = next((n, r) for n, r in _EMBED_RULES.items() if r[0] == path)
       raise CheckpointError(f"{ckpt_dir}: tensor '{prefix}{name}' missing (expected "
                             f"shape {rule[2](tuple(shape))})")
-  return config, _unflatten(arrays)
+  return config, vit_rules.unflatten_paths(arrays)

@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import pathlib
 import re
-from typing import Any, Callable
+from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kptjax.convert import hf_io
+from kptjax.convert import hf_io, vit_rules
 from kptjax.convert.identify import identify
 from kptjax.errors import CheckpointError
 from kptjax.models.layers import to_dtype
-from kptjax.models.vit import ViT
 
 _PREFIXES = ("dinov2_with_registers.", "dinov2.")
 # Tensors (names without the backbone prefix) the ViT does not use, on purpose.
@@ -40,14 +36,6 @@ ALLOWED_UNUSED = ("embeddings.mask_token", "classifier.weight", "classifier.bias
 def _swiglu_width(hidden_size: int, mlp_ratio: float) -> int:
   """Hidden width of DINOv2's SwiGLU FFN: 2/3 of the MLP width, rounded up to a multiple of 8."""
   return (int(int(hidden_size * mlp_ratio) * 2 / 3) + 7) // 8 * 8
-
-
-def _side(value: Any, what: str) -> int:
-  if isinstance(value, (list, tuple)):
-    if len(set(value)) != 1:
-      raise CheckpointError(f"config.json: {what}={value}: only square sizes are supported")
-    value = value[0]
-  return int(value)
 
 
 def vit_config_from_hf(hf_config: dict, image_size: int | None = None
@@ -68,11 +56,11 @@ def vit_config_from_hf(hf_config: dict, image_size: int | None = None
   d = int(hf_config.get("hidden_size", 768))
   mlp_ratio = float(hf_config.get("mlp_ratio", 4))
   swiglu = bool(hf_config.get("use_swiglu_ffn", False))
-  pretrained = _side(hf_config.get("image_size", 224), "image_size")
+  pretrained = vit_rules.square_side(hf_config.get("image_size", 224), "image_size")
   registers = int(hf_config.get("num_register_tokens", 0)) if model_type != "dinov2" else 0
   return ml_collections.ConfigDict(dict(
       image_size=int(image_size or pretrained),
-      patch_size=_side(hf_config.get("patch_size", 14), "patch_size"),
+      patch_size=vit_rules.square_side(hf_config.get("patch_size", 14), "patch_size"),
       hidden_size=d,
       num_layers=int(hf_config.get("num_hidden_layers", 12)),
       num_heads=int(hf_config.get("num_attention_heads", 12)),
@@ -94,52 +82,27 @@ def vit_config_from_hf(hf_config: dict, image_size: int | None = None
   ))
 
 
-# ------------------------------------------------------------------ tensor name table
-# A rule: (param path, kptjax array from HF array, HF shape from the kptjax shape).
-Rule = tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray], Callable[[tuple], tuple]]
-
-
-def _same() -> tuple[Callable, Callable]:
-  return (lambda w: w), (lambda s: s)
-
-
-def _linear() -> tuple[Callable, Callable]:
-  return (lambda w: w.T), (lambda s: s[::-1])
-
-
-def _squeeze_leading(n: int) -> tuple[Callable, Callable]:
-  return (lambda w: w.reshape(w.shape[n:]) if w.shape[:n] == (1,) * n else w,
-          lambda s: (1,) * n + s)
-
-
-def _conv_shape(kernel_shape: tuple) -> tuple:
-  """HF conv weight [D, 3, p, p] for our patch kernel [p*p*3, D] (3 channels)."""
-  k, d = kernel_shape
-  p = int(round((k // 3) ** 0.5))
-  return (d, 3, p, p)
-
-
-_EMBED_RULES: dict[str, list[Rule]] = {
-    "embeddings.cls_token": [(("embeddings", "cls_token"), *_squeeze_leading(2))],
-    "embeddings.position_embeddings": [(("embeddings", "pos_embed"), *_squeeze_leading(1))],
-    "embeddings.register_tokens": [(("embeddings", "register_tokens"), *_squeeze_leading(1))],
+_EMBED_RULES: dict[str, list[vit_rules.Rule]] = {
+    "embeddings.cls_token": [(("embeddings", "cls_token"), *vit_rules.squeeze_leading(2))],
+    "embeddings.position_embeddings": [(("embeddings", "pos_embed"), *vit_rules.squeeze_leading(1))],
+    "embeddings.register_tokens": [(("embeddings", "register_tokens"), *vit_rules.squeeze_leading(1))],
     "embeddings.patch_embeddings.projection.weight": [
         (("embeddings", "patch_kernel"),
-         lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]), _conv_shape)],
-    "embeddings.patch_embeddings.projection.bias": [(("embeddings", "patch_bias"), *_same())],
-    "layernorm.weight": [(("norm", "scale"), *_same())],
-    "layernorm.bias": [(("norm", "bias"), *_same())],
+         lambda w: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]), vit_rules.conv_shape)],
+    "embeddings.patch_embeddings.projection.bias": [(("embeddings", "patch_bias"), *vit_rules.same())],
+    "layernorm.weight": [(("norm", "scale"), *vit_rules.same())],
+    "layernorm.bias": [(("norm", "bias"), *vit_rules.same())],
 }
 
 
-def _layer_rules(swiglu_width: int) -> dict[str, list[Rule]]:
+def _layer_rules(swiglu_width: int) -> dict[str, list[vit_rules.Rule]]:
   """Per-block rules keyed by the name after ``encoder.layer.{i}.``; paths under 'layers'."""
-  rules: dict[str, list[Rule]] = {}
+  rules: dict[str, list[vit_rules.Rule]] = {}
   for norm in ("norm1", "norm2"):
-    rules[f"{norm}.weight"] = [((norm, "scale"), *_same())]
-    rules[f"{norm}.bias"] = [((norm, "bias"), *_same())]
+    rules[f"{norm}.weight"] = [((norm, "scale"), *vit_rules.same())]
+    rules[f"{norm}.bias"] = [((norm, "bias"), *vit_rules.same())]
   for i in (1, 2):
-    rules[f"layer_scale{i}.lambda1"] = [((f"layer_scale{i}",), *_same())]
+    rules[f"layer_scale{i}.lambda1"] = [((f"layer_scale{i}",), *vit_rules.same())]
   projections = {
       ("attention", "query"): ("attention.attention.query", "attention.q_proj"),
       ("attention", "key"): ("attention.attention.key", "attention.k_proj"),
@@ -153,8 +116,8 @@ def _layer_rules(swiglu_width: int) -> dict[str, list[Rule]]:
   }
   for path, names in projections.items():
     for name in names:
-      rules[f"{name}.weight"] = [(path + ("kernel",), *_linear())]
-      rules[f"{name}.bias"] = [(path + ("bias",), *_same())]
+      rules[f"{name}.weight"] = [(path + ("kernel",), *vit_rules.linear())]
+      rules[f"{name}.bias"] = [(path + ("bias",), *vit_rules.same())]
   f = swiglu_width
   # The hub's SwiGLU checkpoints fuse gate and up: weights_in = [gate; up] along the output.
   rules["mlp.weights_in.weight"] = [
@@ -166,78 +129,11 @@ def _layer_rules(swiglu_width: int) -> dict[str, list[Rule]]:
   return rules
 
 
-def _hf_layer_name(path: tuple[str, ...], layer: int, rules: dict[str, list[Rule]]) -> str:
+def _hf_layer_name(path: tuple[str, ...], layer: int, rules: dict[str, list[vit_rules.Rule]]) -> str:
   """The HF names that feed param 'layers/<path>' of one block (for error messages)."""
   names = [f"encoder.layer.{layer}.{suffix}" for suffix, rs in rules.items()
            if any(r[0] == path for r in rs)]
   return " or ".join(repr(n) for n in names)
-
-
-def _abstract_params(config: ml_collections.ConfigDict) -> dict:
-  p = config.patch_size
-  shapes = jax.eval_shape(lambda: ViT(config).init(jax.random.key(0),
-                                                   jnp.zeros((1, p, p, 3), jnp.float32)))
-  return jax.tree_util.tree_map(lambda x: x.shape, nn.meta.unbox(shapes["params"]))
-
-
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
-def place_tensor(arrays: dict, filled: dict, expected: dict, path: tuple[str, ...],
-                 layer: int | None, tensor: np.ndarray, rule: tuple[Callable, Callable],
-                 target_dtype: Any, what: str) -> None:
-  """Checks one Hugging Face tensor's shape, converts it and stores it at ``path``.
-
-  Args:
-    arrays: flat kptjax params being filled ({path: array}); a scanned param
-      (``layer`` not None) is allocated once as ``expected[path]`` (layers first).
-    filled: {path: set of layers stored}, for the missing-tensor check.
-    expected: {path: kptjax shape} of the model built from config.json.
-    rule: (convert: HF tensor -> kptjax value, hf_shape: kptjax shape -> HF shape).
-    what: the tensor in messages, e.g. ``"DIR: tensor 'encoder.layer.0.norm1.weight'"``.
-
-  Raises:
-    CheckpointError: the tensor's shape is not the one config.json implies.
-  """
-  convert, hf_shape = rule
-  want = expected[path][1:] if layer is not None else expected[path]
-  if tuple(tensor.shape) != hf_shape(tuple(want)):
-    raise CheckpointError(f"{what} has shape {tuple(tensor.shape)}, expected "
-                          f"{hf_shape(tuple(want))} (from config.json)")
-  value = convert(tensor)
-  if layer is None:
-    arrays[path] = np.asarray(value, dtype=target_dtype or value.dtype)
-    return
-  if path not in arrays:
-    arrays[path] = np.empty(expected[path], target_dtype or value.dtype)
-  arrays[path][layer] = value
-  filled.setdefault(path, set()).add(layer)
-
-
-def raise_if_dropped(ckpt_dir: pathlib.Path, dropped: list[str]) -> None:
-  """CheckpointError listing the tensors a ViT loader found no place for, if any."""
-  if dropped:
-    raise CheckpointError(
-        f"{ckpt_dir}: {len(dropped)} tensors have no place in the ViT its config.json "
-        f"describes and would be dropped: {', '.join(dropped[:6])}"
-        + (" ..." if len(dropped) > 6 else ""))
 
 
 def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
@@ -264,7 +160,7 @@ def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
   identify(ckpt_dir, hf, "vit")
   config = vit_config_from_hf(hf, image_size)
   target_dtype = None if param_dtype is None else to_dtype(param_dtype)
-  expected = _flatten(_abstract_params(config))
+  expected = vit_rules.flatten_paths(vit_rules.param_shapes(config))
   layer_rules = _layer_rules(config.intermediate_size)
   num_layers = config.num_layers
 
@@ -291,9 +187,9 @@ def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       if path not in expected:
         skipped.append(raw_name)   # e.g. fc1 in a SwiGLU model
         continue
-      place_tensor(arrays, filled, expected, path, layer, tensor, (convert, hf_shape),
+      vit_rules.place_tensor(arrays, filled, expected, path, layer, tensor, (convert, hf_shape),
                    target_dtype, f"{ckpt_dir}: tensor {raw_name!r}")
-  raise_if_dropped(ckpt_dir, skipped)
+  vit_rules.raise_if_dropped(ckpt_dir, skipped)
 
   for path, shape in expected.items():
     if path[0] == "layers":
@@ -307,4 +203,4 @@ def load_dinov2(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
       names = [n for n, rs in _EMBED_RULES.items() if any(r[0] == path for r in rs)]
       raise CheckpointError(f"{ckpt_dir}: tensor {names[0]!r} missing (expected shape "
                             f"{_EMBED_RULES[names[0]][0][2](tuple(shape))})")
-  return config, _unflatten(arrays)
+  return config, vit_rules.unflatten_paths(arrays)

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kptjax.convert import hf_io
+from kptjax.convert import hf_io, vocab
 from kptjax.convert.identify import identify
 from kptjax.errors import CheckpointError
 from kptjax.models import layers
@@ -114,11 +114,11 @@ def expected_shapes(llm_config: Any) -> dict[str, tuple[tuple[str, ...], int | N
   }
   out = {
       "model.embed_tokens.weight": (("embed_tokens", "embedding"), None, False,
-                                    (c.vocab_size, d)),
+                                    (c.base_vocab_size, d)),
       "model.norm.weight": (("norm", "scale"), None, False, (d,)),
   }
   if not c.tie_word_embeddings:
-    out["lm_head.weight"] = (("lm_head", "kernel"), None, True, (c.vocab_size, d))
+    out["lm_head.weight"] = (("lm_head", "kernel"), None, True, (c.base_vocab_size, d))
   for i in range(c.num_layers):
     for suffix, (path, is_linear) in _BLOCK_TENSORS.items():
       out[f"model.layers.{i}.{suffix}.weight"] = (("layers",) + path, i, is_linear,
@@ -220,8 +220,12 @@ def load_llama(ckpt_dir: str | pathlib.Path, *, param_dtype: Any = None,
 
 def hf_tensors(params: dict, llm_config: Any) -> Iterator[tuple[str, np.ndarray]]:
   """The inverse of load_llama: yields (HF name, torch-layout numpy view) from a merged
-  (no lora_*) llm param tree in either layout."""
+  (no lora_*) llm param tree in either layout; added vocabulary rows (``new_tokens``)
+  are appended to ``embed_tokens`` / ``lm_head``, so the export's vocab_size is the
+  model's."""
   params = jax.tree_util.tree_map(np.asarray, params)
+  added = {"model.embed_tokens.weight": (params["embed_tokens"].get("new_embedding"), 0),
+           "lm_head.weight": (params.get("new_lm_head"), 1)}
   for name, (path, layer, is_linear, _) in expected_shapes(llm_config).items():
     if layer is not None and "layers" not in params:
       node = params[f"layers_{layer}"]
@@ -233,4 +237,6 @@ def hf_tensors(params: dict, llm_config: Any) -> Iterator[tuple[str, np.ndarray]
         raise CheckpointError(f"params: {'/'.join(path)} missing (needed for {name})")
       node = node[key]
     value = node if layer is None else node[layer]
+    if name in added:
+      value = vocab.with_new_rows(value, *added[name])
     yield name, (value.T if is_linear else value)   # a view; writers copy one at a time

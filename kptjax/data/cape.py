@@ -7,6 +7,18 @@ the five test sets are disjoint too (each category is a test category exactly on
 ``write_split_files`` writes them as ``mp100_split{k}_{train,val,test}.json`` (COCO
 subsets read by ``read_mp100``; the names ``configs/capellm_mp100.py`` uses).
 
+Cross-supercategory (POMNet's protocol, KptLLM Table 3): for each held-out
+supercategory (the categories' ``supercategory`` field; KptLLM holds out human body,
+human face, vehicle and furniture, ``KPTLLM_CROSS_SUPERCATEGORIES``), train on every
+category of the other supercategories and test on the held-out one's:
+``write_cross_supercategory_files`` writes ``mp100_cross_{supercategory}_{train,test}.json``.
+
+Which protocol made a split file (for ``metrics.json``): the writers above record it in
+``split_protocol.json`` beside the files; ``split_protocol(ann_file)`` returns
+``{'split': 'seeded', 'seed': s, ...}``, ``{'split': 'cross_supercategory',
+'held_out': name, ...}``, or ``{'split': 'files', ...}`` for files it did not write
+(e.g. the official POMNet split files).
+
 Few-shot supports (KptLLM's visual prompts): every query instance gets ``shots``
 support instances of its own category from other images, drawn from
 ``np.random.default_rng([seed, query index])`` — the same for the same seed, whatever
@@ -30,12 +42,16 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from kptjax import storage
+from kptjax.data.sources.ap10k import family_category_ids, family_key
+from kptjax.data.sources.catalog import locate
 from kptjax.data.sources.fields import category_table, load_json
-from kptjax.errors import ConfigError
+from kptjax.errors import ConfigError, DataError
 
 SPLIT_PARTS = ("train", "val", "test")
 MP100_SPLITS = 5
 PathLike = Union[str, os.PathLike]
+KPTLLM_CROSS_SUPERCATEGORIES = ("human_body", "human_face", "vehicle", "furniture")
+PROTOCOL_FILE = "split_protocol.json"   # split file stem -> the protocol that wrote it
 
 
 # ------------------------------------------------------------------- category splits
@@ -105,13 +121,98 @@ def write_split_files(ann_file: PathLike, out_dir: PathLike, *, num_splits: int 
   ids = list(category_table(data, path))      # unique int ids, in file order
   splits = category_splits(ids, num_splits=num_splits, num_val=num_val, num_test=num_test,
                            seed=seed)
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  written = {}
   for k, split in enumerate(splits, start=1):
     for part in SPLIT_PARTS:
-      target = out / split_file_name(k, part)
-      storage.write_json_atomic(target, subset_by_categories(data, split[part]), indent=None)
+      written[split_file_name(k, part)] = (
+          subset_by_categories(data, split[part]),
+          {"split": "seeded", "seed": int(seed), "index": k, "part": part,
+           "num_splits": int(num_splits), "source": os.path.basename(path)})
+  _write_split_files(out_dir, written)
   return splits
+
+
+def cross_supercategory_split(data: Mapping[str, Any], held_out: str) -> dict[str, list[int]]:
+  """{'train': ids of every other supercategory, 'test': ids of ``held_out``} (sorted;
+  supercategory names match ignoring case, spaces, '-' and '_': 'Human Body' ==
+  'human_body'). DataError naming the known supercategories when none matches."""
+  test = family_category_ids(data, [held_out])
+  train = sorted(set(category_table(data, "<dict>")) - set(test))
+  return {"train": train, "test": test}
+
+
+def cross_split_file_name(held_out: str, part: str) -> str:
+  """'mp100_cross_{supercategory}_{part}.json' ('Human Body' -> 'human_body')."""
+  return f"mp100_cross_{family_key(held_out)}_{part}.json"
+
+
+def write_cross_supercategory_files(ann_file: PathLike, out_dir: PathLike, *,
+                                    held_out: Sequence[str] = KPTLLM_CROSS_SUPERCATEGORIES
+                                    ) -> dict[str, dict[str, list[int]]]:
+  """Writes ``out_dir/mp100_cross_{s}_{train,test}.json`` for each held-out supercategory.
+
+  Args:
+    ann_file: an MP-100-style COCO file holding every category (with ``supercategory``).
+    out_dir: the folder (made when missing).
+    held_out: the supercategories tested, one split each (default: KptLLM's four).
+
+  Returns:
+    held-out name -> its split (``cross_supercategory_split``).
+  """
+  path = os.fspath(ann_file)
+  data = load_json(path)
+  splits, written = {}, {}
+  for name in held_out:
+    split = splits[name] = cross_supercategory_split(data, name)
+    if not split["train"]:
+      raise DataError(path, f"supercategory {name!r} holds every category: nothing to "
+                      "train on", field="categories")
+    for part in ("train", "test"):
+      written[cross_split_file_name(name, part)] = (
+          subset_by_categories(data, split[part]),
+          {"split": "cross_supercategory", "held_out": family_key(name), "part": part,
+           "source": os.path.basename(path)})
+  _write_split_files(out_dir, written)
+  return splits
+
+
+def _write_split_files(out_dir: PathLike, written: Mapping[str, tuple[dict, dict]]) -> None:
+  """Each (COCO subset, protocol) under its file name, and the protocols into
+  ``PROTOCOL_FILE`` (merged with the entries already there)."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  manifest = _protocols(out)
+  for name, (subset, protocol) in written.items():
+    storage.write_json_atomic(out / name, subset, indent=None)
+    manifest[pathlib.Path(name).stem] = protocol
+  storage.write_json_atomic(out / PROTOCOL_FILE, manifest)
+
+
+def _protocols(folder: pathlib.Path) -> dict[str, Any]:
+  target = folder / PROTOCOL_FILE
+  if not target.exists():
+    return {}
+  data = load_json(os.fspath(target))
+  if not isinstance(data, dict):
+    raise DataError(os.fspath(target), "a split protocol file maps file stems to protocols",
+                    expected="an object")
+  return data
+
+
+def split_protocol(ann_file: PathLike) -> dict[str, Any]:
+  """The protocol that made the split file ``ann_file`` (module docstring), ready for
+  ``metrics.json``: ``{'split': 'seeded'|'cross_supercategory'|'files', 'seed': ...,
+  'held_out': ..., 'file': basename}`` (keys that do not apply are None)."""
+  path = pathlib.Path(os.fspath(ann_file))
+  found = _protocols(path.parent).get(path.stem)
+  protocol = dict(found) if isinstance(found, dict) else {"split": "files"}
+  return {"seed": None, "held_out": None, **protocol, "file": path.name}
+
+
+def entry_split_protocol(entry: Any, where: str = "eval") -> dict[str, Any]:
+  """``split_protocol`` of a data entry's annotation file (``config.data.eval``)."""
+  _, (ann_file, _), _ = locate(entry, where)
+  return split_protocol(ann_file)
 
 
 # --------------------------------------------------------------------------- supports

@@ -61,7 +61,8 @@ from kptjax.errors import ConfigError
 from kptjax.models.vlm import num_image_tokens
 
 TEMPLATES = ("locllm", "capellm", "chat", "compact")
-TASKS = ("semantic", "visual", "textual")
+TASKS = ("semantic", "visual", "textual", "visual+textual")
+VISUAL_TASKS = ("visual", "visual+textual")   # tasks whose prompt slot is a support keypoint
 
 _QUESTION = "Where is the {name} of this {subject} in this image? Please provide its coordinates."
 # Per template: text before / after the N image tokens, and one round's prompt with and
@@ -99,7 +100,32 @@ TASK_TEXT: dict[str, dict[str, str]] = {
         "in this image? Please describe it, then provide its coordinates.\nAnswer: ",
         answer="{description} Coordinates: {coords}"),
     "textual": dict(round=TEMPLATE_TEXT["locllm"]["round"], answer="{coords}"),
+    # Table 7: the support keypoint's prompt and its description together.
+    "visual+textual": dict(
+        round="Keypoint prompt: {prompt}\nKeypoint: {description}\nQuestion: Where is the "
+        "keypoint marked by the prompt in this image? Please describe it, then provide its "
+        "coordinates.\nAnswer: ",
+        answer="{description} Coordinates: {coords}"),
 }
+# ``data.identify_then_detect=False`` (Table 5): the detection tasks answer the
+# coordinates alone, without first naming the keypoint.
+DETECT_ONLY_TEXT: dict[str, dict[str, str]] = {
+    "visual": dict(
+        round="Keypoint prompt: {prompt}\nQuestion: Where is the keypoint marked by the prompt "
+        "in this image? Please provide its coordinates.\nAnswer: ", answer="{coords}"),
+    "visual+textual": dict(
+        round="Keypoint prompt: {prompt}\nKeypoint: {description}\nQuestion: Where is the "
+        "keypoint marked by the prompt in this image? Please provide its coordinates.\n"
+        "Answer: ", answer="{coords}"),
+}
+
+
+def task_text(cfg: Any) -> dict[str, dict[str, str]]:
+  """The task templates a config trains and asks with (``TASK_TEXT``, with
+  ``DETECT_ONLY_TEXT`` in place when ``cfg.identify_then_detect`` is False)."""
+  if config_value(cfg, "identify_then_detect", True):
+    return TASK_TEXT
+  return {**TASK_TEXT, **DETECT_ONLY_TEXT}
 
 # Sentinels marking the image and the answers in a rendered chat template.
 _IMAGE_MARK, _ANSWER_MARK = "\x00IMAGE\x00", "\x00ANSWER{}\x00"
@@ -122,19 +148,36 @@ def pad_token_id(tokenizer: Any) -> int:
   return int(tokenizer.eos_token_id if pad is None else pad)
 
 
+def held_out(spec: Any, cfg: Any) -> np.ndarray:
+  """bool[K]: the keypoints of ``spec`` training never asks (``cfg.heldout_keypoints``,
+  comma-separated names: LocLLM's novel-keypoint protocol, Table 7). Names must be the
+  spec's; an unknown name is a ConfigError."""
+  text = config_value(cfg, "heldout_keypoints", "") or ""
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  unknown = [n for n in names if n not in spec.names]
+  if unknown and not getattr(spec, "mixed", False):
+    raise ConfigError(f"data.heldout_keypoints: {unknown} are not keypoints of "
+                      f"{spec.name} ({', '.join(spec.names)})")
+  return np.isin(np.asarray(spec.names, object), names)
+
+
 def sample_rounds(keypoints_crop: np.ndarray, crop_size: Union[int, Sequence[int]], cfg: Any,
                   rng: Optional[np.random.Generator],
-                  keypoint_ids: Optional[Sequence[int]] = None) -> list[int]:
+                  keypoint_ids: Optional[Sequence[int]] = None,
+                  excluded: Optional[np.ndarray] = None) -> list[int]:
   """Which keypoints are asked, in order (LocLLM's multi-round sampling).
 
-  Shuffle all K (``rng``; no shuffle when None), drop unlabeled (v = 0) and out-of-crop
-  ones, keep the first ``cfg.rounds``. With ``keypoint_ids`` (CapeLLM's fixed groups)
-  those are asked in the given order, still dropping unlabeled and out-of-crop ones.
+  Shuffle all K (``rng``; no shuffle when None), drop unlabeled (v = 0), out-of-crop and
+  ``excluded`` (bool[K], e.g. ``held_out``) ones, keep the first ``cfg.rounds``. With
+  ``keypoint_ids`` (CapeLLM's fixed groups) those are asked in the given order, with the
+  same drops.
   """
   w, h = (crop_size, crop_size) if np.isscalar(crop_size) else crop_size
   k = np.asarray(keypoints_crop, np.float32)
   x, y, v = k[:, 0], k[:, 1], k[:, -1]
   ok = (v > 0) & (x >= 0) & (x < w) & (y >= 0) & (y < h)
+  if excluded is not None:
+    ok &= ~np.asarray(excluded, bool)
   if keypoint_ids is not None:
     return [int(i) for i in keypoint_ids if ok[i]]
   order = rng.permutation(k.shape[0]) if rng is not None else np.arange(k.shape[0])
@@ -263,7 +306,7 @@ class ConversationEncoder:
     """A training sequence; see ``encode_training_example``."""
     w, h = (crop_size, crop_size) if np.isscalar(crop_size) else crop_size
     kp = np.asarray(keypoints_crop, np.float32)
-    chosen = sample_rounds(kp, (w, h), self.cfg, rng, keypoint_ids)
+    chosen = sample_rounds(kp, (w, h), self.cfg, rng, keypoint_ids, held_out(spec, self.cfg))
     subject = getattr(spec, "subject", "person")
     rounds = []
     for i in chosen:

@@ -3,8 +3,15 @@
 Train (``make_train_dataset``, the one entry for every model and stage)::
 
     records -> items (persons, or CapeLLM's keypoint groups) -> [process_index::process_count]
-      -> shuffle(seed) -> repeat -> random_map(element builder) -> skip unreadable
-      -> batch(B) [-> mp_prefetch(num_workers)]
+      -> shuffle(seed) -> repeat [-> mix(weights) of the sources] -> random_map(element
+      builder) -> skip unreadable -> batch(B) [-> mp_prefetch(num_workers)]
+
+A mix of training sources (``config.data.train`` as named entries with weights,
+``sources.catalog.train_entries``; LocLLM's Human3.6M + MPII): each source's items are
+shuffled (seed + its position in the mix) and repeated on their own, then interleaved
+by ``grain.MapDataset.mix`` in proportion to the weights; the records are concatenated
+(``load_records(config, 'train')``), so item indices point into one list. The stream
+stays a pure function of the element index (deterministic, resumable).
 
 The element builder comes from ``kptjax.data.tasks.element_for``: caption records ->
 stage-1 caption elements; person records -> the model variant's conversations
@@ -55,27 +62,53 @@ from kptjax.data import tasks
 from kptjax.data.curriculum import CurriculumItems, CurriculumTransform, parse_curriculum
 from kptjax.data.skipping import SKIPPED_IMAGES, skip_unreadable
 from kptjax.data.sources import Records, eval_options, read_dataset, specs_of
-from kptjax.data.sources.catalog import locate, parse_options
+from kptjax.data.sources.catalog import locate, parse_options, train_entries
 from kptjax.data.transforms import CropRecipe
 from kptjax.errors import ConfigError
 
-__all__ = ["SKIPPED_IMAGES", "CurriculumItems", "EvalTransform", "load_records",
-           "make_eval_dataset", "make_train_dataset", "parse_curriculum", "train_items"]
+__all__ = ["SKIPPED_IMAGES", "CurriculumItems", "EvalTransform", "concat_records",
+           "load_records", "load_train_parts", "make_eval_dataset", "make_train_dataset",
+           "mixed_items", "parse_curriculum", "read_entry", "train_items"]
 
 Item = tuple[int, Optional[tuple[int, ...]]]   # (record index, keypoint group or None)
 
 
-def load_records(config: Any, split: str) -> Records:
-  """Person (or caption) records of ``config.data.train`` (split='train') or
-  ``config.data.eval`` (``sources.catalog.locate``; eval splits keep persons whose image
-  is missing, ``sources.eval_options``)."""
-  if split not in ("train", "eval"):
-    raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
-  reader, (ann_file, image_root), options = locate(
-      config.data.train if split == "train" else config.data.eval, split)
-  if split == "eval":
+def read_entry(entry: Any, where: str) -> Records:
+  """The records of one data entry (``sources.catalog.locate``; an eval entry keeps
+  persons whose image is missing, ``sources.eval_options``)."""
+  reader, (ann_file, image_root), options = locate(entry, where)
+  if where == "eval":
     options = eval_options(reader, options)
   return read_dataset(reader, ann_file, image_root, **options)
+
+
+def load_train_parts(config: Any) -> list[tuple[str, Records, float]]:
+  """(name, records, weight) of each source of ``config.data.train`` (one, or the mix)."""
+  entries = train_entries(config.data.train)
+  where = ["train"] if len(entries) == 1 else [f"train.{t.name}" for t in entries]
+  return [(t.name, read_entry(t.entry, w), t.weight) for t, w in zip(entries, where)]
+
+
+def concat_records(parts: Sequence[Records]) -> Records:
+  """One Records of several (skip counts summed, specs merged, sources joined by '+')."""
+  if len(parts) == 1:
+    return parts[0]
+  out = Records([r for p in parts for r in p],
+                source="+".join(getattr(p, "source", "") for p in parts))
+  for p in parts:
+    out.skipped.update(getattr(p, "skipped", {}))
+    out.specs.update(getattr(p, "specs", {}))
+  return out
+
+
+def load_records(config: Any, split: str) -> Records:
+  """Person (or caption) records of ``config.data.train`` (split='train'; a mix of
+  sources is concatenated in ``train_entries`` order) or ``config.data.eval``."""
+  if split not in ("train", "eval"):
+    raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
+  if split == "eval":
+    return read_entry(config.data.eval, "eval")
+  return concat_records([records for _, records, _ in load_train_parts(config)])
 
 
 def train_items(records: Sequence[Any], group_size: int, seed: int) -> list[Item]:
@@ -97,6 +130,16 @@ def train_items(records: Sequence[Any], group_size: int, seed: int) -> list[Item
   return items
 
 
+def mixed_items(part_items: Sequence[Sequence[Item]], weights: Sequence[float],
+                seed: int) -> grain.MapDataset:
+  """The endless item stream of several sources: source k's items shuffled with seed
+  ``seed + k`` and repeated, interleaved by ``grain.MapDataset.mix`` in proportion to
+  ``weights`` (element i is a pure function of i: deterministic and resumable)."""
+  return grain.MapDataset.mix(
+      [grain.MapDataset.source(list(p)).shuffle(seed=seed + k).repeat()
+       for k, p in enumerate(part_items)], list(weights))
+
+
 def make_train_dataset(config: Any, tokenizer: Any, *, records: Optional[Sequence[Any]] = None,
                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """This process's training batches (module docstring), for every model and stage.
@@ -104,31 +147,51 @@ def make_train_dataset(config: Any, tokenizer: Any, *, records: Optional[Sequenc
   Args:
     config: the full config (data, model, train.batch_size, seed).
     tokenizer: the tokenizer the model uses.
-    records: person or caption records (default ``load_records(config, 'train')``).
+    records: person or caption records (default: every source of ``config.data.train``,
+      mixed by their weights); given records are one source.
     process_index, process_count: this process's slice of the items.
   """
-  if records is None:
-    records = load_records(config, "train")
-  if not records:
-    raise ConfigError("no training records")
+  parts = [("train", records, 1.0)] if records is not None else load_train_parts(config)
+  empty = [name for name, p, _ in parts if not p]
+  if empty:
+    raise ConfigError("no training records" + (f" in data.train.{empty}" if len(parts) > 1
+                                                else ""))
+  records = concat_records([p for _, p, _ in parts])
   if config.train.batch_size % process_count:
     raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by "
                       f"{process_count} processes")
   batch = config.train.batch_size // process_count
   element = tasks.element_for(config, tokenizer, records)
-  items = train_items(records, int(config.data.get("group_size", 0)), int(config.seed))
-  items = items[process_index::process_count]
+  seed = int(config.seed)
+  group_size = int(config.data.get("group_size", 0))
+  part_items, start = [], 0
+  for _, part, _ in parts:
+    items = [(start + i, group) for i, group in train_items(part, group_size, seed)]
+    part_items.append(items[process_index::process_count])
+    start += len(part)
+  items = [item for p in part_items for item in p]
   logging.info("%s: %d items for process %d/%d, batch %d", element.name, len(items),
                process_index, process_count, batch)
   stages = parse_curriculum(config.data.get("curriculum", ""))
-  if stages:
+  if stages and len(parts) > 1:
+    raise ConfigError("data.curriculum draws from one item list: it does not combine with "
+                      "a mix of training sources (data.train with weights)")
+  if len(parts) > 1:
+    if not all(part_items):
+      raise ConfigError(f"data.train: a source has fewer items than the {process_count} "
+                        f"processes (items {[len(p) for p in part_items]}, process "
+                        f"{process_index})")
+    logging.info("%s: mixing %d sources, items %s, weights %s", element.name, len(parts),
+                 [len(p) for p in part_items], [w for _, _, w in parts])
+    ds = mixed_items(part_items, [w for _, _, w in parts], seed)
+  elif stages:
     augment = bool(config.data.get("curriculum_augment", False))
     logging.info("%s: curriculum %s (first items: steps; augmented: %s), then all",
                  element.name, stages, augment)
-    ds = grain.MapDataset.source(CurriculumItems(tuple(items), stages, batch, int(config.seed)))
+    ds = grain.MapDataset.source(CurriculumItems(tuple(items), stages, batch, seed))
     element = CurriculumTransform(element, augment)
   else:
-    ds = grain.MapDataset.source(items).shuffle(seed=int(config.seed)).repeat()
+    ds = grain.MapDataset.source(items).shuffle(seed=seed).repeat()
   read_options = grain.ReadOptions(num_threads=int(config.data.get("read_threads", 2)),
                                    prefetch_buffer_size=max(2 * batch, 8))
   it = skip_unreadable(ds, element, config, limit=len(items), read_options=read_options)

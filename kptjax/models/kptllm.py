@@ -15,7 +15,9 @@ D LLM width, E ViT width, N heads, H head dim, F mlp width.
 Param tree: the VLM's ``{vit, projector, llm}`` plus ``prompt_encoder``,
 ``prompt_extractor``, ``prompt_projector`` and ``keypoint_head`` (trained in every mode
 that trains the projector: ``kptjax.models.lora.TRAINED_MODULES``). Config:
-``config.model.kpt`` (prompt_token_id, keypoint_token_id, extractor_layers).
+``config.model.kpt`` (prompt_token_id, keypoint_token_id, extractor_layers,
+``prompt_extractor``: 'cross_attention' (the paper's) | 'avg_pool' (its Table 6 baseline:
+``avg_pool_prompts``, no extractor params; ``avg_pool_sigma`` in patches, default 1)).
 
     >>> model = KptLLM(config.model)
     >>> logits, xy = model.apply({'params': p}, images, tokens, input_mask,
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kptjax.errors import ConfigError
 from kptjax.models import layers
 from kptjax.models.layers import DType, default_kernel_init, logical_init
 from kptjax.models.vlm import VLM, dummy_inputs, fill_image_tokens
@@ -134,6 +137,29 @@ class KeypointHead(nn.Module):
     return jax.nn.sigmoid(_dense(2, ("mlp", None), "fc2", self.dtype)(h).astype(jnp.float32))
 
 
+PROMPT_EXTRACTORS = ("cross_attention", "avg_pool")
+
+
+def avg_pool_prompts(feats: Array, xy: Array, sigma: float) -> Array:
+  """The average-pooling prompt of KptLLM's Table 6 (POMNet's, the paper's [21]).
+
+  Support patch features weighted by a Gaussian around each support keypoint:
+  feats [B,P,E] on a g x g patch grid (row-major, P = g*g), xy f32[B,R,2] (normalized
+  crop units, (x, y)), sigma in patches -> [B,R,E] with weights
+  softmax_p(-|c_p - xy|^2 / (2 (sigma/g)^2)) over the patch centres c_p.
+  """
+  p = feats.shape[1]
+  g = int(round(p ** 0.5))
+  if g * g != p:
+    raise ValueError(f"avg_pool_prompts: {p} patch features are not a square grid")
+  centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
+  cy, cx = jnp.meshgrid(centres, centres, indexing="ij")
+  grid = jnp.stack([cx.ravel(), cy.ravel()], axis=-1)                      # [P,2]
+  d2 = jnp.sum((xy.astype(jnp.float32)[:, :, None, :] - grid) ** 2, axis=-1)  # [B,R,P]
+  w = jax.nn.softmax(-d2 / (2.0 * (sigma / g) ** 2), axis=-1)
+  return jnp.einsum("BRP,BPE->BRE", w, feats.astype(jnp.float32)).astype(feats.dtype)
+
+
 def gather_slots(x: Array, tokens: Array, token_id: int, num_slots: int) -> Array:
   """The rows of x [B,T,D] at the first num_slots positions where tokens == token_id,
   in order: [B,R,D] (slots a row does not have repeat its position 0; mask them out)."""
@@ -153,9 +179,14 @@ class KptLLM(VLM):
     c = self.config
     dtype = layers.to_dtype(c.dtype)
     e = c.vit.hidden_size
-    self.prompt_encoder = PromptEncoder(e, dtype)
-    self.prompt_extractor = PromptExtractor(int(c.kpt.extractor_layers), c.vit.num_heads,
-                                            c.vit.intermediate_size, dtype)
+    self.extractor_kind = c.kpt.get("prompt_extractor", "cross_attention")
+    if self.extractor_kind not in PROMPT_EXTRACTORS:
+      raise ConfigError(f"model.kpt.prompt_extractor={self.extractor_kind!r} (expected one "
+                        f"of {PROMPT_EXTRACTORS})")
+    if self.extractor_kind == "cross_attention":
+      self.prompt_encoder = PromptEncoder(e, dtype)
+      self.prompt_extractor = PromptExtractor(int(c.kpt.extractor_layers), c.vit.num_heads,
+                                              c.vit.intermediate_size, dtype)
     self.prompt_projector = _dense(c.llm.hidden_size, ("vit_embed", "embed"), None, dtype)
     self.keypoint_head = KeypointHead(c.llm.hidden_size, dtype)
 
@@ -174,8 +205,12 @@ class KptLLM(VLM):
     b, s = support_images.shape[:2]
     feats = self.vit(support_images.reshape(b * s, *support_images.shape[2:]),
                      deterministic=deterministic)                          # [B*S,P,E]
-    prompts = self.prompt_encoder(support_xy.reshape(b * s, -1, 2))           # [B*S,R,E]
-    z = self.prompt_extractor(prompts, feats).reshape(b, s, -1, prompts.shape[-1])
+    xy = support_xy.reshape(b * s, -1, 2)
+    if self.extractor_kind == "avg_pool":
+      z = avg_pool_prompts(feats, xy, float(self.config.kpt.get("avg_pool_sigma", 1.0)))
+    else:
+      z = self.prompt_extractor(self.prompt_encoder(xy), feats)               # [B*S,R,E]
+    z = z.reshape(b, s, -1, z.shape[-1])
     w = support_mask.astype(jnp.float32)[..., None]
     z = jnp.sum(z * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)       # [B,R,E]
     return self.prompt_projector(z).astype(jnp.float32)

@@ -60,6 +60,12 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 2048
+  new_tokens: int = 0   # rows past the checkpoint's vocabulary (added tokens), of vocab_size
+
+  @property
+  def base_vocab_size(self) -> int:
+    """Rows of the checkpoint's embedding table (``vocab_size - new_tokens``)."""
+    return self.vocab_size - self.new_tokens
 
   @classmethod
   def from_config(cls, c: Any) -> "LlamaConfig":
@@ -80,7 +86,8 @@ class LlamaConfig:
                rope_scaling=tuple(sorted(scaling.items())),
                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-               max_position_embeddings=int(c.get("max_position_embeddings", 2048)))
+               max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+               new_tokens=int(c.get("new_tokens", 0) or 0))
 
   @property
   def rope_scaling_dict(self) -> dict:
@@ -172,24 +179,44 @@ class DecoderBlock(_Sublayer):
 
 
 class Embedder(nn.Module):
-  """Token embedding table ``embedding [V,D]``; ``decode`` is the tied output layer."""
+  """Token embedding table ``embedding [V,D]``; ``decode`` is the tied output layer.
+
+  With ``new_rows`` = N > 0 the table is ``embedding [V-N,D]`` (the checkpoint's rows) and
+  ``new_embedding [N,D]`` (added tokens, ids V-N..V-1): two leaves, so the new rows can be
+  trained while the checkpoint's stay frozen (``lora.NEW_ROW_LEAVES``).
+  """
   vocab_size: int
   features: int
   param_dtype: DType = jnp.float32
+  new_rows: int = 0
 
   def setup(self):
-    self.embedding = self.param(
-        "embedding", logical_init(nn.initializers.normal(0.02), ("vocab", "embed")),
-        (self.vocab_size, self.features), self.param_dtype)
+    init = logical_init(nn.initializers.normal(0.02), ("vocab", "embed"))
+    self.embedding = self.param("embedding", init, (self.vocab_size - self.new_rows,
+                                                    self.features), self.param_dtype)
+    if self.new_rows:
+      self.new_embedding = self.param("new_embedding", init, (self.new_rows, self.features),
+                                      self.param_dtype)
 
   def encode(self, tokens: Array) -> Array:
-    """tokens i32[B,T] -> [B,T,D] (param dtype)."""
-    return jnp.take(self.embedding, tokens, axis=0)
+    """tokens i32[B,T] -> [B,T,D] (param dtype); an id past the table reads NaN."""
+    if not self.new_rows:
+      return jnp.take(self.embedding, tokens, axis=0)
+    base = self.vocab_size - self.new_rows
+    added = tokens >= base
+    old = jnp.take(self.embedding, jnp.where(added, 0, tokens), axis=0)
+    new = jnp.take(self.new_embedding, jnp.where(added, tokens - base, 0), axis=0)
+    return jnp.where(added[..., None], new, old)
 
   def decode(self, x: Array) -> Array:
     """x [B,T,D] -> logits f32[B,T,V]."""
-    return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    if not self.new_rows:
+      return logits
+    return jnp.concatenate([logits, jnp.einsum(
+        "BTD,ND->BTN", x, self.new_embedding.astype(x.dtype),
+        preferred_element_type=jnp.float32)], axis=-1)
 
 
 def causal_mask(input_mask: Array) -> Array:
@@ -225,7 +252,8 @@ class Llama(nn.Module):
 
   def setup(self):
     c = self.config
-    self.embed_tokens = Embedder(c.vocab_size, c.hidden_size, self.param_dtype)
+    self.embed_tokens = Embedder(c.vocab_size, c.hidden_size, self.param_dtype,
+                                 new_rows=c.new_tokens)
     # deterministic (5) and return_attention (6) are Python bools: static under remat.
     block = layers.maybe_remat(DecoderBlock, self.remat_policy, static_argnums=(5, 6),
                                prevent_cse=not self.scan_layers)
@@ -239,8 +267,12 @@ class Llama(nn.Module):
       self.layers = [block(*args) for _ in range(c.num_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
     if not c.tie_word_embeddings:
-      self.lm_head = LoraDense(c.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
-                               param_dtype=self.param_dtype)
+      self.lm_head = LoraDense(c.base_vocab_size, kernel_axes=("embed", "vocab"),
+                               dtype=self.dtype, param_dtype=self.param_dtype)
+      if c.new_tokens:   # the output columns of the added tokens: [D, N]
+        self.new_lm_head = self.param(
+            "new_lm_head", logical_init(nn.initializers.normal(0.02), ("embed", "vocab")),
+            (c.hidden_size, c.new_tokens), self.param_dtype)
 
   def embed(self, tokens: Array) -> Array:
     """tokens i32[B,T] -> embeddings [B,T,D] in the compute dtype."""
@@ -263,7 +295,12 @@ class Llama(nn.Module):
     x = self.norm(x).astype(self.dtype)
     if self.config.tie_word_embeddings:
       return self.embed_tokens.decode(x)
-    return self.lm_head(x).astype(jnp.float32)
+    logits = self.lm_head(x).astype(jnp.float32)
+    if not self.config.new_tokens:
+      return logits
+    return jnp.concatenate([logits, jnp.einsum(
+        "BTD,DN->BTN", x, self.new_lm_head.astype(x.dtype),
+        preferred_element_type=jnp.float32)], axis=-1)
 
   def hidden(self, embeds: Array, input_mask: Array, deterministic: bool = True) -> Array:
     """The last block's output [B,T,D] (before the final norm) for teacher-forced

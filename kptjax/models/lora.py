@@ -21,6 +21,8 @@ from kptjax.models.layers import DType, default_kernel_init, logical_init
 Array = jax.Array
 
 LORA_LEAVES = ("lora_a", "lora_b")
+# Rows of tokens added to a checkpoint's vocabulary (``llama.Embedder``, ``Llama.new_lm_head``).
+NEW_ROW_LEAVES = ("new_embedding", "new_lm_head")
 TRAINABLE_MODES = ("all", "projector", "lora+projector", "lora+vit+projector")
 # Top-level modules trained whenever the projector is: the projector and KptLLM's
 # support-prompt modules and regression head (kptjax/models/kptllm.py).
@@ -161,6 +163,8 @@ def trainable_mask(params: Any, mode: str) -> Any:
   prompt modules and keypoint head: ``TRAINED_MODULES``) |
   'lora+projector' (those plus every lora_a / lora_b leaf) |
   'lora+vit+projector' (those plus the whole ViT: KptLLM fine-tunes its visual encoder).
+  The rows of tokens added to a checkpoint's vocabulary (``NEW_ROW_LEAVES``, e.g. LocLLM's
+  location tokens) are trained in every mode but 'projector'.
   """
   if mode not in TRAINABLE_MODES:
     raise ConfigError(f"optim.trainable={mode!r} (expected one of {TRAINABLE_MODES})")
@@ -173,7 +177,7 @@ def trainable_mask(params: Any, mode: str) -> Any:
       return True
     if mode == "lora+vit+projector" and names and names[0] == "vit":
       return True
-    return mode != "projector" and bool(names) and names[-1] in LORA_LEAVES
+    return mode != "projector" and bool(names) and names[-1] in LORA_LEAVES + NEW_ROW_LEAVES
 
   return jax.tree_util.tree_map_with_path(
       is_trainable, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

@@ -70,7 +70,8 @@ def agreement_problems(config: ml_collections.ConfigDict, tokenizer: Any) -> lis
     problems.append(
         f"{_tokenizer_name(config)} has {n_tok} ids, the embedding table model.llm.vocab_size="
         f"{vocab}{_source(config, 'llm')}: ids {vocab}..{n_tok - 1} have no row (give the "
-        "checkpoint's own tokenizer as checkpoints.tokenizer_dir)")
+        "checkpoint's own tokenizer as checkpoints.tokenizer_dir, or add rows for the new "
+        "tokens with model.llm.new_token_init='mean' or 'normal')")
   ids = {f"tokenizer {name}": getattr(tokenizer, name, None)
          for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
   ids["model.image_token_id"] = m.get("image_token_id", None)

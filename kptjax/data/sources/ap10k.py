@@ -5,6 +5,7 @@ family, test on another. A family is the categories' ``supercategory`` in the AP
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Sequence, Union
 
 from kptjax.data.sources.base import Records
@@ -18,12 +19,18 @@ AP10K_DIFFERENT_ORDER = ("Bovidae", "Canidae")
 AP10K_SAME_ORDER = ("Canidae", "Felidae")
 
 
+def family_key(name: str) -> str:
+  """A family / supercategory name compared loosely: 'Human Body' -> 'human_body'."""
+  return re.sub(r"[\s_-]+", "_", str(name).strip().lower())
+
+
 def family_category_ids(data: Union[PathLike, Mapping[str, Any]],
                         families: Union[str, Sequence[str]]) -> list[int]:
   """Category ids whose ``supercategory`` (the AP-10K family) is one of ``families``.
 
   families: a name, a list, or names joined by '|' ('Bovidae|Canidae'); matched
-  case-insensitively. DataError when a family has no category.
+  ignoring case, spaces, '-' and '_' (``family_key``). DataError when a family has no
+  category.
   """
   path = "<dict>"
   if not isinstance(data, Mapping):
@@ -31,11 +38,11 @@ def family_category_ids(data: Union[PathLike, Mapping[str, Any]],
     data = load_json(path)
   if isinstance(families, str):
     families = [f for f in families.split("|") if f.strip()]
-  wanted = {f.strip().lower(): f.strip() for f in families}
+  wanted = {family_key(f): f.strip() for f in families}
   cats = category_table(data, path)
   found: dict[str, list[int]] = {f: [] for f in wanted}
   for cat_id, cat in cats.items():
-    family = str(cat.get("supercategory", "")).lower()
+    family = family_key(cat.get("supercategory", ""))
     if family in found:
       found[family].append(cat_id)
   missing = sorted(wanted[f] for f, ids in found.items() if not ids)

@@ -10,12 +10,20 @@ in the entry win), or a generator that makes them (the synthetic sets, cached):
                                  num_images, seed, knobs)``
   synthetic_objects  mp100       ``synthetic_objects.generate_objects(path/objects-seed{seed})``
   mp100              mp100       ``annotations/{split}.json``, ``images/``
+  h36m               h36m        ``annotation_body3d/fps50/h36m_{split}.npz``, ``images/``
+                                 (mmpose's layout)
   any other          the source  ``annotations/person_keypoints_{split}.json``, ``{split}/``
 
 ``path`` of a synthetic source defaults to ``synthetic.default_root()``. The reader gets
 the entry's detection file (``det_file``, ``det_score_threshold``) and its ``options``
 string (``'headbox_file=/x.mat,min_keypoints=0'``); an eval split also
 ``sources.eval_options``.
+
+A mix of training sources (LocLLM's 3D model trains on Human3.6M + MPII):
+``config.data.train`` holds named entries instead of one, each with a ``weight``
+(its share of the stream, default 1), e.g. ``train=dict(h36m=dict(source='h36m', ...,
+weight=1.0), mpii=dict(source='mpii', ..., weight=1.0))``; ``train_entries`` lists them.
+An entry that has a ``source`` is a single source, as before.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ CATALOG: dict[str, SourceEntry] = {
     "synthetic": SourceEntry(make_files=synthetic_files),
     "synthetic_objects": SourceEntry(reader="mp100", make_files=synthetic_object_files),
     "mp100": SourceEntry(ann_file="annotations/{split}.json", image_root="images"),
+    "h36m": SourceEntry(ann_file="annotation_body3d/fps50/h36m_{split}.npz", image_root="images"),
 }
 DEFAULT_ENTRY = SourceEntry()   # the COCO layout
 
@@ -83,6 +92,37 @@ def parse_options(text: str) -> dict[str, Any]:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       out[key] = value
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEntry:
+  """One source of the training stream: its name, data entry and mixing weight."""
+  name: str
+  entry: Any
+  weight: float
+
+
+def train_entries(train: Any) -> list[TrainEntry]:
+  """The sources of ``config.data.train``: [one entry, weight 1] or the named mix.
+
+  Raises:
+    ConfigError: a mix member without ``source``, a weight <= 0, or an empty mix.
+  """
+  if "source" in train:
+    return [TrainEntry(str(train.source), train, 1.0)]
+  out = []
+  for name in sorted(train.keys()):
+    entry = train[name]
+    if not hasattr(entry, "get") or "source" not in entry:
+      raise ConfigError(f"data.train.{name}: a mix member needs a 'source' (data.train is "
+                        "either one source entry or named entries with weights)")
+    weight = float(entry.get("weight", 1.0))
+    if not weight > 0:
+      raise ConfigError(f"data.train.{name}.weight={weight}: need > 0")
+    out.append(TrainEntry(name, entry, weight))
+  if not out:
+    raise ConfigError("data.train: no source entry")
   return out
 
 

@@ -51,6 +51,7 @@ from kptjax.data.sources.fields import (
     number,
     numbers,
 )
+from kptjax.data.sources.query_descriptions import describe
 from kptjax.errors import DataError
 from kptjax.keypoints import KeypointSpec, get_spec, register_spec, spec_from_dict
 
@@ -201,6 +202,7 @@ def read_coco_keypoints(ann_file: Union[str, os.PathLike], image_root: Union[str
 
 # ----------------------------------------------------------------------------- MP-100
 
+GENERATED = "generated"   # read_mp100(descriptions=GENERATED): query_descriptions.describe
 _SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
@@ -218,7 +220,8 @@ def _pair_left_right(names: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _category_spec(cat: Mapping[str, Any], path: str, where: str,
-                   descriptions: Optional[Mapping[str, Any]], prefix: str) -> KeypointSpec:
+                   descriptions: Optional[Mapping[str, Any]], prefix: str,
+                   generate: bool = False) -> KeypointSpec:
   cat_name = str(field(cat, "name", path, where, str))
   names = [str(n).replace("_", " ") for n in field(cat, "keypoints", path, where, list)]
   texts = cat.get("keypoint_descriptions")
@@ -230,10 +233,6 @@ def _category_spec(cat: Mapping[str, Any], path: str, where: str,
     raise DataError(path, "descriptions do not match the keypoints",
                     field=f"{where}.keypoint_descriptions", expected=f"{len(names)} texts")
   subject = cat_name.replace("_", " ")
-  entries = _pair_left_right(names)
-  for i, entry in enumerate(entries):
-    text = texts[i] if texts is not None else None
-    entry["description"] = text or f"The {names[i]} of the {subject}."
   skeleton = []
   for k, pair in enumerate(cat.get("skeleton") or []):
     if (not isinstance(pair, (list, tuple)) or len(pair) != 2
@@ -241,6 +240,12 @@ def _category_spec(cat: Mapping[str, Any], path: str, where: str,
       raise DataError(path, f"bad limb {pair!r}", field=f"{where}.skeleton[{k}]",
                       expected=f"two 1-based keypoint indices <= {len(names)}")
     skeleton.append([pair[0] - 1, pair[1] - 1])
+  generated = describe(cat_name, names, skeleton) if generate else None
+  entries = _pair_left_right(names)
+  for i, entry in enumerate(entries):
+    text = texts[i] if texts is not None else None
+    entry["description"] = text or (generated[i] if generated else
+                                     f"The {names[i]} of the {subject}.")
   return spec_from_dict({"name": f"{prefix}{cat_name}", "subject": subject,
                          "description": f"MP-100 category {cat_name}",
                          "keypoints": entries, "skeleton": skeleton}, path)
@@ -256,7 +261,8 @@ def read_mp100(ann_file: Union[str, os.PathLike], image_root: Union[str, os.Path
   named ``spec_prefix + category name`` (registered, and in ``records.specs``), with
   flip pairs found by 'left'/'right' in the names. Descriptions come from the
   category's ``keypoint_descriptions`` (list aligned with ``keypoints``), else from
-  ``descriptions`` (a mapping or JSON file: category -> list or {name: text}), else
+  ``descriptions`` (a mapping or JSON file: category -> list or {name: text}; or
+  ``'generated'``: kptjax's own detailed queries, ``query_descriptions.describe``), else
   a plain 'The <keypoint> of the <category>.' sentence.
 
   Same skips and errors as ``read_coco_keypoints``.
@@ -265,11 +271,14 @@ def read_mp100(ann_file: Union[str, os.PathLike], image_root: Union[str, os.Path
   data = load_json(path)
   if not isinstance(data, dict):
     raise DataError(path, "a COCO file must hold an object", expected="images, annotations")
-  if descriptions is not None and not isinstance(descriptions, Mapping):
+  generate = isinstance(descriptions, str) and descriptions == GENERATED
+  if generate:
+    descriptions = None
+  elif descriptions is not None and not isinstance(descriptions, Mapping):
     descriptions = load_json(descriptions)
   specs: dict[int, KeypointSpec] = {}
   for i, (cat_id, cat) in enumerate(category_table(data, path).items()):
-    spec = _category_spec(cat, path, f"categories[{i}]", descriptions, spec_prefix)
+    spec = _category_spec(cat, path, f"categories[{i}]", descriptions, spec_prefix, generate)
     specs[cat_id] = register_spec(spec, overwrite=True)
   images = _image_table(data, path, image_root, "")
   exists = ExistsCache()

@@ -25,14 +25,24 @@ camera parameters; focal lengths must be > 0), visibility not 0 / 1 / 2, duplica
 image or annotation ids, a camera missing from the camera file -> DataError naming the
 file, the record and the field. Counted skips:
 'missing_image', 'no_keypoints', 'zero_area'.
+
+Protocol filters (LocLLM Table 5 follows the standard protocol: train on subjects
+S1, S5, S6, S7, S8, test on S9, S11; frames subsampled, every 5th for training and
+every 64th for testing in the common protocol of RLE / Integral regression):
+``subjects='S1|S5|S6|S7|S8'`` keeps those subjects, ``frame_stride=5`` keeps frames
+whose 0-based index (the file's 1-based frame number - 1) is a multiple of 5. Both
+read the subject and frame from the file name (``FRAME_NAME``); a name that does not
+match is a DataError when a filter is set. Persons removed are counted
+('other_subject', 'between_strides').
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zipfile
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -50,7 +60,7 @@ from kptjax.data.sources.fields import (
     load_json,
     numbers,
 )
-from kptjax.errors import DataError
+from kptjax.errors import ConfigError, DataError
 from kptjax.keypoints import KeypointSpec, get_spec
 
 # 'S1_Directions_1.54138969_000001.jpg' -> subject, sequence folder, camera id.
@@ -107,6 +117,45 @@ def frame_action(image_path: str) -> str:
   return word.group(0) if word else "unknown"
 
 
+def parse_subjects(subjects: Union[str, Sequence[str], None]) -> frozenset[str]:
+  """'S1|S5' (or 'S1 S5', a list) -> {'S1', 'S5'}; empty: no subject filter."""
+  if subjects is None:
+    return frozenset()
+  if isinstance(subjects, str):
+    subjects = re.split(r"[|\s]+", subjects)
+  return frozenset(s.strip() for s in subjects if s and s.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameFilter:
+  """H36M protocol filter (module docstring): the subjects kept and the frame stride."""
+  subjects: frozenset[str] = frozenset()
+  frame_stride: int = 1
+
+  def __post_init__(self):
+    if int(self.frame_stride) < 1:
+      raise ConfigError(f"h36m frame_stride={self.frame_stride}: need >= 1")
+
+  @property
+  def active(self) -> bool:
+    return bool(self.subjects) or self.frame_stride > 1
+
+  def skip_reason(self, name: str, path: str, where: str) -> Optional[str]:
+    """None to keep the frame ``name``, else the counted skip's name."""
+    if not self.active:
+      return None
+    m = FRAME_NAME.match(os.path.basename(name))
+    if m is None:
+      raise DataError(path, f"file name {name!r} names no subject / frame "
+                      "(needed by the subjects / frame_stride filter)", field=where,
+                      expected="'S1_Directions_1.54138969_000001.jpg'")
+    if self.subjects and m["subject"] not in self.subjects:
+      return "other_subject"
+    if (int(m["frame"]) - 1) % self.frame_stride:
+      return "between_strides"
+    return None
+
+
 def _camera_for(name: str, cameras: Optional[dict[str, Any]], path: str, where: str):
   m = FRAME_NAME.match(os.path.basename(name))
   if m is None:
@@ -133,7 +182,7 @@ def _find_image(image_root: str, name: str, match, exists: ExistsCache) -> Optio
 def read_h36m(ann_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], *,
               camera_file: Union[str, os.PathLike, None] = None,
               spec: Union[str, KeypointSpec] = "h36m17", dataset: str = "h36m",
-              min_keypoints: int = 1) -> Records:
+              min_keypoints: int = 1, subjects: str = "", frame_stride: int = 1) -> Records:
   """Reads Human3.6M from the COCO-style JSON or the npz form (module docstring).
 
   Args:
@@ -143,16 +192,18 @@ def read_h36m(ann_file: Union[str, os.PathLike], image_root: Union[str, os.PathL
     spec: the 17-joint spec (root first).
     dataset: short name written into each record.
     min_keypoints: skip persons with fewer labeled 2D joints.
+    subjects: keep only these subjects ('S1|S5|S6|S7|S8'; empty: all).
+    frame_stride: keep every ``frame_stride``-th frame (1: all).
   """
   path = os.fspath(ann_file)
   spec = get_spec(spec)
   cameras = None if camera_file is None else load_cameras(camera_file)
-  if path.endswith(".npz"):
-    return _read_npz(path, os.fspath(image_root), spec, cameras, dataset, min_keypoints)
-  return _read_json(path, os.fspath(image_root), spec, cameras, dataset, min_keypoints)
+  keep = FrameFilter(parse_subjects(subjects), int(frame_stride))
+  read = _read_npz if path.endswith(".npz") else _read_json
+  return read(path, os.fspath(image_root), spec, cameras, dataset, min_keypoints, keep)
 
 
-def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Records:
+def _read_json(path, image_root, spec, cameras, dataset, min_keypoints, keep) -> Records:
   num = spec.num_keypoints
   data = load_json(path)
   if not isinstance(data, dict):
@@ -165,6 +216,10 @@ def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Recor
     where = f"annotations[{i}]"
     ann_id, image_id = annotation_ids(ann, i, ann_ids, images, path, where)
     name, size = images[image_id]
+    skip = keep.skip_reason(name, path, f"images[{image_id}].file_name")
+    if skip:
+      records.skipped[skip] += 1
+      continue
     kpts = keypoint_rows(ann, "keypoints", path, where, num, record=ann_id)
     kpts[:, 2] = np.where(kpts[:, 2] > 0, 2.0, 0.0)
     box = np.asarray(numbers(ann, "bbox", path, where, 4, record=ann_id), np.float32)
@@ -194,7 +249,7 @@ def _read_json(path, image_root, spec, cameras, dataset, min_keypoints) -> Recor
   return records
 
 
-def _read_npz(path, image_root, spec, cameras, dataset, min_keypoints) -> Records:
+def _read_npz(path, image_root, spec, cameras, dataset, min_keypoints, keep) -> Records:
   num = spec.num_keypoints
   try:
     with np.load(path, allow_pickle=False) as data:
@@ -225,6 +280,10 @@ def _read_npz(path, image_root, spec, cameras, dataset, min_keypoints) -> Record
   records = Records(source=path)
   for i in range(n):
     name = str(arrays["imgname"][i])
+    skip = keep.skip_reason(name, path, f"imgname[{i}]")
+    if skip:
+      records.skipped[skip] += 1
+      continue
     kpts = arrays["part"][i].astype(np.float32)
     kpts[:, 2] = np.where(kpts[:, 2] > 0, 2.0, 0.0)
     center = arrays["center"][i].astype(np.float32)

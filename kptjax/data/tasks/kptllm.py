@@ -33,11 +33,13 @@ import numpy as np
 
 from kptjax.data.conversation import (
     PROMPT_MARK,
-    TASK_TEXT,
     TASKS,
+    VISUAL_TASKS,
     ConversationEncoder,
+    held_out,
     pack_sequence,
     sample_rounds,
+    task_text,
 )
 from kptjax.data.coords import config_value, format_answer
 from kptjax.data.sources import specs_of
@@ -96,6 +98,7 @@ class TaskEncoder(ConversationEncoder):
     self.prompt_token_id = int(prompt_token_id)
     self.keypoint_token_id = None if keypoint_token_id is None else int(keypoint_token_id)
     self.max_rounds = int(config_value(cfg, "rounds", 5))
+    self.task_text = task_text(cfg)
     if self.coord_format == "loc_tokens":   # the tiny tokenizer lends <loc_98>, <loc_99>
       bins = int(config_value(cfg, "loc_bins", 100))
       locs = {f"<loc_{i}>" for i in range(bins)}
@@ -109,15 +112,16 @@ class TaskEncoder(ConversationEncoder):
     """One round's prompt tokens; the ``<prompt>`` slot is one placeholder token."""
     if task == "textual":
       return self.query(name, description, subject)
-    head, tail = TASK_TEXT[task]["round"].split(PROMPT_MARK)
+    head, tail = self.task_text[task]["round"].split(PROMPT_MARK)
     return (self.tokenize(head) + [self.prompt_token_id]
-            + self.tokenize(tail.format(subject=subject or "person")))
+            + self.tokenize(tail.format(subject=subject or "person",
+                                        description=description or name)))
 
   def task_answer(self, task: str, description: str, values: Sequence[float]) -> list[int]:
     """Answer tokens (without the end of turn) for normalized (x, y)."""
     coords = ([self.keypoint_token_id] if self.coord_format == "keypoint_token"
               else self.tokenize(format_answer(values, self.cfg)))
-    head = TASK_TEXT[task]["answer"].split("{coords}")[0].format(description=description)
+    head = self.task_text[task]["answer"].split("{coords}")[0].format(description=description)
     return (self.tokenize(head) if head else []) + (coords if task != "semantic" else [])
 
   def encode_task(self, task: str, keypoints_crop: np.ndarray,
@@ -140,7 +144,8 @@ class TaskEncoder(ConversationEncoder):
     kp = np.array(keypoints_crop, np.float32)
     if task != "textual" and prompt_valid is not None:
       kp[~np.asarray(prompt_valid, bool), -1] = 0
-    chosen = sample_rounds(kp, (w, h), self.cfg, rng, keypoint_ids)[:self.max_rounds]
+    chosen = sample_rounds(kp, (w, h), self.cfg, rng, keypoint_ids,
+                           held_out(spec, self.cfg))[:self.max_rounds]
     subject = getattr(spec, "subject", "person")
     r_max = self.max_rounds
     prefix = self.prefix()
@@ -217,7 +222,7 @@ class KptTaskElement:
     support_kp = np.zeros((s, kp.shape[0], 3), np.float32)
     if task == "semantic":
       support_image[0], support_kp[0] = image, kp
-    elif task == "visual":
+    elif task in VISUAL_TASKS:
       for j, i in enumerate(self._support_indices(index, rng)):
         support_image[j], support_kp[j] = self._crop(i, rng)
     valid = np.any(support_kp[:, :, 2] > 0, axis=0)
