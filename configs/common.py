@@ -283,10 +283,11 @@ def paper_config(args, *, vit, llm, lora, projector, image_token_id, kpt, checkp
   return c
 
 
-def coco_config(args, *, projector):
-  """LocLLM's COCO recipe (configs/locllm_coco.py's docstring) with the ``projector`` kind
-  (LocLLM 'linear', PoseLLM 'mlp2x_gelu'); unlocked. ``epochs`` (12), ``batch`` (64)."""
+def coco_config(args):
+  """LocLLM's COCO recipe (configs/locllm_coco.py's docstring); unlocked. Reads ``epochs``
+  (12), ``batch`` (64) and ``mlp`` (PoseLLM's 'mlp2x_gelu' projector, else 'linear')."""
   batch = int(args.get("batch", 64))
+  projector = "mlp2x_gelu" if args.get("mlp") else "linear"
   return paper_config(
       args, vit=dinov2_vit_l14(), llm=vicuna_7b(),
       lora=lora_config(rank=8, alpha=16.0, dropout=0.05, vit_targets=("query", "value"),

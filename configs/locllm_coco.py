@@ -18,9 +18,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  projector = "mlp2x_gelu" if args.get("mlp") else "linear"
-  return common.coco_config(args, projector=projector).lock()
+  return common.coco_config(common.parse_arg(arg)).lock()
 
 
 def sweep():

@@ -9,7 +9,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.coco_config(common.parse_arg(arg), projector="mlp2x_gelu").lock()
+  return common.coco_config({**common.parse_arg(arg), "mlp": True}).lock()
 
 
 def sweep():
