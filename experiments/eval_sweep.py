@@ -7,7 +7,7 @@ r"""Evaluation sweep: checkpoints x datasets x decoding options -> one CSV + one
         --decode 'constrained=False' --decode 'constrained=True,share_prefix=False' \
         --out results/sweep
 
-Every cell is one ``kptjax.evaluate.run`` writing
+Every cell is one ``kptjax.evaluation.runner.run`` writing
 ``OUT/<checkpoint label>-<hash of its absolute path>/<dataset>/<decode>/``
 (``predictions.json`` + its provenance sidecar + ``metrics.json``); a cell whose files
 were made with the same provenance (checkpoint path and step, configs, dataset files) is
@@ -29,7 +29,6 @@ Writes ``OUT/sweep.csv`` and ``OUT/sweep.md`` (one row per cell) and prints the 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import hashlib
 import importlib.util
@@ -40,7 +39,12 @@ import re
 import sys
 from typing import Any, Optional, Sequence
 
-from kptjax import storage
+import ml_collections
+
+from kptjax import errors, storage
+from kptjax.data.sources.catalog import parse_options
+from kptjax.evaluation import loading, runner
+from kptjax.evaluation.metrics import markdown_table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -100,21 +104,11 @@ def parse_dataset(text: str) -> tuple[str, str]:
 
 def parse_decode(text: str) -> dict[str, Any]:
   """'constrained=True,max_new_tokens=20' -> {'constrained': True, 'max_new_tokens': 20}."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    key, _, value = part.partition("=")
-    try:
-      out[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      out[key.strip()] = value.strip()
-  return out
+  return parse_options(text)
 
 
 def with_decode(config: Any, overrides: dict[str, Any]) -> Any:
   """A copy of ``config`` with ``config.decode`` fields overridden."""
-  import ml_collections
-
-  from kptjax import errors
   c = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
     if key not in c.decode:
@@ -140,7 +134,6 @@ def row_of(checkpoint: str, dataset: str, decode_label: str, m: dict[str, Any]) 
 
 def write_tables(rows: Sequence[dict], out_dir: str) -> tuple[str, str]:
   """Writes sweep.csv and sweep.md atomically; returns their paths."""
-  from kptjax.evaluation.metrics import markdown_table
   os.makedirs(out_dir, exist_ok=True)
   columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
   buf = io.StringIO()
@@ -154,7 +147,7 @@ def write_tables(rows: Sequence[dict], out_dir: str) -> tuple[str, str]:
 
 
 class _CheckpointLoader:
-  """``evaluate.run``'s ``model_loader``: loads one checkpoint's weights at the first cell
+  """``runner.run``'s ``model_loader``: loads one checkpoint's weights at the first cell
   that needs them and hands them to its other cells (one checkpoint held at a time);
   ``model_params`` (model, params) stands in for every checkpoint's weights (tests)."""
 
@@ -163,13 +156,12 @@ class _CheckpointLoader:
     self.key, self.loaded = None, None
 
   def __call__(self, config: Any, checkpoint: str, step: Optional[int]) -> tuple[Any, Any, Any]:
-    from kptjax import evaluate
     if self.model_params is not None:
       return (config, *self.model_params)
     if self.key != (checkpoint, step):
-      self.key, self.loaded = (checkpoint, step), evaluate.load_model(config, checkpoint, step)
+      self.key, self.loaded = (checkpoint, step), loading.load_model(config, checkpoint, step)
     loaded_config, model, params = self.loaded
-    return evaluate._with_model(config, loaded_config.model), model, params  # pylint: disable=protected-access
+    return loading.with_model(config, loaded_config.model), model, params
 
 
 def run_sweep(config: Any, checkpoints: Sequence[str], datasets: Sequence[str],
@@ -178,20 +170,19 @@ def run_sweep(config: Any, checkpoints: Sequence[str], datasets: Sequence[str],
               ) -> list[dict]:
   """Runs (or reads) every cell; returns the rows. ``model_params`` (model, params) stands
   in for every checkpoint's weights (tests)."""
-  from kptjax import evaluate
   datasets = [parse_dataset(d) for d in datasets] or [("config", "")]
   decodes = list(decodes) or [""]
   loader = _CheckpointLoader(model_params)
   rows = []
   for checkpoint, ckpt_label in zip(checkpoints, checkpoint_labels(checkpoints)):
-    step = evaluate.checkpoint_step(checkpoint)
+    step = loading.checkpoint_step(checkpoint)
     folder = os.path.join(out_dir, cell_dir_name(checkpoint, ckpt_label))
     for d_label, dataset in datasets:
       for dec in decodes:
-        m = evaluate.run(with_decode(config, parse_decode(dec)),
-                         os.path.join(folder, d_label, _slug(dec)), checkpoint=checkpoint,
-                         dataset=dataset, max_persons=max_persons, progress=progress,
-                         tokenizer=tokenizer, step=step, model_loader=loader)
+        m = runner.run(with_decode(config, parse_decode(dec)),
+                       os.path.join(folder, d_label, _slug(dec)), checkpoint=checkpoint,
+                       dataset=dataset, max_persons=max_persons, progress=progress,
+                       tokenizer=tokenizer, step=step, model_loader=loader)
         rows.append(row_of(ckpt_label, d_label, dec or "default", m))
         write_tables(rows, out_dir)
   return rows
@@ -211,7 +202,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
   rows = run_sweep(load_config(args.config), args.checkpoints.split(","), args.dataset,
                    args.decode, args.out, max_persons=args.max_persons)
-  from kptjax.evaluation.metrics import markdown_table
   print(markdown_table(rows, [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]))
   print(json.dumps({"csv": os.path.join(args.out, "sweep.csv"),
                     "markdown": os.path.join(args.out, "sweep.md")}))

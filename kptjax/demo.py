@@ -26,8 +26,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from kptjax import evaluate, storage
+from kptjax import storage
 from kptjax.data import pipeline, transforms
+from kptjax.evaluation import protocols, results, runner
 
 SUMMARY_KEYS = ("PCK@0.05", "PCK@0.1", "PCK@0.2", "AP", "parse_failure_rate")
 
@@ -80,12 +81,12 @@ def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
   spec = get_spec(eval_records[0].spec)
   mean_crop = mean_crop_position(config, train_records)
   entries = baseline_entries(config, mean_crop, eval_records)
-  source = str(getattr(eval_records, "source", ""))
-  result = evaluate.compute_metrics(eval_records, entries, spec.names,
-                                    coco_gt=source if source.endswith(".json") else None,
-                                    sigmas=spec.sigmas)
+  protocol = protocols.protocol_for(eval_records)
+  result = protocols.compute_metrics(eval_records, entries, spec.names,
+                                     coco_gt=protocols.oks_ground_truth(eval_records, protocol),
+                                     sigmas=spec.sigmas, protocol=protocol)
   result["mean_crop_position"] = mean_crop.round(2).tolist()
-  storage.write_json_atomic(os.path.join(out_dir, evaluate.METRICS), result)
+  storage.write_json_atomic(os.path.join(out_dir, results.METRICS), result)
   return result
 
 
@@ -111,7 +112,7 @@ def model_entries(eval_dir: str) -> list[dict[str, Any]]:
   """``predictions.json`` of ``kptjax.evaluate.run`` (one per person, in record order)
   as entries {'index', 'keypoints' [K, 3]}."""
   import json
-  with open(os.path.join(eval_dir, evaluate.PREDICTIONS)) as f:
+  with open(os.path.join(eval_dir, results.PREDICTIONS)) as f:
     preds = json.load(f)
   return [{"index": i, "keypoints": np.asarray(p["keypoints"]).reshape(-1, 3).tolist(),
            "missing": p.get("missing", [])} for i, p in enumerate(preds)]
@@ -194,7 +195,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   trainer.run(config, workdir)
   t_train = time.time() - t0 - t_data
 
-  model = evaluate.run(config, os.path.join(workdir, "eval"), checkpoint=workdir)
+  model = runner.run(config, os.path.join(workdir, "eval"), checkpoint=workdir)
   t_eval = time.time() - t0 - t_data - t_train
   base = evaluate_baseline(config, os.path.join(workdir, "baseline"), train_records,
                            eval_records)
@@ -210,8 +211,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       "wall_s": {"data": t_data, "train": t_train, "eval": t_eval,
                  "total": time.time() - t0},
       "overlays": [os.path.relpath(p, workdir) for p in overlays],
-      "model_details": os.path.join("eval", evaluate.METRICS),
-      "baseline_details": os.path.join("baseline", evaluate.METRICS),
+      "model_details": os.path.join("eval", results.METRICS),
+      "baseline_details": os.path.join("baseline", results.METRICS),
   }
   storage.write_json_atomic(os.path.join(workdir, "metrics.json"), result)
   print(f"\nkptjax demo: {result['num_eval_persons']} held-out synthetic people, "

@@ -11,7 +11,7 @@ temporary directory (an untrained model: its answers are mostly noise, but every
 runs). Synthetic data is cached under ``$KPTJAX_DATA_DIR/synthetic``.
 
     >>> config, workdir, note = demo_or_tiny_checkpoint()
-    >>> config, model, params = evaluate.load_model(config, checkpoint=workdir)
+    >>> config, model, params = loading.load_model(config, checkpoint=workdir)
     >>> person = held_out_person(config, index=0)
     >>> answer = ask(config, model, params, tokenizer, person, 'left wrist')
 """
@@ -26,7 +26,14 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from kptjax import viz
+from kptjax.data import pipeline, transforms
+from kptjax.inference import decode, parsing
+from kptjax.keypoints import get_spec
+from kptjax.training import trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_WORKDIR_ENV = "KPTJAX_DEMO_WORKDIR"
@@ -79,14 +86,13 @@ def demo_or_tiny_checkpoint(workdir: Optional[str] = None, tmp_root: Optional[st
   Returns:
     the config to read data and decode with (``$KPTJAX_DEMO_CONFIG`` or
     ``configs/demo.py`` for the demo's workdir, ``configs/demo.py:smoke`` otherwise),
-    the workdir to load with ``kptjax.evaluate.load_model(config, checkpoint=workdir)``,
+    the workdir to load with ``kptjax.evaluation.loading.load_model(config, checkpoint=workdir)``,
     and a line saying which one it is.
   """
   path = _resolve(workdir or os.environ.get(DEMO_WORKDIR_ENV) or DEFAULT_DEMO_WORKDIR)
   if is_workdir(path):
     spec = os.environ.get(DEMO_CONFIG_ENV) or DEFAULT_DEMO_CONFIG
     return load_config(spec), str(path), f"checkpoint: {path} (config {spec})"
-  from kptjax.training import trainer
   config = load_config(SMOKE_CONFIG)
   out = tempfile.mkdtemp(prefix="kptjax_smoke_", dir=tmp_root)
   trainer.run(config, out)
@@ -124,9 +130,6 @@ class Person:
 def held_out_person(config: Any, index: int = 0, records: Any = None) -> Person:
   """Person ``index`` of ``config.data.eval`` (the held-out synthetic set), cropped by
   the eval pipeline's transform."""
-  from kptjax import viz
-  from kptjax.data import pipeline, transforms
-  from kptjax.keypoints import get_spec
   records = pipeline.load_records(config, "eval") if records is None else records
   item = pipeline.EvalTransform(config, records)(index)
   rec = records[index]
@@ -185,7 +188,6 @@ def ask(config: Any, model: Any, params: Any, tokenizer: Any, person: Person,
 
   ``constrained`` / ``max_new_tokens`` override ``config.decode``; with ``constrained``
   the budget is raised to what the coordinate grammar needs (15 for ``[0.ddd,0.ddd]``)."""
-  from kptjax.inference import decode, parsing
   names = [names] if isinstance(names, str) else list(names)
   fmt = config.data.coord_format
   if constrained and max_new_tokens is None and fmt in parsing.ANSWER_SHAPES:
@@ -234,9 +236,6 @@ def image_attention(model: Any, params: Any, person: Person, answer: Answer,
     row's weights over all T positions sum to 1), the row positions used, and which
     tokens they predict ('digits' or 'all answer tokens').
   """
-  import jax.numpy as jnp
-
-  from kptjax.inference import parsing
   seq = answer.sequence
   logits, attn = model.apply({"params": params}, jnp.asarray(person.model_input[None]),
                              jnp.asarray(seq[None]), jnp.ones((1, len(seq)), bool),

@@ -32,7 +32,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kptjax import errors, storage
+from kptjax import errors, storage, viz
+from kptjax.data import transforms
+from kptjax.data.sources import PersonRecord
+from kptjax.evaluation import loading
+from kptjax.inference import decode
+from kptjax.keypoints import get_spec
 
 
 def parse_box(text: str) -> np.ndarray:
@@ -89,12 +94,6 @@ def predict(config: Any, image_path: str, *, box: Optional[np.ndarray] = None,
     DataError: the image is missing or unreadable.
     ConfigError: an unknown keypoint name or a malformed box.
   """
-  from kptjax import evaluate, viz
-  from kptjax.data import transforms
-  from kptjax.data.sources import PersonRecord
-  from kptjax.inference import decode
-  from kptjax.keypoints import get_spec
-
   if not os.path.isfile(image_path):
     raise errors.DataError(image_path, "image file not found", field="image")
   image = transforms.load_image(image_path)
@@ -106,13 +105,13 @@ def predict(config: Any, image_path: str, *, box: Optional[np.ndarray] = None,
   record = PersonRecord(image_path=image_path, image_size=(width, height), box=box,
                         keypoints=np.zeros((spec.num_keypoints, 3), np.float32), spec=spec.name)
   if model_params is None:
-    config, *model_params = evaluate.load_model(config, checkpoint)
+    config, *model_params = loading.load_model(config, checkpoint)
   model, params = model_params
   size = int(config.model.vit.image_size)
   crop = transforms.crop_person(record, image, (size, size), padding=float(config.data.padding),
                                 spec=spec)
   crops = transforms.normalize_image(crop["image"], config.data.normalization)[None]
-  tokenizer = tokenizer or evaluate.load_tokenizer(config)
+  tokenizer = tokenizer or loading.load_tokenizer(config)
   localizer = decode.Localizer(config, model, params, tokenizer, q_names, q_desc,
                                subject=getattr(spec, "subject", "person"), share_prefix=True)
   loc = localizer(crops, crop["affine_inv"][None])

@@ -1,8 +1,9 @@
 r"""Trains a model: ``python -m kptjax.train --config configs/X.py[:arg] --workdir DIR``.
 
-Overrides: ``--config.optim.lr=1e-4``. Multi-host: ``--multihost`` calls
-``jax.distributed.initialize()`` first; every process then reads its own slice of the
-data and only process 0 writes logs, metrics and the adapter export. ``--strict``
+Overrides: ``--config.optim.lr=1e-4``. Multi-host: ``--multihost`` or
+``--coordinator_address/--num_processes/--process_id`` start the processes first
+(``kptjax.distributed``; launch scripts in ``launch/``); every process then reads its own
+slice of the data and only process 0 writes logs, metrics and the adapter export. ``--strict``
 (``data.strict_images=True``) stops at the first training image that cannot be read
 instead of skipping and counting it.
 
@@ -12,10 +13,10 @@ The run itself (resume, checks, outputs in WORKDIR, periodic evaluation) is
 
 from __future__ import annotations
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from kptjax import distributed
 from kptjax.training import trainer
 
 FLAGS = flags.FLAGS
@@ -25,7 +26,7 @@ def _define_flags() -> None:
   """Flags of the CLI (defined only when run as a program, so importers may define theirs)."""
   config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, TensorBoard).")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
+  distributed.define_flags()   # --multihost, --coordinator_address, --num_processes, ...
   flags.DEFINE_bool("strict", False, "Stop at the first training image that cannot be read "
                     "(data.strict_images=True) instead of skipping and counting it.")
   flags.DEFINE_integer("preempt_at_step", None,
@@ -34,8 +35,7 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  if FLAGS.multihost:
-    jax.distributed.initialize()
+  distributed.initialize(distributed.setup_from_flags(FLAGS))
   config = FLAGS.config
   if FLAGS.strict:
     with config.unlocked():

@@ -11,8 +11,9 @@ from configs import tiny
 from kptjax.data import cape, tokenizer as tok_lib
 from kptjax.data.sources import ap10k, read_dataset, read_mp100
 from kptjax.errors import DataError
-from kptjax.evaluation import metrics
+from kptjax.evaluation import metrics, protocols
 from kptjax.inference import decode
+from kptjax.inference.prompts import build_prompts
 
 
 def _mp100_file(path, num_categories=10, per_category=6):
@@ -141,8 +142,8 @@ def test_capellm_prompts_decode_with_the_shared_prefix_as_by_full_forwards(model
   config.data.template = "capellm"
   tokenizer = tok_lib.load_tokenizer("")
   names, descriptions = ["left eye", "tail tip"], ["The left eye.", None]
-  prompts = decode.build_prompts(tokenizer, config.lock(), names, descriptions,
-                                 subject="animal", pad_id=tokenizer.eos_token_id)
+  prompts = build_prompts(tokenizer, config.lock(), names, descriptions,
+                          subject="animal", pad_id=tokenizer.eos_token_id)
   decoder = decode.Decoder(model, params, prompts, eos_id=tokenizer.eos_token_id,
                            max_new_tokens=6)
   images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
@@ -158,3 +159,28 @@ def test_capellm_prompts_decode_with_the_shared_prefix_as_by_full_forwards(model
   np.testing.assert_array_equal(tokens.reshape(4, -1), ref_tokens)
   np.testing.assert_allclose(probs.reshape(4, -1), ref_probs, atol=1e-5)
   assert len(np.unique(ref_tokens)) > 2
+
+
+def test_metrics_protocol_record_names_the_split_padding_and_head_boxes(tmp_path, shared_data):
+  """metrics.json['protocol'] (evaluation.protocols.protocol_record): seeded split files
+  say so with their seed, other files say 'files'; PCKh says whether head boxes existed."""
+  config = tiny.get_config()
+  with config.unlocked():
+    config.data.heldout_keypoints = "nose"
+  ann = _mp100_file(tmp_path / "all.json")
+  cape.write_split_files(ann, tmp_path / "annotations", num_val=1, num_test=2, seed=7)
+  test = read_mp100(tmp_path / "annotations" / cape.split_file_name(2, "test"), tmp_path,
+                    check_images=False)
+  mp = protocols.PROTOCOLS["mp100"]
+  rec = protocols.protocol_record(mp, test, config, task="visual")
+  assert rec["split"]["split"] == "seeded" and rec["split"]["seed"] == 7
+  assert rec["split"]["file"] == cape.split_file_name(2, "test")
+  assert rec["heldout_keypoints"] == "nose" and rec["padding"] == config.data.padding
+  other = read_mp100(ann, tmp_path, check_images=False)
+  assert protocols.protocol_record(mp, other, config, task="visual")["split"]["split"] == "files"
+  d = shared_data / "mpii"
+  mpii = read_dataset("mpii", json_file=str(d / "test_mpii.json"), image_root=str(d))
+  rec = protocols.protocol_record(protocols.PROTOCOLS["mpii"], mpii, config, task="keypoints",
+                                  pckh_variant="locllm", mpii_box_pck=True)
+  assert rec["head_boxes"] is False and rec["mpii_box_pck"] is True
+  assert rec["pckh_variant"] == "locllm" and "split" not in rec

@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from kptjax import errors
-from kptjax.evaluation import metrics
+from kptjax.evaluation import metrics, oks
 
 # Published OKS sigmas, copied from their definitions:
 
@@ -51,7 +51,7 @@ def _results_from_gt(gt_json, rng, jitter_px=0.0, drop_every=0):
     kp = np.array(ann["keypoints"], np.float64).reshape(-1, 3)
     xy = kp[:, :2] + rng.normal(0, jitter_px, kp[:, :2].shape) * (jitter_px > 0)
     scores = rng.uniform(0.3, 1.0, len(kp))
-    out.append(metrics.coco_result(ann["image_id"], np.c_[xy, scores], float(scores.mean())))
+    out.append(oks.coco_result(ann["image_id"], np.c_[xy, scores], float(scores.mean())))
   return out
 
 
@@ -63,9 +63,9 @@ def test_coco_ap_equals_direct_pycocotools(shared_data, tmp_path, case):
   results = _results_from_gt(gt_json, rng, jitter_px={"perfect": 0, "jittered": 6,
                                                       "missing": 3}[case],
                              drop_every=3 if case == "missing" else 0)
-  ours = metrics.coco_keypoint_ap(str(gt_path), results, sigmas=COCO_SIGMAS)
+  ours = oks.coco_keypoint_ap(str(gt_path), results, sigmas=COCO_SIGMAS)
   ref = _direct_cocoeval(gt_path, results, tmp_path)
-  assert [ours[k] for k in metrics.COCO_AP_NAMES] == pytest.approx(ref, abs=0, rel=0)
+  assert [ours[k] for k in oks.COCO_AP_NAMES] == pytest.approx(ref, abs=0, rel=0)
   if case == "perfect":
     assert ours["AP"] == pytest.approx(1.0)
   else:
@@ -80,10 +80,10 @@ def test_coco_ap_other_sigmas_crowdpose(shared_data, tmp_path):
   gt_path = shared_data / "crowdpose" / "test_crowdpose.json"
   gt_json = json.loads(gt_path.read_text())
   perfect = _results_from_gt(gt_json, np.random.default_rng(1))
-  assert metrics.coco_keypoint_ap(str(gt_path), perfect, CROWDPOSE_SIGMAS,
-                                  protocol="crowdpose")["AP"] == pytest.approx(1.0)
+  assert oks.coco_keypoint_ap(str(gt_path), perfect, CROWDPOSE_SIGMAS,
+                              protocol="crowdpose")["AP"] == pytest.approx(1.0)
   jittered = _results_from_gt(gt_json, np.random.default_rng(1), jitter_px=5)
-  ours = metrics.coco_keypoint_ap(gt_json, jittered, CROWDPOSE_SIGMAS, protocol="crowdpose")
+  ours = oks.coco_keypoint_ap(gt_json, jittered, CROWDPOSE_SIGMAS, protocol="crowdpose")
   (tmp_path / "res.json").write_text(json.dumps(jittered))
   with contextlib.redirect_stdout(io.StringIO()):
     gt = XtCOCO(str(gt_path))
@@ -92,7 +92,7 @@ def test_coco_ap_other_sigmas_crowdpose(shared_data, tmp_path):
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-  assert [ours[k] for k in metrics.CROWDPOSE_AP_NAMES] == pytest.approx(list(ev.stats), abs=1e-6)
+  assert [ours[k] for k in oks.CROWDPOSE_AP_NAMES] == pytest.approx(list(ev.stats), abs=1e-6)
 
 
 def test_coco_protocol_needs_area(shared_data):
@@ -101,12 +101,12 @@ def test_coco_protocol_needs_area(shared_data):
   gt_path = shared_data / "crowdpose" / "test_crowdpose.json"
   results = _results_from_gt(json.loads(gt_path.read_text()), np.random.default_rng(1))
   with pytest.raises(errors.DataError, match="area"):
-    metrics.coco_keypoint_ap(str(gt_path), results, CROWDPOSE_SIGMAS)
+    oks.coco_keypoint_ap(str(gt_path), results, CROWDPOSE_SIGMAS)
 
 
 def test_coco_ap_no_results_is_zero(shared_data):
-  out = metrics.coco_keypoint_ap(shared_data / "coco" / "test_coco.json", [])
-  assert out == {k: 0.0 for k in metrics.COCO_AP_NAMES}
+  out = oks.coco_keypoint_ap(shared_data / "coco" / "test_coco.json", [])
+  assert out == {k: 0.0 for k in oks.COCO_AP_NAMES}
 
 
 def test_pycocotools_default_sigmas_are_coco():
@@ -277,6 +277,6 @@ def test_mpjpe_counts_missing_joints_instead_of_averaging_them():
 
 
 def test_coco_result_missing_keypoints_are_zero_and_listed():
-  r = metrics.coco_result(3, np.array([[10, 20, 0.9], [30, 40, 0.8]]), 0.7,
-                          missing=np.array([False, True]))
+  r = oks.coco_result(3, np.array([[10, 20, 0.9], [30, 40, 0.8]]), 0.7,
+                      missing=np.array([False, True]))
   assert r["keypoints"] == [10, 20, 0.9, 0, 0, 0] and r["missing"] == [1]

@@ -8,12 +8,14 @@ References, run here on files the tests write beside the real samples' annotatio
                                     (mmpose's CocoMetric setting for AIC)
 with ground-truth boxes and with detection files (including images where the detector
 found nobody), with noisy predictions and with missing keypoints. kptjax's numbers come
-from ``evaluate.compute_metrics`` on records read by kptjax's own readers.
+from ``protocols.compute_metrics`` on records read by kptjax's own readers; which
+evaluator setting a benchmark gets is its entry in the ``protocols`` registry.
 """
 
 import contextlib
 import io
 import json
+import types
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from xtcocotools.cocoeval import COCOeval as XtCOCOeval
 
 from kptjax import errors, evaluate
 from kptjax.data.sources import read_dataset
-from kptjax.evaluation import metrics
+from kptjax.evaluation import oks, protocols
 from kptjax.keypoints import get_spec
 
 # name: (folder, annotation file, detection file in the sample or None, spec, reference)
@@ -87,7 +89,7 @@ def write_detections(gt_json, rng, path):
 
 
 def predict(records, gt_json, rng, jitter_px, missing_every=0):
-  """Entries as kptjax.evaluate makes them: each record gets the keypoints of the
+  """Entries as kptjax.evaluation.persons makes them: each record gets the keypoints of the
   ground-truth person its box overlaps most (none: the box centre), plus noise."""
   anns = {}
   for ann in gt_json["annotations"]:
@@ -116,23 +118,23 @@ def predict(records, gt_json, rng, jitter_px, missing_every=0):
 def results_file(records, entries, gt_path):
   """The COCO results of the entries (predictions.json's content): missing keypoints as
   0 and listed in ``missing``, each in its record's category."""
-  cats = evaluate.category_ids(str(gt_path), records)
-  return [metrics.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
-                              cats[e["ann_id"]],
-                              missing=np.isin(np.arange(len(e["keypoints"])), e["missing"]))
+  cats = protocols.category_ids(str(gt_path), records)
+  return [oks.coco_result(e["image_id"], np.array(e["keypoints"]), e["score"],
+                          cats[e["ann_id"]],
+                          missing=np.isin(np.arange(len(e["keypoints"])), e["missing"]))
           for e in entries]
 
 
 def tool_file(results):
   """What the evaluator is given for results with missing keypoints (the documented
-  method, ``metrics.coco_keypoint_ap``): missing keypoints at MISSING_FAR_PX with score
+  method, ``oks.coco_keypoint_ap``): missing keypoints at MISSING_FAR_PX with score
   0, and each entry's ``bbox`` that of its answered keypoints."""
   out = []
   for r in results:
     kp = np.array(r["keypoints"], np.float64).reshape(-1, 3)
     miss = np.isin(np.arange(len(kp)), r["missing"])
     xy = kp[~miss, :2]
-    kp[miss] = (metrics.MISSING_FAR_PX, metrics.MISSING_FAR_PX, 0.0)
+    kp[miss] = (oks.MISSING_FAR_PX, oks.MISSING_FAR_PX, 0.0)
     lo, hi = (xy.min(0), xy.max(0)) if len(xy) else (np.zeros(2), np.zeros(2))
     out.append({"image_id": r["image_id"], "category_id": r["category_id"],
                 "keypoints": kp.reshape(-1).tolist(), "score": r["score"],
@@ -158,12 +160,12 @@ def test_ap_equals_reference_evaluator(shared_data, tmp_path, name, boxes, case)
   gt_path, gt_json, records, spec, tool = _setup(shared_data, tmp_path, name, boxes)
   entries = predict(records, gt_json, np.random.default_rng(0), 4.0,
                     missing_every=5 if case == "missing" else 0)
-  ours = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  ours = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                   sigmas=spec.sigmas, has_gt=boxes == "ground_truth")
   results = results_file(records, entries, gt_path)
   given = tool_file(results) if case == "missing" else results
   ref = reference_ap(gt_path, given, tmp_path, spec.sigmas, tool)
-  names = metrics.AP_PROTOCOLS[metrics.ap_protocol(name)]
+  names = oks.AP_PROTOCOLS[protocols.protocol_for(records).oks_ap]
   assert [ours["coco"][k] for k in names] == pytest.approx(ref, abs=1e-6, rel=0)
   assert 0 < ours["coco"]["AP"] < 1                  # noisy: neither trivial nor perfect
 
@@ -179,12 +181,12 @@ def test_images_without_detections_stay_in_recall(shared_data, tmp_path):
                          det_file=str(tmp_path / "dets.json"))
   assert 196141 not in {r.image_id for r in records}
   entries = predict(records, gt_json, np.random.default_rng(1), 0.0)
-  ours = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  ours = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                   sigmas=spec.sigmas, has_gt=False)["coco"]
   results = results_file(records, entries, gt_path)
   ref = reference_ap(gt_path, results, tmp_path, spec.sigmas, "pycocotools")
-  assert [ours[k] for k in metrics.COCO_AP_NAMES] == pytest.approx(ref, abs=1e-6, rel=0)
-  only_detected = metrics.coco_keypoint_ap(
+  assert [ours[k] for k in oks.COCO_AP_NAMES] == pytest.approx(ref, abs=1e-6, rel=0)
+  only_detected = oks.coco_keypoint_ap(
       str(gt_path), results, spec.sigmas, image_ids=sorted({r.image_id for r in records}))
   assert ours["AR"] < only_detected["AR"]              # the old answer hid those misses
 
@@ -192,17 +194,17 @@ def test_images_without_detections_stay_in_recall(shared_data, tmp_path):
 def test_ap10k_detections_keep_their_category(shared_data, tmp_path):
   """A detection's category_id (AP-10K: the species) reaches the results and the AP."""
   gt_path, gt_json, records, spec, _ = _setup(shared_data, tmp_path, "ap10k", "detections")
-  cats = evaluate.category_ids(str(gt_path), records)
+  cats = protocols.category_ids(str(gt_path), records)
   dets = json.loads((tmp_path / "dets.json").read_text())
   assert sorted({cats[r.ann_id] for r in records}) == sorted({d["category_id"] for d in dets})
   assert set(cats.values()) - {1}                       # not everything forced to 1
   entries = predict(records, gt_json, np.random.default_rng(2), 0.0)
-  out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  out = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                  sigmas=spec.sigmas, has_gt=False)
   results = results_file(records, entries, gt_path)
   assert {r["category_id"] for r in results} == {d["category_id"] for d in dets}
   ref = reference_ap(gt_path, results, tmp_path, spec.sigmas, "pycocotools")
-  assert [out["coco"][k] for k in metrics.COCO_AP_NAMES] == pytest.approx(ref, abs=1e-6)
+  assert [out["coco"][k] for k in oks.COCO_AP_NAMES] == pytest.approx(ref, abs=1e-6)
 
 
 def test_crowdpose_without_area_uses_053_box_and_crowd_index(shared_data, tmp_path):
@@ -211,7 +213,7 @@ def test_crowdpose_without_area_uses_053_box_and_crowd_index(shared_data, tmp_pa
   assert not any("area" in a for a in gt_json["annotations"])
   entries = predict(records, gt_json, np.random.default_rng(3), 6.0)
   results = results_file(records, entries, gt_path)
-  ours = metrics.coco_keypoint_ap(str(gt_path), results, spec.sigmas, protocol="crowdpose")
+  ours = oks.coco_keypoint_ap(str(gt_path), results, spec.sigmas, protocol="crowdpose")
   assert list(ours) == ["AP", "AP50", "AP75", "AR", "AR50", "AR75", "AP(E)", "AP(M)", "AP(H)"]
   ref = reference_ap(gt_path, results, tmp_path, spec.sigmas, "keypoints_crowd")
   assert list(ours.values()) == pytest.approx(ref, abs=1e-6)
@@ -220,7 +222,7 @@ def test_crowdpose_without_area_uses_053_box_and_crowd_index(shared_data, tmp_pa
   # The full box area as the object scale (kptjax's old answer) is another number.
   for ann in gt_json["annotations"]:
     ann["area"] = ann["bbox"][2] * ann["bbox"][3]
-  full_box = metrics.coco_keypoint_ap(gt_json, results, spec.sigmas)
+  full_box = oks.coco_keypoint_ap(gt_json, results, spec.sigmas)
   assert full_box["AP"] != pytest.approx(ours["AP"], abs=1e-3)
 
 
@@ -231,14 +233,14 @@ def test_crowdpose_image_without_crowd_index_is_refused(shared_data):
   result = {"image_id": ann["image_id"], "category_id": 1, "keypoints": ann["keypoints"],
             "score": 1.0}
   with pytest.raises(errors.DataError, match="crowdIndex"):
-    metrics.coco_keypoint_ap(gt, [result], get_spec("crowdpose14").sigmas, protocol="crowdpose")
+    oks.coco_keypoint_ap(gt, [result], get_spec("crowdpose14").sigmas, protocol="crowdpose")
 
 
 def test_aic_without_iscrowd_is_evaluated(shared_data, tmp_path):
   gt_path, gt_json, records, spec, _ = _setup(shared_data, tmp_path, "aic", "ground_truth")
   assert not any("iscrowd" in a for a in gt_json["annotations"])
   entries = predict(records, gt_json, np.random.default_rng(4), 0.0)
-  out = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
+  out = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(gt_path),
                                  sigmas=spec.sigmas)
   assert out["ap_protocol"] == "aic" and out["coco"]["AP"] == pytest.approx(1.0)
 
@@ -252,7 +254,7 @@ def test_all_zero_score_results_are_ignored_like_xtcocotools(shared_data, tmp_pa
       decoy = dict(e, keypoints=[[x + 40, y, 0.0] for x, y, _ in e["keypoints"]], score=0.99)
       entries.append(decoy)
     results = results_file(records, entries, gt_path)
-    ours = metrics.coco_keypoint_ap(str(gt_path), results, spec.sigmas, protocol=name)
+    ours = oks.coco_keypoint_ap(str(gt_path), results, spec.sigmas, protocol=name)
     ref = reference_ap(gt_path, results, tmp_path, spec.sigmas, tool)
     assert list(ours.values()) == pytest.approx(ref, abs=1e-6)
 
@@ -268,18 +270,18 @@ def test_missing_keypoint_oks_term_is_zero(shared_data):
   labelled = np.flatnonzero(kp[:, 2] > 0)
   miss = np.zeros(17, bool)
   miss[labelled[:4]] = True
-  result = metrics.coco_result(ann["image_id"], np.c_[kp[:, :2], np.ones(17)], 1.0,
-                               missing=miss)
+  result = oks.coco_result(ann["image_id"], np.c_[kp[:, :2], np.ones(17)], 1.0,
+                           missing=miss)
   with contextlib.redirect_stdout(io.StringIO()):
-    coco = metrics.load_coco_gt(gt)
+    coco = oks.load_coco_gt(gt)
     ev = COCOeval(coco, coco.loadRes(tool_file([result])), "keypoints")
     ev.evaluate()
-  oks = ev.ious[(ann["image_id"], 1)][0, 0]
-  assert oks == (len(labelled) - 4) / len(labelled)
+  oks_value = ev.ious[(ann["image_id"], 1)][0, 0]
+  assert oks_value == (len(labelled) - 4) / len(labelled)
   # The missing keypoints' written values (0, 0) never count: moving them changes nothing.
   far = dict(result, keypoints=[v + 1000.0 * (i // 3 in labelled[:4]) * (i % 3 < 2)
                                 for i, v in enumerate(result["keypoints"])])
-  assert metrics.coco_keypoint_ap(gt, [far]) == metrics.coco_keypoint_ap(gt, [result])
+  assert oks.coco_keypoint_ap(gt, [far]) == oks.coco_keypoint_ap(gt, [result])
 
 
 def test_nan_predictions_are_not_perfect(shared_data):
@@ -290,15 +292,15 @@ def test_nan_predictions_are_not_perfect(shared_data):
   nan = [{"image_id": a["image_id"], "category_id": 1, "score": 1.0,
           "keypoints": [float("nan"), float("nan"), 1.0] * 17} for a in gt["annotations"]]
   with pytest.raises(errors.DataError, match=r"results\[0\]\.keypoints"):
-    metrics.coco_keypoint_ap(str(path), nan)
+    oks.coco_keypoint_ap(str(path), nan)
   missing = [dict(r, missing=list(range(17))) for r in nan]
-  out = metrics.coco_keypoint_ap(str(path), missing)
+  out = oks.coco_keypoint_ap(str(path), missing)
   assert out["AP"] == 0.0 and out["AR"] == 0.0
   # Through compute_metrics, from entries with every keypoint missing.
   records = read_dataset("coco", ann_file=str(path), image_root=str(shared_data / "coco"))
   entries = predict(records, gt, np.random.default_rng(0), 0.0, missing_every=1)
   spec = get_spec("coco17")
-  got = evaluate.compute_metrics(records, entries, spec.names, coco_gt=str(path),
+  got = protocols.compute_metrics(records, entries, spec.names, coco_gt=str(path),
                                  sigmas=spec.sigmas)
   assert got["coco"]["AP"] == 0.0 and got["pck"]["PCK@0.25"] == 0.0
 
@@ -314,10 +316,10 @@ def test_mpii_without_head_boxes_is_an_error(shared_data):
               "keypoints": np.c_[r.keypoints[:, :2] + rng.normal(0, 3, (16, 2)),
                                  np.ones(16)].tolist()} for i, r in enumerate(records)]
   with pytest.raises(errors.ConfigError, match="headbox_file"):
-    evaluate.compute_metrics(records, entries, spec.names)
+    protocols.compute_metrics(records, entries, spec.names)
   with pytest.raises(errors.ConfigError, match="mpii_box_pck"):
-    evaluate.check_protocol(records)
-  out = evaluate.compute_metrics(records, entries, spec.names, mpii_box_pck=True)
+    protocols.check_protocol(records)
+  out = protocols.compute_metrics(records, entries, spec.names, mpii_box_pck=True)
   assert "pckh" not in out and 0 < out["pck"]["PCK@0.05"] <= 1
 
 
@@ -327,11 +329,11 @@ def test_results_outside_the_ground_truth_are_refused(shared_data):
   good = {"image_id": ann["image_id"], "category_id": 1, "keypoints": ann["keypoints"],
           "score": 1.0}
   with pytest.raises(errors.DataError, match=r"results\[1\]\.image_id"):
-    metrics.coco_keypoint_ap(str(path), [good, dict(good, image_id=12345)])
+    oks.coco_keypoint_ap(str(path), [good, dict(good, image_id=12345)])
   with pytest.raises(errors.DataError, match=r"results\[0\]\.category_id"):
-    metrics.coco_keypoint_ap(str(path), [dict(good, category_id=7)])
+    oks.coco_keypoint_ap(str(path), [dict(good, category_id=7)])
   with pytest.raises(errors.DataError, match=r"results\[0\]\.score"):
-    metrics.coco_keypoint_ap(str(path), [dict(good, score=float("nan"))])
+    oks.coco_keypoint_ap(str(path), [dict(good, score=float("nan"))])
 
 
 def test_evaluate_run_refuses_mpii_without_head_boxes_before_decoding(shared_data, tmp_path):
@@ -364,4 +366,32 @@ def test_malformed_results_name_the_field(shared_data):
                      (dict(good, keypoints=["x"] * 51), "keypoints"),
                      (dict(good, missing=[17]), "missing")]:
     with pytest.raises(errors.DataError, match=rf"results\[0\]\.{field}"):
-      metrics.coco_keypoint_ap(str(path), [bad])
+      oks.coco_keypoint_ap(str(path), [bad])
+
+
+def test_protocol_registry_picks_the_metrics_by_dataset_kind(shared_data):
+  """The protocol is the registry entry of the records' kind (no dataset-name branch in
+  the library): MPII -> PCKh (refused without head boxes), H36M -> MPJPE and no OKS AP,
+  CrowdPose / AIC -> their AP settings, MP-100 -> the visual task, a kind the registry
+  does not list -> COCO; a config's data.eval.protocol names another entry."""
+  from configs import tiny
+  d = shared_data / "mpii"
+  mpii = read_dataset("mpii", ann_file=str(d / "test_mpii.json"), image_root=str(d))
+  got = protocols.protocol_for(mpii)
+  assert (got.name, got.oks_ap, got.pckh, got.needs_head_boxes) == ("mpii", None, True, True)
+  kinds = {"h36m": (None, True, "keypoints"), "crowdpose": ("crowdpose", False, "keypoints"),
+           "aic": ("aic", False, "keypoints"), "mp100": (None, False, "visual"),
+           "humanart": ("coco", False, "keypoints"), "ap10k": ("coco", False, "keypoints")}
+  for kind, expected in kinds.items():
+    p = protocols.protocol_for([types.SimpleNamespace(dataset=kind)])
+    assert (p.oks_ap, p.mpjpe, p.default_task) == expected, kind
+  config = tiny.get_config().unlock()
+  config.data.eval.protocol = "mp100"
+  assert protocols.protocol_for(mpii, config).name == "mp100"
+  with pytest.raises(errors.ConfigError, match="headbox_file"):
+    protocols.check_protocol(mpii, protocol=protocols.protocol_for(mpii))
+  protocols.check_protocol(mpii, protocol=protocols.protocol_for(mpii, config))  # no PCKh
+  config.data.eval.protocol = "no-such-benchmark"
+  with pytest.raises(errors.ConfigError, match="data.eval.protocol"):
+    protocols.protocol_for(mpii, config)
+  assert protocols.oks_ground_truth(mpii, protocols.protocol_for(mpii)) is None

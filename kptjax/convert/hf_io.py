@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from kptjax import storage
 from kptjax.errors import CheckpointError
 
 
@@ -69,7 +70,7 @@ _DTYPE_CODES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
 def _safetensors_header(path: pathlib.Path) -> tuple[int, dict]:
   """(header length, header dict without ``__metadata__``) of a .safetensors file."""
   try:
-    with open(path, "rb") as fh:
+    with storage.path(path).open("rb") as fh:
       header_len = int(np.frombuffer(fh.read(8), dtype="<u8")[0])
       header = json.loads(fh.read(header_len))
   except (OSError, ValueError, IndexError) as e:
@@ -95,7 +96,10 @@ def _iter_safetensors(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   each tensor is copied out of a memory map in its stored dtype, one at a time.
   """
   header_len, header = _safetensors_header(path)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  if storage.is_local(path):
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  else:   # a bucket object cannot be memory-mapped: read it whole (adapters are small)
+    data = np.frombuffer(storage.path(path).read_bytes(), np.uint8)[8 + header_len:]
   for name, info in header.items():
     dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
     if dtype is None:
@@ -135,10 +139,9 @@ def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, Any],
   """Writes {name: array} as a .safetensors file, one tensor at a time (bf16 stays bf16).
 
   Arrays may be numpy, jax or non-contiguous views; each is made contiguous only while
-  it is written. Returns the number of data bytes written.
+  it is written; the file appears only when complete (``storage.open_atomic``; local or
+  gs://). Returns the number of data bytes written.
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   names = list(tensors)
   header: dict[str, Any] = {}
   if metadata:
@@ -156,7 +159,7 @@ def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, Any],
     offset += size
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)   # data section 8-byte aligned
-  with open(path, "wb") as fh:
+  with storage.open_atomic(path) as fh:
     fh.write(np.array([len(blob)], dtype="<u8").tobytes())
     fh.write(blob)
     for name in names:
@@ -166,10 +169,10 @@ def write_safetensors(path: str | pathlib.Path, tensors: Mapping[str, Any],
 
 def read_safetensors(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """A .safetensors file as ({name: array in stored dtype}, metadata dict)."""
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.exists():
     raise CheckpointError(f"{path}: not found")
-  with open(path, "rb") as fh:
+  with path.open("rb") as fh:
     header_len = int(np.frombuffer(fh.read(8), dtype="<u8")[0])
     metadata = json.loads(fh.read(header_len)).get("__metadata__", {}) or {}
   return dict(_iter_safetensors(path)), metadata

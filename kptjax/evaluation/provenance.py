@@ -14,7 +14,7 @@ records differ (``[]`` = the same provenance). Files are identified by size and
 modification time (never read). Hashes are SHA-256 of the canonical JSON (sorted keys)
 of each config section, so two configs that print the same hash the same.
 
-Used by ``kptjax.evaluate`` / ``kptjax.kpt_evaluate`` (``metrics.json`` and the
+Used by ``kptjax.evaluation.results`` (``metrics.json`` and the
 predictions' sidecar carry the record; earlier results and partial predictions are reused
 only when :func:`compare` returns nothing) and meant for training workdirs too.
 """

@@ -1,1 +1,2 @@
-"""Inference: the decode engine, the keypoint decoders on top of it, answer parsing."""
+"""Inference: the decode engine (``generate``), the one ``decode.Decoder`` and the
+``Localizer`` on top of it, the prompts (``prompts``), answer parsing (``parsing``)."""

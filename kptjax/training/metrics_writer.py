@@ -11,6 +11,8 @@ import json
 import os
 from collections.abc import Mapping
 
+from kptjax import storage
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -19,12 +21,11 @@ class JsonlWriter:
   TensorFlow) appending ``{"step": s, name: value, ...}`` lines to a file; scalars only."""
 
   def __init__(self, path: str):
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._path = path
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    storage.append_text(self._path, json.dumps(row) + "\n")
 
   def write_summaries(self, step, values, metadata=None): pass
   def write_images(self, step, images): pass
@@ -34,11 +35,8 @@ class JsonlWriter:
   def write_histograms(self, step, arrays, num_buckets=None): pass
   def write_hparams(self, hparams): pass
 
-  def flush(self) -> None:
-    self._file.flush()
-
-  def close(self) -> None:
-    self._file.close()
+  def flush(self): pass
+  def close(self): pass
 
 
 def make_writer(workdir: str, is_main: bool):
@@ -53,5 +51,5 @@ def make_writer(workdir: str, is_main: bool):
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The rows of ``WORKDIR/metrics.jsonl`` (train and eval), in the order written."""
-  with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (storage.path(workdir) / METRICS_FILE).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

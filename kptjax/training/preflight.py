@@ -170,14 +170,13 @@ def check_workdir_model(workdir: str, model_config: ml_collections.ConfigDict,
   Raises:
     ConfigError: listing every field that differs and is not allowed.
   """
-  path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / MODEL_CONFIG_FILE
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    try:
-      saved = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: malformed JSON: {e}") from e
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: malformed JSON: {e}") from e
   requested = json.loads(model_config.to_json())
   allowed = list(allowed)
   refused = config_differences(saved, requested, prefix="model.", may_change=allowed)

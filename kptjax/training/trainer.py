@@ -55,7 +55,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from kptjax import convert, sharding
+from kptjax import convert, sharding, storage
 from kptjax.data import pipeline
 from kptjax.errors import ConfigError
 from kptjax.models import factory, vlm
@@ -215,13 +215,13 @@ def make_dataset(config: ml_collections.ConfigDict):
       process_count=jax.process_count())
 
 
-def write_adapter(trainer: Trainer, state: TrainState, workdir: str) -> None:
-  """``WORKDIR/adapter.safetensors``: the trained leaves gathered to the host
-  (every process takes part), written by process 0 with ``convert.export_adapter``."""
-  trainable, _ = optim.split(state.params, trainer.mask)
+def write_adapter(params: Any, mask: Any, path: str) -> None:
+  """The trained leaves of ``params`` (where ``mask``) gathered to the host (every process
+  takes part), written by process 0 with ``convert.export_adapter`` (LoRA + projector)."""
+  trainable, _ = optim.split(params, mask)
   host = multihost_utils.process_allgather(trainable, tiled=True)
   if jax.process_index() == 0:
-    convert.export_adapter(host, os.path.join(workdir, ADAPTER_FILE))
+    convert.export_adapter(host, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | None = None,
@@ -258,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
   logging.info("Process %d/%d holds %d/%d devices (%s); workdir %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform, workdir)
-  has_model_config = os.path.exists(os.path.join(workdir, preflight.MODEL_CONFIG_FILE))
+  has_model_config = (storage.path(workdir) / preflight.MODEL_CONFIG_FILE).exists()
   if is_main and (not resuming or has_model_config):
     preflight.write_model_config(workdir, config.model)
   writer = metrics_writer.make_writer(workdir, is_main)
@@ -365,6 +365,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, eval_fn: EvalFn | No
     writer.flush()
 
   if int(jax.device_get(state.step)) == tc.num_steps and config.optim.trainable != "all":
-    write_adapter(trainer, state, workdir)
+    write_adapter(state.params, trainer.mask, os.path.join(workdir, ADAPTER_FILE))
   writer.close()
   return state
