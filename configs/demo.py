@@ -37,8 +37,7 @@ Variants (``--config configs/demo.py:ARG``, comma separated):
 
 import ml_collections
 
-from configs import common
-from configs import tiny
+from configs import common, tiny
 
 
 def get_config(arg=None):

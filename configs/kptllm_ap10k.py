@@ -14,35 +14,32 @@ AP-10K layout under data/ap10k: annotations/ap10k-{train,test}-split1.json, data
 """
 
 from configs import common
-from configs import kptllm_mp100
-from configs import locllm_coco
 
 # CLAMP's settings: (train family, test family); also kptjax.data.sources.ap10k.
 FAMILIES = {"different": ("Bovidae", "Canidae"), "same": ("Canidae", "Felidae")}
 TRAIN_INSTANCES = {"different": 1_600, "same": 1_100}   # rough family sizes of AP-10K train
 
 
+def _family_set(family, split):
+  """AP-10K split-1 ``split`` ('train' | 'test') restricted to one family."""
+  return common.dataset("ap10k_family", "data/ap10k", f"ap10k-{split}-split1",
+                        ann_file=f"data/ap10k/annotations/ap10k-{split}-split1.json",
+                        image_root="data/ap10k/data", options=f"families={family}")
+
+
 def get_config(arg=None):
   args = common.parse_arg(arg)
   order = args.get("order", "different")
   train_family, test_family = FAMILIES[order]
-  c = kptllm_mp100.get_config(",".join(filter(None, [arg, "tasks=textual:1"]))).unlock()
-  for part, family, split in (("train", train_family, "train"), ("eval", test_family, "test")):
-    d = c.data[part]
-    d.source = "ap10k_family"
-    d.path = "data/ap10k"
-    d.split = f"ap10k-{split}-split1"
-    d.ann_file = f"data/ap10k/annotations/ap10k-{split}-split1.json"
-    d.image_root = "data/ap10k/data"
-    d.options = f"families={family}"
+  c = common.kptllm_config(args, train_set=_family_set(train_family, "train"),
+                           eval_set=_family_set(test_family, "test"),
+                           batch=int(args.get("batch", 128)),
+                           epochs=float(args.get("epochs", 10)),
+                           num_examples=TRAIN_INSTANCES[order])
   c.data.spec = "ap10k17"
-  c.data.shots = 1
+  c.data.tasks = "textual:1"
   c.data.rounds = 5                  # five keypoints per animal and sequence, as LocLLM
   c.data.max_len = 1280              # 576 image tokens + five described rounds
-  c.data.augment.flip_prob = 0.5     # the spec's flip pairs swap left and right
-  if not args.get("runlocal"):
-    c.train.num_steps = locllm_coco.steps_for(float(args.get("epochs", 10)),
-                                              TRAIN_INSTANCES[order], c.train.batch_size)
   c.decode.max_new_tokens = 2        # '<keypoint>' and the end of turn
   return c.lock()
 

@@ -20,56 +20,21 @@ llava-hf LLaVA dir), loaded by ``kptjax.convert.load_clip_vision`` via ``load_vl
 """
 
 from configs import common
-from configs import locllm_coco
-
-MP100_TRAIN_INSTANCES = 14_000   # about 70% of MP-100's ~20k instances (70 train categories)
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg)
-  split = int(args.get("split", 1))
-  batch = int(args.get("batch", 128))
-  c = locllm_coco.get_config(",".join(filter(None, [arg, f"batch={batch}"]))).unlock()
-  m = c.model
-  m.vit = common.vit_config(image_size=336, patch_size=14, hidden_size=1024, num_layers=24,
-                            num_heads=16, intermediate_size=4096)
-  # CLIP ViT-L/14-336 (what kptjax.convert.clip returns for it).
-  m.vit.hidden_act = "quick_gelu"
-  m.vit.layer_norm_eps = 1e-5
-  m.vit.patch_bias = False
-  m.vit.pre_layernorm = True
-  m.vit.layerscale = False
-  m.vit.final_layernorm = False      # LLaVA: raw block output, no post_layernorm
-  m.vit.feature_layer = -2           # LLaVA: the penultimate layer's patch tokens
-  m.projector.kind = "mlp2x_gelu"    # LLaVA-1.5's connector
-  m.lora = common.lora_config(rank=128, alpha=256.0, dropout=0.05, vit_targets=(),
-                              llm_targets=("q_proj", "k_proj", "v_proj", "o_proj",
-                                           "gate_proj", "up_proj", "down_proj"))
-  m.kpt.enabled = True
-  c.checkpoints.llm_dir = "checkpoints/llava-v1.5-7b"
-  c.checkpoints.tokenizer_dir = "checkpoints/llava-v1.5-7b"
-  c.checkpoints.vit_dir = "checkpoints/clip-vit-large-patch14-336"
-
-  for part, name in (("train", "train"), ("eval", "test")):
-    c.data[part].source = "mp100"
-    c.data[part].path = "data/mp100"
-    c.data[part].split = f"mp100_split{split}_{name}"
+  train_set, eval_set = common.mp100_sets(int(args.get("split", 1)))
+  c = common.kptllm_config(args, train_set=train_set, eval_set=eval_set,
+                           batch=int(args.get("batch", 128)),
+                           epochs=float(args.get("epochs", 10)),
+                           num_examples=common.MP100_TRAIN_INSTANCES)
   c.data.spec = "mp100"
-  c.data.normalization = "clip"
-  c.data.padding = 1.0               # the ground-truth box, resized to 336
   c.data.augment.flip_prob = 0.0     # support and query keep their sides
-  c.data.coord_format = "keypoint_token"
   c.data.tasks = args.get("tasks", "visual:1+semantic:1").replace("+", ",")
   c.data.shots = int(args.get("shots", 1))
   c.data.rounds = 1
   c.data.max_len = 768               # 576 image tokens + one round
-
-  c.optim.lr, c.optim.weight_decay = 2e-4, 0.0
-  c.optim.trainable = "lora+vit+projector"
-  c.optim.l1_weight = 2.0
-  epochs = float(args.get("epochs", 10))
-  if not args.get("runlocal"):
-    c.train.num_steps = locllm_coco.steps_for(epochs, MP100_TRAIN_INSTANCES, batch)
   c.decode.max_new_tokens = 48       # a description, then <keypoint>
   return c.lock()
 

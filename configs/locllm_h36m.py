@@ -12,8 +12,9 @@ protocol (RLE / Integral regression: every 5th frame for training, every 64th fo
 testing), the 1:1 mixing weights (half of each batch 2D, as Integral regression), the
 number of epochs (12, as the 2D model; one epoch = ``H36M_TRAIN_FRAMES`` items).
 
-Model and recipe otherwise as ``configs/locllm_coco.py`` (whose ``get_config`` this
-builds on: DINOv2 ViT-L/14 at 224, linear projector, Vicuna-7B, LoRA r=8 on q/v).
+Model and recipe otherwise as ``configs/locllm_coco.py`` (both built by
+``configs.common.coco_config``: DINOv2 ViT-L/14 at 224, linear projector, Vicuna-7B, LoRA
+r=8 on q/v), the COCO datasets replaced.
 
 Files (mmpose's layout, ``sources.catalog``): ``data/h36m/annotation_body3d/fps50/
 h36m_{train,test}.npz`` + ``data/h36m/images/``; MPII as mmpose's json
@@ -28,7 +29,7 @@ locllm_coco.py (``epochs=N``, ``batch=N``, ``accum=N``, ``mlp``, ``runlocal``) a
 
 import ml_collections
 
-from configs import common, locllm_coco
+from configs import common
 
 H36M_TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
 H36M_TEST_SUBJECTS = ("S9", "S11")
@@ -43,7 +44,7 @@ def h36m_options(subjects, stride):
 
 def get_config(arg=None):
   args = common.parse_arg(arg)
-  c = locllm_coco.get_config(arg).unlock()
+  c = common.coco_config(args)
   train_stride = int(args.get("train_stride", 5))
   test_stride = int(args.get("test_stride", 64))
   entry = dict(preset="", det_file="", det_score_threshold=0.0, num_images=0, seed=0,
@@ -68,7 +69,7 @@ def get_config(arg=None):
 
   if not args.get("runlocal"):
     epochs = float(args.get("epochs", 12))
-    c.train.num_steps = locllm_coco.steps_for(epochs, H36M_TRAIN_FRAMES, c.train.batch_size)
+    c.train.num_steps = common.steps_for(epochs, H36M_TRAIN_FRAMES, c.train.batch_size)
   c.optim.warmup_ratio = min(1.0, WARMUP_STEPS / c.train.num_steps)
   return c.lock()
 

@@ -5,16 +5,16 @@ rest of the recipe as configs/locllm_coco.py (PoseLLM reports 77.8 AP on COCO va
 Variants: those of locllm_coco.py (``epochs=N``, ``batch=N``, ``accum=N``, ``runlocal``).
 """
 
-from configs import locllm_coco
+from configs import common
 
 
 def get_config(arg=None):
-  return locllm_coco.get_config(",".join(filter(None, ["mlp", arg])))
+  return common.coco_config({**common.parse_arg(arg), "mlp": True}).lock()
 
 
 def sweep():
   """PoseLLM's ablations (3 epochs each): LocLLM's list with the MLP connector, plus the
   linear connector for comparison."""
-  runs = [(arg, overrides) for arg, overrides in locllm_coco.sweep()
+  runs = [(arg, overrides) for arg, overrides in common.locllm_ablations()
           if "mlp" not in arg.split(",")]
   return runs + [("epochs=3", {"model.projector.kind": "linear"})]

@@ -51,7 +51,9 @@ def measure(name: str, remat: str = "", batch: int = 0) -> dict:
   over them; returns its per-device memory in GiB (see the module docstring)."""
   import jax
 
-  from kptjax import sharding, train
+  from kptjax import sharding
+  from kptjax.models import factory
+  from kptjax.training import trainer as trainer_lib
 
   config = load_config(name)
   n = jax.device_count()
@@ -62,8 +64,8 @@ def measure(name: str, remat: str = "", batch: int = 0) -> dict:
       config.model.remat_policy = remat
     b = batch or config.train.batch_size
     config.train.batch_size = b if b % n == 0 else n * -(-b // n)
-  trainer = train.build(config, sharding.make_mesh(config.mesh))
-  state = train.abstract_state(trainer)
+  trainer = trainer_lib.build(config, sharding.make_mesh(config.mesh))
+  state = trainer_lib.abstract_state(trainer)
   start = time.perf_counter()
   compiled = trainer.step.lower(state, factory.abstract_batch(config, trainer.mesh)).compile()
   mem = compiled.memory_analysis()

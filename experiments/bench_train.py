@@ -18,7 +18,7 @@ Llama written to a temp dir, as experiments/bench_decode.py makes them), the sam
 projector and LoRA factors, and one batch of the real pipeline; they train LoRA +
 projector with AdamW, clipping and the masked token loss:
 
-  kptjax   ``kptjax.train.build`` step (jit, donated state), as configured and with
+  kptjax   ``kptjax.training.trainer.build`` step (jit, donated state), as configured and with
            ``remat_policy='none'`` (what torch does: keep activations)
   torch    transformers ``Dinov2Model`` -> ``nn.Linear`` projector -> ``LlamaForCausalLM``
            with peft ``LoraConfig(target_modules=q/v)`` on both towers
@@ -250,13 +250,14 @@ def matmul_peak(dtype: str) -> float:
 
 def _xla_cost(config: Any, mesh: Any, **vit) -> float:
   """XLA's cost-analysis FLOPs of the step with the LLM unrolled and no remat."""
-  from kptjax import train
-  c = train.with_model_config(config, config.model)
+  from kptjax.models import factory
+  from kptjax.training import preflight, trainer as trainer_lib
+  c = preflight.with_model_config(config, config.model)
   with c.unlocked():
     c.model.scan_layers, c.model.remat_policy = False, "none"
     c.model.vit.update(vit)
-  trainer = train.build(c, mesh)
-  out = trainer.step.lower(train.abstract_state(trainer),
+  trainer = trainer_lib.build(c, mesh)
+  out = trainer.step.lower(trainer_lib.abstract_state(trainer),
                            factory.abstract_batch(c, mesh)).cost_analysis()
   return float((out[0] if isinstance(out, (list, tuple)) else out)["flops"])
 
@@ -295,9 +296,10 @@ def _kptjax_runner(config: Any, mesh: Any, batch: dict, host_params: Any = None)
   """(run(n) -> n steps on the batch, loss at step 1) for the kptjax step of config."""
   import jax
 
-  from kptjax import sharding, train
-  trainer = train.build(config, mesh)
-  state = train.init_state(trainer, config, params=host_params)
+  from kptjax import sharding
+  from kptjax.training import trainer as trainer_lib
+  trainer = trainer_lib.build(config, mesh)
+  state = trainer_lib.init_state(trainer, config, params=host_params)
   device_batch = sharding.shard_batch(batch, mesh)
   compiled = trainer.step.lower(state, device_batch).compile()
   holder = {}
@@ -333,8 +335,10 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
   import jax
   from bench_decode import make_hf_checkpoints
 
-  from kptjax import convert, train
+  from kptjax import convert
   from kptjax.data import pipeline, tokenizer
+  from kptjax.models import factory
+  from kptjax.training import preflight
   config = bench_config(name)
   mesh = _one_device_mesh()
   with tempfile.TemporaryDirectory() as tmp:
@@ -342,7 +346,7 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
     with config.unlocked():
       config.checkpoints.vit_dir, config.checkpoints.llm_dir = vit_dir, llm_dir
     model_config, params = convert.load_vlm(config)
-    config = train.with_model_config(config, model_config)
+    config = preflight.with_model_config(config, model_config)
     host_params = jax.tree.map(np.asarray, jax.device_get(params))
     del params
     it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
@@ -355,7 +359,7 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
     fns, losses = {}, {}
     for impl, remat in ((f"kptjax remat={config.model.remat_policy}",
                          config.model.remat_policy), ("kptjax remat=none", "none")):
-      variant = train.with_model_config(config, config.model)
+      variant = preflight.with_model_config(config, config.model)
       with variant.unlocked():
         variant.model.remat_policy = remat
       fns[impl], losses[impl] = _kptjax_runner(variant, mesh, batch, host_params)
@@ -373,12 +377,13 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
 def bench_demo(steps: int, rounds: int, peak: float) -> tuple[list[dict], dict]:
   """configs/demo.py (the default recipe) vs its ``DEMO_FAST`` variant, one batch, kptjax."""
   from configs import demo
-  from kptjax import train
+  from kptjax.models import factory
+  from kptjax.training import trainer as trainer_lib
   fns, losses, flops = {}, {}, {}
   tokens = 0.0
   for impl, arg in (("demo (default)", None), ("demo:" + DEMO_FAST, DEMO_FAST)):
     config = demo.get_config(arg).unlock()
-    it = iter(train.make_dataset(config))
+    it = iter(trainer_lib.make_dataset(config))
     batch = {k: v for k, v in next(it).items() if k in factory.BATCH_KEYS}
     tokens = float(batch["input_mask"].sum())
     fns[impl], losses[impl] = _kptjax_runner(config, _one_device_mesh(), batch)

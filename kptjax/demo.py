@@ -3,7 +3,7 @@
     python -m kptjax.demo [--config configs/demo.py[:long]] [--workdir workdir/demo]
 
 1. generates the synthetic train / held-out sets (cached; ``kptjax.data.synthetic``);
-2. trains with the real pipeline and trainer (``kptjax.train.run``);
+2. trains with the real pipeline and trainer (``kptjax.training.trainer.run``);
 3. evaluates the final checkpoint with the jitted decoder (``kptjax.evaluate.run``) and
    the no-image mean-position baseline on the same held-out people;
 4. writes ``metrics.json`` (model and baseline: PCK@0.05/0.1/0.2, COCO AP, parse
@@ -184,7 +184,7 @@ def summary_table(model: dict[str, float], baseline: dict[str, float]) -> str:
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """The whole job; returns what ``metrics.json`` holds."""
-  from kptjax import train
+  from kptjax.training import trainer
   t0 = time.time()
   print(f"kptjax demo -> {workdir}: synthetic data (generated once, then cached), "
         f"train {config.train.num_steps} steps, evaluate", flush=True)
@@ -192,7 +192,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   eval_records = pipeline.load_records(config, "eval")
   t_data = time.time() - t0
 
-  train.run(config, workdir)
+  trainer.run(config, workdir)
   t_train = time.time() - t0 - t_data
 
   model = runner.run(config, os.path.join(workdir, "eval"), checkpoint=workdir)

@@ -29,10 +29,11 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from kptjax import train, viz
+from kptjax import viz
 from kptjax.data import pipeline, transforms
 from kptjax.inference import decode, parsing
 from kptjax.keypoints import get_spec
+from kptjax.training import trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_WORKDIR_ENV = "KPTJAX_DEMO_WORKDIR"
@@ -94,7 +95,7 @@ def demo_or_tiny_checkpoint(workdir: Optional[str] = None, tmp_root: Optional[st
     return load_config(spec), str(path), f"checkpoint: {path} (config {spec})"
   config = load_config(SMOKE_CONFIG)
   out = tempfile.mkdtemp(prefix="kptjax_smoke_", dir=tmp_root)
-  train.run(config, out)
+  trainer.run(config, out)
   return config, out, (f"no demo workdir at {path}: trained {SMOKE_CONFIG} for "
                        f"{config.train.num_steps} steps into {out} (an untrained model: "
                        "expect noisy answers; run `python -m kptjax.demo` for a real one)")

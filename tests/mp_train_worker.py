@@ -4,8 +4,8 @@ r"""One process of the multi-process training tests (``tests/test_multiprocess.p
         python tests/mp_train_worker.py --workdir W [--kill_at_step 3] [--gather_out F]
 
 Trains ``configs/tiny.py:lora`` (LoRA dropout 0.1) on a mesh data=1 x fsdp=4 x tensor=2
-over all devices of all processes, with ``kptjax.train.run``. The data is the pipeline's
-single-process stream of global batches, of which process I takes rows
+over all devices of all processes, with ``kptjax.training.trainer.run``. The data is the
+pipeline's single-process stream of global batches, of which process I takes rows
 ``[I * B / N, (I + 1) * B / N)``, the rows its devices hold in the global batch: so any
 number of processes sees the same global batches, and runs must agree. (The pipeline's
 own per-process slicing, ``make_train_dataset(process_index=...)``, gives each process
@@ -25,8 +25,9 @@ import jax
 from absl import app, flags
 
 from configs import tiny
-from kptjax import distributed, storage, train
+from kptjax import distributed, storage
 from kptjax.data import pipeline, tokenizer
+from kptjax.training import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
 GATHER_ITEMS = 7
@@ -71,7 +72,7 @@ def main(argv):
 
   with config.unlocked():
     config.train.eval_every = 1 if FLAGS.kill_at_step else 0
-  train.run(config, FLAGS.workdir, eval_fn=die_at, dataset=process_rows(config))
+  trainer_lib.run(config, FLAGS.workdir, eval_fn=die_at, dataset=process_rows(config))
   if FLAGS.gather_out:
     block = distributed.split_for_process(GATHER_ITEMS)
     gathered = distributed.gather_to_process0(

@@ -28,9 +28,9 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from kptjax import convert, sharding, train
+from kptjax import convert, sharding
 from kptjax.errors import CheckpointError
-from kptjax.training import checkpoint
+from kptjax.training import checkpoint, metrics_writer, trainer as trainer_lib
 from kptjax.training.step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,11 +66,11 @@ def stage1(tmp_path_factory):
     config.mesh.shape.data = 1
     config.optim.trainable = "projector"
     config.train.stage = 1
-  trainer = train.build(config, _one_device())
+  trainer = trainer_lib.build(config, _one_device())
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
                         trainer.abstract_params)
-  state = train.init_state(trainer, config, params=params)
+  state = trainer_lib.init_state(trainer, config, params=params)
   workdir = str(tmp_path_factory.mktemp("stage1"))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1)
   ckpt.save(7, state)
@@ -89,8 +89,8 @@ def _stage2_config(init_from):
 
 def test_stage2_initializes_from_stage1(stage1):
   config = _stage2_config(stage1["workdir"])
-  trainer = train.build(config, _one_device())
-  params = _flat(train.init_state(trainer, config).params)
+  trainer = trainer_lib.build(config, _one_device())
+  params = _flat(trainer_lib.init_state(trainer, config).params)
   saved = stage1["params"]
   projector = [k for k in params if k[0] == "projector"]
   assert projector
@@ -112,7 +112,7 @@ def test_init_from_another_model_is_refused(stage1):
   config = _stage2_config(stage1["workdir"])
   with config.unlocked():
     config.model.projector.kind = "mlp2x_gelu"
-  trainer = train.build(config, _one_device())
+  trainer = trainer_lib.build(config, _one_device())
   zeros = jax.device_put(
       jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), trainer.abstract_params),
       trainer.state_shardings.params)
@@ -143,7 +143,7 @@ def _wait(*procs):
 
 
 def _losses(workdir):
-  return {r["step"]: r["loss"] for r in train.read_metrics(workdir) if "loss" in r}
+  return {r["step"]: r["loss"] for r in metrics_writer.read_metrics(workdir) if "loss" in r}
 
 
 def test_kill_and_resume_in_a_new_process_is_exact(stage1, tmp_path):

@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from kptjax import convert, distributed, train
+from kptjax import convert, distributed
 from kptjax.errors import ConfigError
+from kptjax.training import metrics_writer, trainer as trainer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY, KILL_AT = 4, 2, 3
@@ -71,10 +72,10 @@ def runs(tmp_path_factory):
   try:
     # The reference meanwhile, here: 1 process x 8 devices, the same global batches.
     config = worker.config_for_test(STEPS, EVERY)
-    train.run(config, str(tmp / "reference"), dataset=worker.process_rows(config))
+    trainer_lib.run(config, str(tmp / "reference"), dataset=worker.process_rows(config))
   finally:
     killed_rc, killed_logs = _finish(killed, tmp, "killed")
-  killed_rows = train.read_metrics(tmp / "run")
+  killed_rows = metrics_writer.read_metrics(tmp / "run")
   resumed_rc, resumed_logs = _finish(
       _launch(tmp, "resumed", f"--gather_out={tmp / 'gathered.json'}"), tmp, "resumed")
   return dict(tmp=tmp, killed=(killed_rc, killed_logs, killed_rows),
@@ -96,13 +97,13 @@ def test_two_processes_killed_and_resumed_equal_one_process(runs):
 
   # The killed launch logged steps 1..2 or 1..3 (process 0 may or may not have written
   # step 3 before the launcher stopped it); the resumed one 3..4 after the step-2 checkpoint.
-  rows = train.read_metrics(tmp / "run")
+  rows = metrics_writer.read_metrics(tmp / "run")
   steps = [r["step"] for r in rows if "loss" in r]
   first = [r["step"] for r in killed_rows if "loss" in r]
   assert first in ([1, 2], [1, 2, 3]), first
   assert steps == first + [3, 4], steps
 
-  reference = train.read_metrics(tmp / "reference")
+  reference = metrics_writer.read_metrics(tmp / "reference")
   for key in ("loss", "grad_norm", "accuracy"):
     want = _by_step(reference, key)
     got = _by_step(rows, key)       # the resumed launch's rows come last: they win

@@ -1,18 +1,64 @@
 """Paper configs: same sections and keys as configs/tiny.py (so the trainer runs any of
 them), the paper's numbers, abstract init of the 7B model with jax.eval_shape and its
-parameter counts, and sweeps that only name existing fields."""
+parameter counts, and sweeps that only name existing fields; every config's values are
+exactly those of the configs before they were rebuilt from configs/common.py pieces
+(paper_configs_expected.json: each module's default ``to_dict()`` and, per config arg, the
+fields that differ from it, generated from the old chained configs)."""
+
+import json
+import pathlib
 
 import flax.linen as nn
 import jax
 import pytest
 
-from configs import capellm_mp100, kptllm_ap10k, kptllm_mp100, locllm_coco, posellm_coco, tiny
+from configs import (
+    capellm_mp100,
+    demo,
+    kptllm_ap10k,
+    kptllm_mp100,
+    locllm_coco,
+    locllm_h36m,
+    posellm_coco,
+    tiny,
+)
 from kptjax.models import kptllm, vlm
 from kptjax.models.lora import count_params, trainable_mask
 
 PAPER_CONFIGS = {"locllm_coco": locllm_coco, "posellm_coco": posellm_coco,
                  "capellm_mp100": capellm_mp100, "kptllm_mp100": kptllm_mp100,
                  "kptllm_ap10k": kptllm_ap10k}
+
+
+EXPECTED = json.loads((pathlib.Path(__file__).parent / "paper_configs_expected.json").read_text())
+ALL_CONFIGS = {**PAPER_CONFIGS, "locllm_h36m": locllm_h36m, "tiny": tiny, "demo": demo}
+ABSENT = "<absent>"   # a field the variant does not have (e.g. locllm_h36m:h36m_only's mpii)
+
+
+def _flat(d, prefix=""):
+  """Nested dict -> {'a.b': json text of the value} (json text: 1 and 1.0 differ)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = json.dumps(v)
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_values_are_the_old_configs_values(name):
+  want = EXPECTED[name]
+  module = ALL_CONFIGS[name]
+  default = _flat(want["default"])
+  assert _flat(module.get_config().to_dict()) == default
+  assert len(want["variants"]) >= 3
+  for arg, changed in want["variants"].items():
+    got = _flat(module.get_config(arg).to_dict())
+    want_arg = {**default, **{k: json.dumps(v) for k, v in changed.items()}}
+    assert got == {k: v for k, v in want_arg.items() if v != json.dumps(ABSENT)}, arg
+  if hasattr(module, "sweep"):
+    assert json.loads(json.dumps(module.sweep())) == want["sweep"]
 
 
 def _keys(c, prefix=""):

@@ -25,11 +25,11 @@ import torch
 import transformers
 
 from configs import tiny
-from kptjax import convert, train
+from kptjax import convert
 from kptjax.convert import hf_io
 from kptjax.data import tokenizer
 from kptjax.errors import CheckpointError, ConfigError
-from kptjax.training import preflight
+from kptjax.training import preflight, trainer as trainer_lib
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=128)
@@ -44,14 +44,14 @@ def _config(llm_dir="", vit_dir=""):
 
 
 def _refused_before_work(config, tmp_path, monkeypatch, error, match):
-  """train.run raises ``error`` before building the step; the workdir is never made."""
+  """trainer_lib.run raises ``error`` before building the step; the workdir is never made."""
   def no_build(*args, **kwargs):
-    raise AssertionError("train.build reached: the check came too late")
-  monkeypatch.setattr(train, "build", no_build)
+    raise AssertionError("trainer_lib.build reached: the check came too late")
+  monkeypatch.setattr(trainer_lib, "build", no_build)
   workdir = tmp_path / "workdir"
   t0 = time.perf_counter()
   with pytest.raises(error, match=match) as info:
-    train.run(config, str(workdir))
+    trainer_lib.run(config, str(workdir))
   assert time.perf_counter() - t0 < 30
   assert "\n" not in str(info.value)
   assert not workdir.exists()

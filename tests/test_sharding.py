@@ -12,10 +12,11 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from kptjax import sharding, train
+from kptjax import sharding
 from kptjax.data import pipeline, tokenizer
 from kptjax.errors import ConfigError
 from kptjax.models import factory
+from kptjax.training import trainer as trainer_lib
 
 NUM_STEPS = 2
 
@@ -27,8 +28,8 @@ def _mesh(shape):
 
 
 def _train(config, mesh, params0, batches):
-  trainer = train.build(config, mesh)
-  state = train.init_state(trainer, config,
+  trainer = trainer_lib.build(config, mesh)
+  state = trainer_lib.init_state(trainer, config,
                            params=jax.device_put(params0, trainer.state_shardings.params))
   losses = []
   for b in batches:
@@ -44,7 +45,7 @@ def runs():
   it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
   batches = [{k: next(it)[k] for k in factory.BATCH_KEYS} for _ in range(NUM_STEPS)]
   one = _mesh((1, 1, 1))
-  trainer1 = train.build(config, one)
+  trainer1 = trainer_lib.build(config, one)
   params0 = jax.device_get(trainer1.init_params(jax.random.key(0)))
   _, state1, losses1 = _train(config, one, params0, batches)
   trainer8, state8, losses8 = _train(config, _mesh((2, 2, 2)), params0, batches)

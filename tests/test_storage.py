@@ -20,10 +20,10 @@ from etils.epath import backend as epath_backend, gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from configs import tiny
-from kptjax import convert, storage, train
+from kptjax import convert, storage
 from kptjax.convert import export
 from kptjax.errors import ConfigError
-from kptjax.training import checkpoint, preflight
+from kptjax.training import metrics_writer, preflight, trainer as trainer_lib
 
 
 class FakeBucket(MemoryFileSystem):
@@ -75,13 +75,13 @@ def test_workdir_files_round_trip_through_the_bucket(bucket):
   rows = [{"step": 1, "loss": 6.25}, {"step": 2, "loss": 0.1 + 0.2}]
   for row in rows:
     storage.append_text(f"{bucket}/metrics.jsonl", json.dumps(row) + "\n")
-  assert train.read_metrics(bucket) == rows
+  assert metrics_writer.read_metrics(bucket) == rows
 
   params = {"projector": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
             "llm": {"q": {"kernel": np.ones((3, 3), np.float32),
                           "lora_a": np.full((3, 2), 0.5, np.float32)}}}
   mask = {"projector": {"kernel": True}, "llm": {"q": {"kernel": False, "lora_a": True}}}
-  checkpoint.export_adapter(params, mask, f"{bucket}/adapter.safetensors")
+  trainer_lib.write_adapter(params, mask, f"{bucket}/adapter.safetensors")
   adapter, meta = convert.load_params(f"{bucket}/adapter.safetensors")
   assert meta["format"] == export.ADAPTER_FORMAT
   assert convert.flatten(adapter).keys() == {"projector/kernel", "llm/q/lora_a"}
@@ -112,4 +112,4 @@ def test_append_text_appends_locally(tmp_path):
   log = tmp_path / "a" / "metrics.jsonl"
   storage.append_text(log, '{"step": 1}\n')
   storage.append_text(log, '{"step": 2}\n')
-  assert train.read_metrics(tmp_path / "a") == [{"step": 1}, {"step": 2}]
+  assert metrics_writer.read_metrics(tmp_path / "a") == [{"step": 1}, {"step": 2}]

@@ -1,4 +1,4 @@
-"""The training loop (kptjax.train.run) on configs/tiny.py, on one CPU device.
+"""The training loop (kptjax.training.trainer.run) on configs/tiny.py, on one CPU device.
 
 * a run over-fits two fixed batches of the real pipeline: the loss falls from its value
   at init (ln 512 for the tiny vocabulary) by more than 40% in 20 steps;
@@ -16,7 +16,10 @@
 * stage 1: LLaVA-style caption pairs become batches of the same contract (loss on the
   caption and </s> only) that the train step accepts;
 * a real run on the COCO sample with one of its images corrupt completes, counting the
-  skipped persons in metrics.jsonl; ``python -m kptjax.train --strict`` stops at it.
+  skipped persons in metrics.jsonl; ``python -m kptjax.train --strict`` stops at it;
+* with model.kpt.enabled the trainer builds KptLLM, its batch fields and step over the
+  task pipeline of the synthetic objects: the step lowers against the abstract batch, and
+  a two-step run trains (loss, l1, keypoints logged) and checkpoints.
 """
 
 import glob
@@ -35,11 +38,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from kptjax import sharding, train
+from kptjax import sharding
 from kptjax.data import pipeline, tokenizer
 from kptjax.errors import CheckpointError, ConfigError
 from kptjax.models import factory
-from kptjax.training import checkpoint
+from kptjax.training import checkpoint, metrics_writer, trainer as trainer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,7 +74,7 @@ def one_device():
 
 @pytest.fixture(scope="module")
 def trainer(one_device):
-  return train.build(_config(), one_device)
+  return trainer_lib.build(_config(), one_device)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +88,8 @@ def overfit(tmp_path_factory, trainer):
     calls.append((step, int(jax.device_get(state.step))))
     return {"answer_tokens_seen": float(step * batches[0]["loss_mask"].sum())}
 
-  state = train.run(config, workdir, eval_fn=eval_fn, dataset=dataset, trainer=trainer)
-  rows = train.read_metrics(workdir)
+  state = trainer_lib.run(config, workdir, eval_fn=eval_fn, dataset=dataset, trainer=trainer)
+  rows = metrics_writer.read_metrics(workdir)
   return dict(workdir=workdir, state=state, calls=calls, rows=rows, batches=batches)
 
 
@@ -126,7 +129,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path, trainer):
   n_image = dataset_first(poisoned)["image"].size
   with pytest.raises(FloatingPointError, match=rf"loss is nan at step 1, on the batch of step 1 "
                      rf".*the batch has non-finite inputs: image {n_image} NaN/inf values$"):
-    train.run(config, str(tmp_path), dataset=poisoned, trainer=trainer)
+    trainer_lib.run(config, str(tmp_path), dataset=poisoned, trainer=trainer)
   assert not os.path.isdir(os.path.join(tmp_path, "checkpoints", "1"))
 
 
@@ -149,7 +152,7 @@ def test_nan_loss_from_token_ids_past_the_vocabulary_says_so(tmp_path, trainer):
   with pytest.raises(FloatingPointError, match=rf"loss is nan at step 1.*token ids outside "
                      rf"the vocabulary \[0, 512\) .*: tokens {n_bad} ids \(min 0, max 600\)$"
                      ) as info:
-    train.run(config, str(tmp_path), dataset=bad, trainer=trainer)
+    trainer_lib.run(config, str(tmp_path), dataset=bad, trainer=trainer)
   assert "optim.lr" not in str(info.value)
 
 
@@ -172,11 +175,11 @@ def test_resume_with_another_width_is_refused(overfit, tmp_path, trainer, monkey
   with config.unlocked():
     config.model.llm.hidden_size = 64
     config.model.dtype = "bfloat16"
-  monkeypatch.setattr(train, "build", lambda *a, **k: pytest.fail("built before the check"))
+  monkeypatch.setattr(trainer_lib, "build", lambda *a, **k: pytest.fail("built before the check"))
   with pytest.raises(ConfigError, match=r"model_config\.json: this workdir holds another "
                      r"model: model\.dtype \(saved 'float32', requested 'bfloat16'\), "
                      r"model\.llm\.hidden_size \(saved 32, requested 64\)\. ") as info:
-    train.run(config, workdir, dataset=_fixed_batches(config, 1)[0])
+    trainer_lib.run(config, workdir, dataset=_fixed_batches(config, 1)[0])
   assert "train.resume_may_change" in str(info.value)
   assert _snapshot(workdir) == before   # nothing written, model_config.json included
   monkeypatch.undo()
@@ -186,7 +189,7 @@ def test_resume_with_another_width_is_refused(overfit, tmp_path, trainer, monkey
   with config.unlocked():
     config.model.remat_policy = "none"
     config.train.resume_may_change = "model.remat_policy"
-  state = train.run(config, workdir, dataset=_fixed_batches(config, 1)[0], trainer=trainer)
+  state = trainer_lib.run(config, workdir, dataset=_fixed_batches(config, 1)[0], trainer=trainer)
   assert int(jax.device_get(state.step)) == NUM_STEPS
   with open(os.path.join(workdir, "model_config.json"), encoding="utf-8") as f:
     assert json.load(f)["remat_policy"] == "none"
@@ -200,7 +203,7 @@ def test_resume_without_model_config_writes_nothing_when_restore_fails(overfit, 
   with config.unlocked():
     config.model.llm.hidden_size = 64
   with pytest.raises(CheckpointError, match="cannot restore the train state"):
-    train.run(config, workdir, dataset=_fixed_batches(config, 1)[0],
+    trainer_lib.run(config, workdir, dataset=_fixed_batches(config, 1)[0],
               mesh=jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                                  axis_types=(jax.sharding.AxisType.Auto,) * 3))
   assert not os.path.exists(os.path.join(workdir, "model_config.json"))
@@ -227,7 +230,7 @@ def test_read_only_workdir_mid_run_fails_at_the_next_save(tmp_path, trainer, mou
 
   dataset, _ = _fixed_batches(config, 2)
   with pytest.raises(CheckpointError) as info:
-    train.run(config, str(workdir), eval_fn=turn_read_only, dataset=dataset, trainer=trainer)
+    trainer_lib.run(config, str(workdir), eval_fn=turn_read_only, dataset=dataset, trainer=trainer)
   assert time.perf_counter() - turned["at"] < 60
   message = str(info.value)
   assert message.startswith(f"{disk}: cannot write checkpoints: read-only file system")
@@ -237,17 +240,17 @@ def test_read_only_workdir_mid_run_fails_at_the_next_save(tmp_path, trainer, mou
   # A resume on the read-only workdir stops before anything is built.
   t0 = time.perf_counter()
   with pytest.raises(CheckpointError, match="read-only file system"):
-    train.run(config, str(workdir), dataset=dataset, trainer=trainer)
+    trainer_lib.run(config, str(workdir), dataset=dataset, trainer=trainer)
   assert time.perf_counter() - t0 < 30
   subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
   ckpt = checkpoint.Checkpointer(disk, every=1, keep=2)
-  restored = ckpt.restore(train.abstract_state(trainer), step=2)
+  restored = ckpt.restore(trainer_lib.abstract_state(trainer), step=2)
   ckpt.close()
   assert int(jax.device_get(restored.step)) == 2
 
 
 def _losses_logged(workdir):
-  return [r["step"] for r in train.read_metrics(str(workdir)) if "loss" in r]
+  return [r["step"] for r in metrics_writer.read_metrics(str(workdir)) if "loss" in r]
 
 
 def test_stage1_caption_batches(tmp_path, trainer, shared_data):
@@ -264,7 +267,7 @@ def test_stage1_caption_batches(tmp_path, trainer, shared_data):
                              image_root=str(shared_data / "coco"))
     config.optim.trainable = "projector"
     config.train.stage = 1
-  batch = next(iter(train.make_dataset(config)))
+  batch = next(iter(trainer_lib.make_dataset(config)))
   b, t = batch["tokens"].shape
   side = config.model.vit.image_size
   assert batch["image"].shape == (b, side, side, 3) and b == config.train.batch_size
@@ -282,7 +285,7 @@ def test_stage1_caption_batches(tmp_path, trainer, shared_data):
   assert seen == set(captions)
 
   # The stage-1 batch goes through the same compiled step.
-  state = train.init_state(trainer, config)
+  state = trainer_lib.init_state(trainer, config)
   state, metrics = trainer.step(state, sharding.shard_batch(
       {k: batch[k] for k in factory.BATCH_KEYS}, trainer.mesh))
   assert np.isfinite(float(metrics["loss"]))
@@ -316,9 +319,9 @@ def test_corrupt_image_is_skipped_and_counted_in_a_real_run(tmp_path, trainer, c
   ann, root, bad = corrupt_coco
   steps = 4
   config = _coco_config(ann, root, steps)
-  state = train.run(config, str(tmp_path), trainer=trainer)
+  state = trainer_lib.run(config, str(tmp_path), trainer=trainer)
   assert int(jax.device_get(state.step)) == steps
-  rows = [r for r in train.read_metrics(str(tmp_path)) if "loss" in r]
+  rows = [r for r in metrics_writer.read_metrics(str(tmp_path)) if "loss" in r]
   assert [r["step"] for r in rows] == list(range(1, steps + 1))
   assert all(np.isfinite(r["loss"]) for r in rows)
   # Expected count from the shuffled stream of the 12 persons: how often one on the
@@ -346,3 +349,46 @@ def test_strict_flag_stops_a_real_run_at_the_corrupt_image(tmp_path, corrupt_coc
   assert "ImageError" in proc.stderr and f"{bad}, field 'image'" in proc.stderr, \
       proc.stderr[-3000:]
   assert not os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+
+
+# ------------------------------------------------------------------------- KptLLM
+def _kpt_config(root):
+  c = tiny.get_config("lora").unlock()
+  c.model.kpt.enabled = True
+  c.model.remat_policy = "none"
+  c.data.train.update(source="synthetic_objects", path=str(root), num_images=8)
+  c.data.update(tasks="semantic:1,visual:1,textual:1", shots=1, rounds=2, max_len=160,
+                coord_format="keypoint_token", read_threads=1)
+  c.data.augment.flip_prob = 0.0
+  c.train.update(batch_size=2, num_steps=2, log_every=1, checkpoint_every=2)
+  c.mesh.shape.data = 1
+  return c.lock()
+
+
+def test_kptllm_build_dispatches_and_step_lowers_on_the_pipeline_batch(tmp_path):
+  config = _kpt_config(tmp_path)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  trainer = trainer_lib.build(config, mesh)
+  assert type(trainer.model).__name__ == "KptLLM"
+  assert "keypoint_head" in trainer.abstract_params
+  abstract = factory.abstract_batch(config, mesh)
+  batch = next(iter(trainer_lib.make_dataset(config)))
+  assert set(factory.batch_keys(config)) <= set(batch)
+  for key, spec in abstract.items():
+    assert batch[key].shape == spec.shape and batch[key].dtype == spec.dtype, key
+  with jax.set_mesh(mesh):
+    lowered = trainer.step.lower(trainer_lib.abstract_state(trainer), abstract)
+  assert "keypoints" in lowered.out_info[1] and "l1" in lowered.out_info[1]
+
+
+def test_kptllm_two_step_run_trains_and_checkpoints(tmp_path):
+  config = _kpt_config(tmp_path / "data").unlock()
+  config.data.tasks = "visual:1,textual:1"         # every row has a <keypoint> target
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  workdir = tmp_path / "work"
+  state = trainer_lib.run(config, str(workdir), mesh=mesh)
+  assert int(state.step) == 2
+  rows = [r for r in metrics_writer.read_metrics(str(workdir)) if "l1" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r["loss"]) and r["keypoints"] > 0 for r in rows)
+  assert (workdir / "checkpoints").is_dir() and (workdir / "adapter.safetensors").exists()

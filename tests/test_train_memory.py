@@ -1,6 +1,6 @@
 """The train step's memory layout on the tiny config (8 simulated CPU devices, conftest).
 
-* the chunked loss (``train_step.lm_stats``) has the plain loss's value and gradient
+* the chunked loss (``losses.lm_stats``) has the plain loss's value and gradient
   (f32, 1e-6): the logits of the whole batch are never needed;
 * attention by ``jax.nn.dot_product_attention`` ('xla') equals the explicit einsums,
   grouped-query heads and causal + padding masks included, and so does the whole VLM;
@@ -16,11 +16,11 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from kptjax import sharding, train
+from kptjax import sharding
 from kptjax.data import pipeline, tokenizer
 from kptjax.models import factory, layers, vlm
 from kptjax.models.llama import causal_mask
-from kptjax.training import step as train_step
+from kptjax.training import losses, trainer as trainer_lib
 
 
 def _mesh(shape):
@@ -51,13 +51,13 @@ def test_chunked_loss_equals_plain_loss_value_and_gradient(setup):
 
   def plain(p):
     logits = model.apply({"params": p}, batch["image"], batch["tokens"], batch["input_mask"])
-    s = train_step.token_stats(logits, targets, mask)
+    s = losses.token_stats(logits, targets, mask)
     return s["loss_sum"], s
 
   def chunked(p, chunk):
     h = model.apply({"params": p}, batch["image"], batch["tokens"], batch["input_mask"],
                     return_hidden=True)
-    s = train_step.lm_stats(lambda x: model.apply({"params": p}, x, method="logits"), h,
+    s = losses.lm_stats(lambda x: model.apply({"params": p}, x, method="logits"), h,
                             targets, mask, chunk)
     return s["loss_sum"], s
 
@@ -68,7 +68,7 @@ def test_chunked_loss_equals_plain_loss_value_and_gradient(setup):
     (got, stats), grad = jax.jit(jax.value_and_grad(chunked, has_aux=True),
                                  static_argnums=1)(params, chunk)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    for k in train_step.STAT_KEYS:
+    for k in losses.STAT_KEYS:
       np.testing.assert_allclose(stats[k], want_stats[k], rtol=1e-6, err_msg=k)
     # Relative to the largest gradient: some are exactly zero in exact arithmetic (the
     # ViT key bias shifts every logit of a query equally) and only float noise here.
@@ -112,8 +112,8 @@ def _fsdp_config(n, loss_chunk=0, batch=8):
 
 def test_residual_stream_is_constrained_to_the_batch_axes():
   config = _fsdp_config(8)
-  trainer = train.build(config, _mesh((1, 8, 1)))
-  text = trainer.step.lower(train.abstract_state(trainer),
+  trainer = trainer_lib.build(config, _mesh((1, 8, 1)))
+  text = trainer.step.lower(trainer_lib.abstract_state(trainer),
                             factory.abstract_batch(config, trainer.mesh)).as_text()
   d, f = config.model.llm.hidden_size, config.model.llm.intermediate_size
   b = config.train.batch_size
@@ -135,13 +135,13 @@ def test_fsdp8_chunked_step_equals_one_device_plain_step(setup):
   eight = _fsdp_config(8, loss_chunk=16)
   results = []
   for config, mesh in ((one, _mesh((1, 1, 1))), (eight, _mesh((1, 8, 1)))):
-    trainer = train.build(config, mesh)
-    state = train.init_state(trainer, config)
-    losses = []
+    trainer = trainer_lib.build(config, mesh)
+    state = trainer_lib.init_state(trainer, config)
+    loss_values = []
     for b in batches[:1]:
       state, metrics = trainer.step(state, sharding.shard_batch(b, mesh))
-      losses.append(float(metrics["loss"]))
-    results.append((losses, traverse_util.flatten_dict(jax.device_get(state.params))))
+      loss_values.append(float(metrics["loss"]))
+    results.append((loss_values, traverse_util.flatten_dict(jax.device_get(state.params))))
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=0, atol=1e-5)
   for key, want in results[0][1].items():
     np.testing.assert_allclose(results[1][1][key], want, rtol=0, atol=1e-5,
@@ -154,8 +154,8 @@ def test_step_temporaries_per_device_fall_with_the_mesh():
     config = _fsdp_config(n, loss_chunk=32, batch=32)
     with config.unlocked():
       config.data.max_len = 128
-    trainer = train.build(config, _mesh((1, n, 1)))
-    compiled = trainer.step.lower(train.abstract_state(trainer),
+    trainer = trainer_lib.build(config, _mesh((1, n, 1)))
+    compiled = trainer.step.lower(trainer_lib.abstract_state(trainer),
                                   factory.abstract_batch(config, trainer.mesh)).compile()
     temp[n] = compiled.memory_analysis().temp_size_in_bytes
   assert temp[8] < 0.5 * temp[2], temp

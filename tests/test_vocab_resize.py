@@ -25,11 +25,11 @@ import torch
 import transformers
 
 from configs import tiny
-from kptjax import convert, evaluate, sharding, train
+from kptjax import convert, evaluate, sharding
 from kptjax.errors import ConfigError
 from kptjax.inference import decode
 from kptjax.models import vlm
-from kptjax.training import preflight
+from kptjax.training import metrics_writer, preflight, trainer as trainer_lib
 
 LOC_BINS = 120
 OLD_VOCAB = 512
@@ -83,8 +83,8 @@ def hf(request, hf_dirs):
 
 def test_added_tokens_are_refused_without_new_token_init(hf_dirs):
   path = hf_dirs(False)[0]
-  config = train.with_model_config(_config(path, init=""),
-                                   convert.model_config(_config(path, init="")))
+  config = preflight.with_model_config(_config(path, init=""),
+                                       convert.model_config(_config(path, init="")))
   assert config.model.llm.vocab_size == OLD_VOCAB
   with pytest.raises(ConfigError, match="new_token_init"):
     preflight.check_agreement(config, evaluate.load_tokenizer(config))
@@ -125,8 +125,8 @@ def test_train_decode_export(hf_dirs, tmp_path):
   config = _config(path)
   one = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  state = train.run(config, str(tmp_path / "run"), mesh=one)
-  rows = [r for r in train.read_metrics(str(tmp_path / "run")) if "loss" in r]
+  state = trainer_lib.run(config, str(tmp_path / "run"), mesh=one)
+  rows = [r for r in metrics_writer.read_metrics(str(tmp_path / "run")) if "loss" in r]
   assert len(rows) == config.train.num_steps
   assert all(np.isfinite(r["loss"]) for r in rows)
   llm, llm0 = jax.device_get(state.params["llm"]), params0["llm"]
@@ -141,7 +141,7 @@ def test_train_decode_export(hf_dirs, tmp_path):
   assert saved["llm"]["new_tokens"] == 20
 
   # Greedy decoding (constrained to location tokens) answers with ids of both tables.
-  run_config = train.with_model_config(config, mc)
+  run_config = preflight.with_model_config(config, mc)
   tok = evaluate.load_tokenizer(run_config)
   names = ["nose", "left eye", "right eye", "left wrist"]
   localizer = decode.Localizer(run_config, vlm.VLM(mc), jax.device_get(state.params), tok,

@@ -305,16 +305,3 @@ def load_params(path: str | os.PathLike, params: Params, shardings: Params,
   logging.info("Loaded %d params from %s/%d; %d kept their init: %s", len(saved), root, step,
                len(missing), missing[:8])
   return traverse_util.unflatten_dict(flat), missing
-
-
-def export_adapter(params: Params, mask: Params, path: str | os.PathLike) -> None:
-  """Writes the trainable leaves (LoRA factors + projector) with ``kptjax.convert.export_adapter``.
-
-  All processes take part in gathering; only process 0 writes.
-  """
-  from kptjax import convert  # pylint: disable=g-import-not-at-top
-  from kptjax.training import optim  # pylint: disable=g-import-not-at-top
-  trainable, _ = optim.split(params, mask)
-  host = multihost_utils.process_allgather(trainable, tiled=True)
-  if jax.process_index() == 0:
-    convert.export_adapter(host, os.fspath(path))

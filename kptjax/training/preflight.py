@@ -5,6 +5,10 @@
   every tokenizer id has a row in the embedding table, the special and placeholder ids
   are in range and distinct, the crop is a whole number of patches, the image tokens fit
   in ``data.max_len``, and ``data.max_len`` in the LLM's positions.
+* ``requested_model(config, workdir, resuming)``: all of the above, run first by
+  ``kptjax.training.trainer.run``; returns the config with the model section it builds.
+* ``with_model_config(config, model_config)``: the config with the model section a run
+  actually builds (the checkpoints' numbers, or a workdir's ``model_config.json``).
 * A workdir belongs to one model: ``model_config.json`` is written once (``write_model_config``)
   and compared with the requested model section on resume (``check_workdir_model``);
   ``config_differences`` is the comparison, for any two saved configs.
@@ -20,12 +24,22 @@ import os
 from typing import Any, Iterable, Mapping
 
 import ml_collections
+from absl import logging
 
-from kptjax import storage
+from kptjax import convert, storage
 from kptjax.errors import ConfigError
+from kptjax.models import factory
 
 MODEL_CONFIG_FILE = "model_config.json"
 _MISSING = "<absent>"
+
+
+def with_model_config(config: ml_collections.ConfigDict,
+                      model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose model section is ``model_config`` (locked)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = ml_collections.ConfigDict(model_config.to_dict())
+  return config.lock()
 
 
 # ------------------------------------------------------------ config vs checkpoints
@@ -177,3 +191,27 @@ def check_workdir_model(workdir: str, model_config: ml_collections.ConfigDict,
 def write_model_config(workdir: str, model_config: ml_collections.ConfigDict) -> None:
   """Writes ``WORKDIR/model_config.json`` atomically (a temp file renamed over it)."""
   storage.write_atomic(os.path.join(workdir, MODEL_CONFIG_FILE), model_config.to_json(indent=2))
+
+
+def requested_model(config: ml_collections.ConfigDict, workdir: str, resuming: bool
+                    ) -> ml_collections.ConfigDict:
+  """``config`` with the model section the run builds, checked before anything is written.
+
+  The Hugging Face checkpoints' config.json decide the architecture numbers
+  (``kptjax.convert.model_config``: no tensor is read). The result must agree with the
+  tokenizer and the data (``check_agreement``) and, on resume, with the
+  workdir's ``model_config.json`` (``check_workdir_model``; the fields in
+  ``train.resume_may_change`` may differ).
+
+  Raises:
+    ConfigError / CheckpointError naming the field or file.
+  """
+  if config.checkpoints.llm_dir or config.checkpoints.vit_dir:
+    config = with_model_config(config, convert.model_config(config))
+  check_agreement(config, factory.tokenizer(config))
+  if resuming:
+    changed = check_workdir_model(workdir, config.model, may_change(config))
+    if changed:
+      logging.warning("Resuming %s with changed model fields (train.resume_may_change): %s",
+                      workdir, changed)
+  return config
