@@ -87,6 +87,9 @@ def llm_config(*, vocab_size, hidden_size, intermediate_size, num_layers, num_he
       rms_norm_eps=rms_norm_eps,
       tie_word_embeddings=tie_word_embeddings,
       max_position_embeddings=max_position_embeddings,
+      # Tokens the tokenizer adds past the checkpoint's table (coord_format 'loc_tokens'):
+      # '' = refuse; 'mean' | 'normal' = add trainable rows so (kptjax.convert.vocab).
+      new_token_init="",
   ))
 
 
@@ -98,16 +101,20 @@ def lora_config(rank=8, alpha=16.0, dropout=0.05, vit_targets=("query", "value")
       vit_targets=list(vit_targets), llm_targets=list(llm_targets)))
 
 
-def kpt_config(*, enabled=False, prompt_token_id, keypoint_token_id, extractor_layers=2):
+def kpt_config(*, enabled=False, prompt_token_id, keypoint_token_id, extractor_layers=2,
+               prompt_extractor="cross_attention", avg_pool_sigma=1.0):
   """KptLLM's support inputs and regression head (kptjax/models/kptllm.py).
 
   prompt_token_id: the placeholder a support keypoint's prompt token fills;
   keypoint_token_id: ``<keypoint>``, whose last hidden state the FFN head regresses to
   (x, y) (coord_format 'keypoint_token'). enabled: build ``KptLLM`` instead of ``VLM``.
+  prompt_extractor: 'cross_attention' (the paper's) | 'avg_pool' (its Table 6 baseline,
+  support patches averaged with a Gaussian of ``avg_pool_sigma`` patches).
   """
   return ml_collections.ConfigDict(dict(
       enabled=enabled, prompt_token_id=prompt_token_id, keypoint_token_id=keypoint_token_id,
-      extractor_layers=extractor_layers))
+      extractor_layers=extractor_layers, prompt_extractor=prompt_extractor,
+      avg_pool_sigma=avg_pool_sigma))
 
 
 def mesh_config(data=-1, fsdp=1, tensor=1):
@@ -147,15 +154,27 @@ LLAMA2_IMAGE_TOKEN_ID = 0
 LLAMA2_KPT_TOKENS = dict(prompt_token_id=3, keypoint_token_id=4)
 
 
+# Data fields of the papers' protocols (defaults = off), shared with configs/tiny.py.
+PROTOCOL_DATA_FIELDS = dict(
+    heldout_keypoints="",        # names never asked in training (LocLLM Table 7)
+    identify_then_detect=True,   # KptLLM's visual answers name the keypoint first (Table 5)
+    rounds_mode="fixed",         # 'dynamic': rounds_min..rounds_max per item and epoch
+    rounds_min=1,
+    rounds_max=0,                # 0 = all labeled keypoints
+    depth_optional=False,        # decimal3d: 2D answers for persons without 3D joints
+)
+
+
 def dinov2_vit_l14(image_size=224):
   """DINOv2 ViT-L/14 (position embeddings trained at 518 px, resized to the input)."""
   return vit_config(image_size=image_size, patch_size=14, hidden_size=1024, num_layers=24,
                     num_heads=16, intermediate_size=4096, pretrained_image_size=518)
 
 
-def clip_vit_l14_336():
-  """CLIP ViT-L/14-336 as LLaVA-1.5 uses it (what kptjax.convert.clip returns for it)."""
-  vit = vit_config(image_size=336, patch_size=14, hidden_size=1024, num_layers=24,
+def clip_vit_l14_336(image_size=336):
+  """CLIP ViT-L/14-336 as LLaVA-1.5 uses it (what kptjax.convert.clip returns for it);
+  ``image_size=224`` is CLIP ViT-L/14 (LocLLM's CLIP baseline: 16 x 16 tokens)."""
+  vit = vit_config(image_size=image_size, patch_size=14, hidden_size=1024, num_layers=24,
                    num_heads=16, intermediate_size=4096)
   vit.hidden_act = "quick_gelu"
   vit.layer_norm_eps = 1e-5
@@ -247,6 +266,7 @@ def paper_config(args, *, vit, llm, lora, projector, image_token_id, kpt, checkp
       tasks="",
       shots=1,
       strict_images=False,       # True: an unreadable training image stops the run
+      **PROTOCOL_DATA_FIELDS,
   ))
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=5e-4, warmup_ratio=0.03, schedule="cosine", end_lr_ratio=0.0,
@@ -288,18 +308,22 @@ def coco_config(args):
   (12), ``batch`` (64) and ``mlp`` (PoseLLM's 'mlp2x_gelu' projector, else 'linear')."""
   batch = int(args.get("batch", 64))
   projector = "mlp2x_gelu" if args.get("mlp") else "linear"
-  return paper_config(
-      args, vit=dinov2_vit_l14(), llm=vicuna_7b(),
+  clip = bool(args.get("clip"))    # LocLLM's CLIP baseline: CLIP ViT-L/14 at 224 px
+  c = paper_config(
+      args, vit=clip_vit_l14_336(image_size=224) if clip else dinov2_vit_l14(), llm=vicuna_7b(),
       lora=lora_config(rank=8, alpha=16.0, dropout=0.05, vit_targets=("query", "value"),
                        llm_targets=("q_proj", "v_proj")),
       projector=projector, image_token_id=LLAMA2_IMAGE_TOKEN_ID,
       kpt=kpt_config(**LLAMA2_KPT_TOKENS),       # off for LocLLM
-      checkpoints=dict(llm_dir="checkpoints/vicuna-7b-v1.5", vit_dir="checkpoints/dinov2-large",
+      checkpoints=dict(llm_dir="checkpoints/vicuna-7b-v1.5",
+                       vit_dir="checkpoints/clip-vit-large-patch14" if clip
+                       else "checkpoints/dinov2-large",
                        tokenizer_dir="checkpoints/vicuna-7b-v1.5"),
       # COCO layout under `path`: annotations/person_keypoints_{split}.json, {split}/.
       train_set=dataset("coco", "data/coco", "train2017"),
       eval_set=dataset("coco", "data/coco", "val2017"),   # ground-truth boxes, as the paper
       batch=batch, epochs=float(args.get("epochs", 12)), num_examples=COCO_TRAIN_PERSONS)
+  return c
 
 
 def kptllm_config(args, *, train_set, eval_set, batch, epochs, num_examples):
@@ -331,7 +355,8 @@ def locllm_ablations(base="epochs=3"):
       (base + ",mlp", {}),                                         # PoseLLM projector
       (base, {"data.use_descriptions": False}),                    # names only
       (base, {"data.rounds": 1}),                                  # single-round
-      (base, {"data.coord_format": "loc_tokens"}),                 # location tokens
+      (base, {"data.coord_format": "loc_tokens",                   # location tokens
+              "model.llm.new_token_init": "mean"}),
       (base, {"model.lora.rank": 0, "optim.trainable": "projector"}),   # no LoRA
       (base, {"model.lora.vit_targets": []}),                      # LoRA in the LLM only
       (base, {"model.lora.llm_targets": []}),                      # LoRA in the ViT only

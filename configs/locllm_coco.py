@@ -11,6 +11,8 @@ Variants (``--config configs/locllm_coco.py:ARG``, comma separated):
   accum=N      gradient accumulation steps (per-step batch = batch / accum).
   mlp          PoseLLM's projector (see posellm_coco.py).
   runlocal     a smoke run of the full-size model: 4 steps of batch 2, no eval.
+  clip         LocLLM's CLIP baseline (Tables 4, 6, 7, 8): CLIP ViT-L/14 at 224 px
+               (checkpoints/clip-vit-large-patch14) in place of DINOv2.
 Checkpoint dirs are fields: ``--config.checkpoints.llm_dir=/ckpt/vicuna-7b-v1.5``.
 """
 

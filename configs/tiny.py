@@ -77,6 +77,7 @@ def get_config(arg=None):
       # a training image that cannot be read: False = skip it, count it (logged as
       # skipped_images), True = stop with its ImageError (python -m kptjax.train --strict)
       strict_images=False,
+      **common.PROTOCOL_DATA_FIELDS,     # the papers' protocols, off (configs/common.py)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

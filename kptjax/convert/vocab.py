@@ -23,8 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from kptjax.data import tokenizer as tokenizer_lib
 from kptjax.errors import ConfigError
+from kptjax.models import factory
 
 NEW_TOKEN_INITS = ("mean", "normal")
 NORMAL_STD = 0.02
@@ -32,10 +32,7 @@ NORMAL_STD = 0.02
 
 def tokenizer_length(config: ml_collections.ConfigDict) -> int:
   """``len`` of the run's tokenizer (location tokens added when the format uses them)."""
-  data = config.data
-  bins = int(data.get("loc_bins", 100)) if data.coord_format == "loc_tokens" else 0
-  return len(tokenizer_lib.load_tokenizer(config.checkpoints.tokenizer_dir or "",
-                                          loc_bins=bins))
+  return len(factory.tokenizer(config))
 
 
 def resize(llm_config: ml_collections.ConfigDict, config: ml_collections.ConfigDict

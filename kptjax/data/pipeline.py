@@ -62,7 +62,7 @@ from kptjax.data import tasks
 from kptjax.data.curriculum import CurriculumItems, CurriculumTransform, parse_curriculum
 from kptjax.data.skipping import SKIPPED_IMAGES, skip_unreadable
 from kptjax.data.sources import Records, eval_options, read_dataset, specs_of
-from kptjax.data.sources.catalog import locate, parse_options, train_entries
+from kptjax.data.sources.catalog import locate, train_entries
 from kptjax.data.transforms import CropRecipe
 from kptjax.errors import ConfigError
 
@@ -270,8 +270,3 @@ def make_eval_dataset(config: Any, *, records: Optional[Sequence[Any]] = None,
   total = -(-per_process // batch_size) * batch_size
   return grain.MapDataset.source(list(range(total))).map(_PadTo(ds, n_real)).batch(batch_size)
 
-
-# Old names other sides still import (kptjax.evaluate, kptjax.kpt_evaluate): remove once
-# they use sources.catalog.parse_options and sources.specs_of.
-_parse_options = parse_options
-_specs_for = specs_of

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 
 from kptjax import convert, errors
-from kptjax.data import pipeline, tokenizer as tok_lib
+from kptjax.data import pipeline
 from kptjax.data.sources import eval_options, read_dataset
 from kptjax.data.sources.catalog import parse_options
 from kptjax.models import factory, vlm
@@ -122,10 +122,7 @@ def load_model(config: Any, checkpoint: str = "", step: Optional[int] = None
   return config, model, _random_params(config, model)
 
 
-def load_tokenizer(config: Any) -> Any:
-  """The checkpoint's tokenizer (``config.checkpoints.tokenizer_dir``; '' = bundled tiny)."""
-  bins = int(config.data.get("loc_bins", 100)) if config.data.coord_format == "loc_tokens" else 0
-  return tok_lib.load_tokenizer(config.checkpoints.tokenizer_dir or "", loc_bins=bins)
+load_tokenizer = factory.tokenizer   # the model's tokenizer: one definition, the factory's
 
 
 def parse_dataset(dataset: str) -> tuple[str, dict[str, Any]]:
