@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from kptjax import errors
+from kptjax import distributed, errors
 from kptjax.data import cape, transforms
 from kptjax.data.conversation import VISUAL_TASKS
 from kptjax.data.sources import specs_of
@@ -61,18 +61,21 @@ def _crop_view(recipe: transforms.CropRecipe, record: Any, spec: Any) -> dict[st
 
 
 def questions(config: Any, records: Sequence[Any], task: str, shots: int,
-              seed: int) -> Iterator[dict[str, Any]]:
+              seed: int, queries: Optional[range] = None) -> Iterator[dict[str, Any]]:
   """One dict per (query, keypoint), query-major: the query crop ('image' f32[S, S, 3],
   'affine_inv' f32[2, 3]), its supports' crops ('support_image' f32[shots, S, S, 3]) and
   the keypoint's position in each ('support_xy' f32[shots, 2] normalized,
   'support_mask' f32[shots]), 'index', 'keypoint', 'spec'; or 'image_error' instead of
-  the crops when an image cannot be read."""
+  the crops when an image cannot be read. ``queries``: only these query indices (a
+  process's block; the support draw is the whole set's either way)."""
   recipe = transforms.CropRecipe.from_config(config)     # the eval pipeline's crop
   specs = specs_of(records)
   side = recipe.side
   draws = cape.sample_supports(records, shots, seed) if task in VISUAL_TASKS else \
       [(q, ()) for q in range(len(records))]
   for q, support_ids in draws:
+    if queries is not None and q not in queries:
+      continue
     record = records[q]
     spec = specs[record.spec]
     labeled = np.asarray(record.keypoints)[:, -1] > 0
@@ -253,20 +256,36 @@ def evaluate_cape(config: Any, model: Any, params: Any, tokenizer: Any,
   visible = np.zeros((len(records), k_max), bool)    # asked
   missing = np.zeros((len(records), k_max), bool)    # asked, no answer
   unreadable: dict[int, str] = {}                    # query index -> unreadable image
+  # Several processes: each asks its block of queries; process 0 gathers the answers
+  # (as JSON rows [query, keypoint, state, x, y, error]) and scores them.
+  block = distributed.split_for_process(len(records))
+  answered = []
   for row, xy, generated in answers(
-      config, model, params, tokenizer, questions(config, records, task, shots, seed), task,
+      config, model, params, tokenizer,
+      questions(config, records, task, shots, seed, range(block.start, block.stop)), task,
       rows_per_batch=rows_per_batch, max_keypoints=k_max, force_keypoint=regress,
       max_new_tokens=int(max_new_tokens or config.decode.max_new_tokens)):
-    n, k = row["index"], row["keypoint"]
-    visible[n, k] = True
+    n, k = int(row["index"]), int(row["keypoint"])
     if "image_error" in row:
-      missing[n, k], unreadable[n] = True, row["image_error"]
+      answered.append([n, k, "unreadable", 0.0, 0.0, row["image_error"]])
       continue
     p = xy if regress else _parse(tokenizer, generated, eos_id)
     if p is None or not np.isfinite(p).all():
-      missing[n, k] = True
+      answered.append([n, k, "missing", 0.0, 0.0, ""])
       continue
-    pred[n, k] = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
+    x, y = transforms.apply_affine(np.asarray(p)[None] * side, row["affine_inv"])[0]
+    answered.append([n, k, "answer", float(x), float(y), ""])
+  answered = distributed.gather_to_process0(answered)
+  if answered is None:                 # not process 0: its answers are with process 0
+    return {}
+  for n, k, state, x, y, error in answered:
+    visible[n, k] = True
+    if state == "unreadable":
+      missing[n, k], unreadable[n] = True, error
+    elif state == "missing":
+      missing[n, k] = True
+    else:
+      pred[n, k] = (x, y)
   gt = np.zeros((len(records), k_max, 2))
   for i, r in enumerate(records):
     gt[i, :r.num_keypoints] = np.asarray(r.keypoints)[:, :2]

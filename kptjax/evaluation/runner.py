@@ -98,9 +98,11 @@ def run(config: Any, out_dir: str, *, checkpoint: str = "", dataset: str = "",
                                       shots=shots, seed=seed, rows_per_batch=rows_per_batch,
                                       coco_gt=protocols.oks_ground_truth(records, protocol),
                                       protocol=protocol)
+      if not result:                   # not process 0 (the queries were split)
+        return {}
     result.update(task=task, shots=shots, seed=seed, **common,
                   protocol=protocols.protocol_record(protocol, records, config, task=task))
-    if jax.process_index() == 0:   # prompted tasks are not split over processes (yet)
+    if jax.process_index() == 0:   # the semantic task is not split: every process asks all
       storage.write_json_atomic(os.path.join(out_dir, results.METRICS), result)
     return result
 
