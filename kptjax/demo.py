@@ -25,10 +25,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image, ImageDraw
 
-from kptjax import storage
-from kptjax.data import pipeline, transforms
+from kptjax import storage, viz
+from kptjax.data import pipeline, synthetic, transforms
 from kptjax.evaluation import protocols, results, runner
+from kptjax.keypoints import get_spec
+from kptjax.training import trainer
 
 SUMMARY_KEYS = ("PCK@0.05", "PCK@0.1", "PCK@0.2", "AP", "parse_failure_rate")
 
@@ -77,7 +81,6 @@ def baseline_entries(config: Any, mean_crop: np.ndarray, records: Sequence[Any]
 def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
                       eval_records: Any) -> dict[str, Any]:
   """Metrics of the mean-position baseline on ``eval_records`` (written to ``out_dir``)."""
-  from kptjax.keypoints import get_spec
   spec = get_spec(eval_records[0].spec)
   mean_crop = mean_crop_position(config, train_records)
   entries = baseline_entries(config, mean_crop, eval_records)
@@ -96,9 +99,7 @@ def evaluate_baseline(config: Any, out_dir: str, train_records: Sequence[Any],
 
 def _panel(image: np.ndarray, keypoints: np.ndarray, spec: Any, title: str,
            scale: int, missing: Optional[np.ndarray] = None) -> np.ndarray:
-  from PIL import Image, ImageDraw
 
-  from kptjax import viz
   big = np.asarray(Image.fromarray(image).resize(
       (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST))
   drawn = viz.draw_keypoints(big, np.asarray(keypoints)[:, :2] * scale + (scale - 1) / 2,
@@ -124,8 +125,6 @@ def write_overlays(out_dir: str, records: Sequence[Any], model_entries: Sequence
 
   Returns the paths written.
   """
-  from kptjax import viz
-  from kptjax.keypoints import get_spec
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for entry, base in list(zip(model_entries, baseline))[:count]:
@@ -147,9 +146,7 @@ def write_overlays(out_dir: str, records: Sequence[Any], model_entries: Sequence
 def write_new_person(config: Any, workdir: str, index: int = 0) -> dict[str, Any]:
   """A synthetic image no split contains (split 'new') for ``kptjax.predict``:
   ``workdir/new_person.jpg`` and ``new_person.json`` (box, ground-truth keypoints)."""
-  from PIL import Image
 
-  from kptjax.data import synthetic
   knobs = synthetic.get_knobs(config.data.eval.preset, config.data.eval.knobs)
   image, people = synthetic.render_image(int(config.data.eval.seed), "new", index, knobs)
   path = os.path.join(workdir, "new_person.jpg")
@@ -184,7 +181,6 @@ def summary_table(model: dict[str, float], baseline: dict[str, float]) -> str:
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """The whole job; returns what ``metrics.json`` holds."""
-  from kptjax.training import trainer
   t0 = time.time()
   print(f"kptjax demo -> {workdir}: synthetic data (generated once, then cached), "
         f"train {config.train.num_steps} steps, evaluate", flush=True)
@@ -231,7 +227,6 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config file.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", "workdir/demo", "Output directory.")

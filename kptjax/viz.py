@@ -10,9 +10,11 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
 from kptjax import storage
+from kptjax.data.transforms import NORMALIZATION
 
 # Left (blue), right (orange), center (green) — the LocLLM/mmpose convention.
 _LEFT, _RIGHT, _CENTER = (51, 153, 255), (255, 128, 0), (0, 200, 0)
@@ -89,7 +91,6 @@ def attention_heatmap(attn_over_patches: np.ndarray, grid: tuple[int, int], crop
   Returns:
     uint8[H, W, 3]; the weights are min-max normalized, then upsampled bilinearly.
   """
-  from matplotlib import colormaps
   gh, gw = int(grid[0]), int(grid[1])
   a = np.asarray(attn_over_patches, np.float64).reshape(gh, gw)
   a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
@@ -102,7 +103,6 @@ def attention_heatmap(attn_over_patches: np.ndarray, grid: tuple[int, int], crop
 
 def denormalize(image: np.ndarray, kind: str = "clip") -> np.ndarray:
   """Normalized f32[H, W, 3] crop (``transforms.normalize_image``) -> uint8 for display."""
-  from kptjax.data.transforms import NORMALIZATION
   mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[kind])
   return np.clip(np.round((image * std + mean) * 255.0), 0, 255).astype(np.uint8)
 

@@ -75,10 +75,9 @@ def agreement_problems(config: ml_collections.ConfigDict, tokenizer: Any) -> lis
   ids = {f"tokenizer {name}": getattr(tokenizer, name, None)
          for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
   ids["model.image_token_id"] = m.get("image_token_id", None)
-  kpt = m.get("kpt", None)
-  if kpt is not None and kpt.get("enabled", False):
-    ids["model.kpt.prompt_token_id"] = kpt.prompt_token_id
-    ids["model.kpt.keypoint_token_id"] = kpt.keypoint_token_id
+  if factory.variant(config) == "kptllm":
+    ids["model.kpt.prompt_token_id"] = m.kpt.prompt_token_id
+    ids["model.kpt.keypoint_token_id"] = m.kpt.keypoint_token_id
   for name, value in ids.items():
     if value is not None and not 0 <= int(value) < vocab:
       problems.append(f"{name}={value} is outside the embedding table [0, {vocab})")
