@@ -111,7 +111,8 @@ def measure_decode(name: str, persons: int = 0, queries: int = 17, query_len: in
     config.mesh.shape.update(data=1, fsdp=n, tensor=1)
   mesh = sharding.make_mesh(config.mesh)
   model = factory.make_model(config)
-  boxed = vlm.abstract_params(config.model)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *vlm.dummy_inputs(config.model),
+                                            **factory.init_kwargs(config)))["params"]
   shardings = sharding.logical_shardings(boxed, mesh, sharding.logical_rules(config.mesh))
   dtype = layers.to_dtype(config.model.param_dtype)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s),
