@@ -54,6 +54,17 @@ def load_config(name: str):
   return importlib.import_module(f"configs.{module}").get_config(arg or None)
 
 
+def memory_fields(mem, compile_s: float) -> dict:
+  """Per-device GiB of a ``compiled.memory_analysis()``, with peak = arguments + outputs
+  - aliased + temporaries, and the compile time."""
+  row = dict(argument_gib=mem.argument_size_in_bytes / GIB,
+             output_gib=mem.output_size_in_bytes / GIB,
+             alias_gib=mem.alias_size_in_bytes / GIB,
+             temp_gib=mem.temp_size_in_bytes / GIB, compile_s=compile_s)
+  row["peak_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
+  return row
+
+
 def measure(name: str, remat: str = "", batch: int = 0) -> dict:
   """Compiles the train step of config ``name`` over all (simulated) devices with FSDP
   over them; returns its per-device memory in GiB (see the module docstring)."""
@@ -76,20 +87,13 @@ def measure(name: str, remat: str = "", batch: int = 0) -> dict:
   state = trainer_lib.abstract_state(trainer)
   start = time.perf_counter()
   compiled = trainer.step.lower(state, factory.abstract_batch(config, trainer.mesh)).compile()
-  mem = compiled.memory_analysis()
   size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  row = dict(config=name, program="train", devices=n, remat=config.model.remat_policy,
-             global_batch=config.train.batch_size, seq_len=config.data.max_len,
-             loss_chunk=config.train.get("loss_chunk", 0),
-             params_gib_total=size(state.params) / GIB,
-             opt_state_gib_total=size(state.opt_state) / GIB,
-             argument_gib=mem.argument_size_in_bytes / GIB,
-             output_gib=mem.output_size_in_bytes / GIB,
-             alias_gib=mem.alias_size_in_bytes / GIB,
-             temp_gib=mem.temp_size_in_bytes / GIB,
-             compile_s=time.perf_counter() - start)
-  row["peak_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
-  return row
+  return dict(config=name, program="train", devices=n, remat=config.model.remat_policy,
+              global_batch=config.train.batch_size, seq_len=config.data.max_len,
+              loss_chunk=config.train.get("loss_chunk", 0),
+              params_gib_total=size(state.params) / GIB,
+              opt_state_gib_total=size(state.opt_state) / GIB,
+              **memory_fields(compiled.memory_analysis(), time.perf_counter() - start))
 
 
 def measure_decode(name: str, persons: int = 0, queries: int = 17, query_len: int = 64,
@@ -129,19 +133,12 @@ def measure_decode(name: str, persons: int = 0, queries: int = 17, query_len: in
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = fn.lower(params, images, rows, lengths, prefix, None, None).compile()
-  mem = compiled.memory_analysis()
-  row = dict(config=name, program="decode", devices=n, remat="-", global_batch=p,
-             seq_len=prefix_len + query_len + int(config.decode.max_new_tokens), loss_chunk=0,
-             params_gib_total=sum(x.size * x.dtype.itemsize
-                                  for x in jax.tree.leaves(params)) / GIB,
-             opt_state_gib_total=0.0,
-             argument_gib=mem.argument_size_in_bytes / GIB,
-             output_gib=mem.output_size_in_bytes / GIB,
-             alias_gib=mem.alias_size_in_bytes / GIB,
-             temp_gib=mem.temp_size_in_bytes / GIB,
-             compile_s=time.perf_counter() - start)
-  row["peak_gib"] = row["argument_gib"] + row["output_gib"] - row["alias_gib"] + row["temp_gib"]
-  return row
+  return dict(config=name, program="decode", devices=n, remat="-", global_batch=p,
+              seq_len=prefix_len + query_len + int(config.decode.max_new_tokens), loss_chunk=0,
+              params_gib_total=sum(x.size * x.dtype.itemsize
+                                   for x in jax.tree.leaves(params)) / GIB,
+              opt_state_gib_total=0.0,
+              **memory_fields(compiled.memory_analysis(), time.perf_counter() - start))
 
 
 def _in_subprocess(devices: int, jobs: list[tuple[str, str]], batch: int) -> list[dict]:

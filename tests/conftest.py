@@ -7,7 +7,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from kptjax import sharding  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,3 +66,10 @@ def mount_tmpfs(tmp_path):
   yield mount
   for path in mounted:
     subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  """A 1 x 1 x 1 mesh on the first device (the train tests' single-device runs)."""
+  return jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])

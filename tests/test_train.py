@@ -67,12 +67,6 @@ def _fixed_batches(config, n):
 
 
 @pytest.fixture(scope="module")
-def one_device():
-  return jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
 def trainer(one_device):
   return trainer_lib.build(_config(), one_device)
 

@@ -50,12 +50,6 @@ def _host(tree):
 
 
 @pytest.fixture(scope="module")
-def one_device():
-  return jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:1])
-
-
-@pytest.fixture(scope="module")
 def run_k1(one_device):
   """Two steps without accumulation: (initial params, [(state, metrics)] after each step)."""
   config = _config(grad_accum_steps=1)
