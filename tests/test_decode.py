@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from kptjax import convert, errors, sharding
+from kptjax.data import conversation
 from kptjax.data import tokenizer as tok_lib
 from kptjax.inference import decode, generate, parsing
 from kptjax.inference.prompts import build_prompts
@@ -75,13 +76,23 @@ def slow_outputs(setup, decoder):
 
 
 def test_prompts_are_the_training_segments(setup):
-  """Prefix = <s> + 'Image: ' + N image slots + newline; queries end with 'Answer: '."""
-  pr, tok = setup["prompts"], setup["tokenizer"]
-  n = vlm.num_image_tokens(setup["config"].model)
+  """Prefix = <s> + 'Image: ' + N image slots + newline + the queries' shared start
+  ('Keypoint: '); prefix + query = the training encoder's prefix + question, token for
+  token, and each question ends with 'Answer: '."""
+  pr, tok, config = setup["prompts"], setup["tokenizer"], setup["config"]
+  n = vlm.num_image_tokens(config.model)
   assert pr.prefix[0] == tok.bos_token_id
-  assert (pr.prefix == setup["config"].model.image_token_id).sum() == n
-  for row, length in zip(pr.queries, pr.lengths):
-    text = tok.decode(row[:length])
+  assert (pr.prefix == config.model.image_token_id).sum() == n
+  image_prefix = conversation.encode_prefix(tok, config.data, n,
+                                            image_token_id=int(config.model.image_token_id))
+  assert len(pr.prefix) > len(image_prefix)        # the shared 'Keypoint: ' moved there
+  full, full_len = pr.full_rows()
+  for name, description, row, length in zip(setup["names"], setup["descriptions"], full,
+                                            full_len):
+    want = list(image_prefix) + list(conversation.encode_query(tok, config.data, name,
+                                                               description))
+    assert list(row[:length]) == want
+    text = tok.decode(row[len(image_prefix):length])
     assert text.startswith("Keypoint: ") and text.rstrip().endswith("Answer:")
 
 

@@ -3,8 +3,10 @@
     >>> prompts = build_prompts(tokenizer, config, ["nose"], ["the tip of the nose"])
     >>> prompts.prefix.shape, prompts.queries.shape        # (Tp,), (Q, Tq)
 
-The prefix (``<s>`` + image header with N image slots) is shared by every query of a
-crop; ``Decoder.shared`` prefills it once per person. ``stop_token_id`` is the token
+The prefix (``<s>`` + image header with N image slots, then the leading tokens that
+every query shares, e.g. ``Keypoint: ``) is shared by every query of a crop;
+``Decoder.shared`` prefills it once per person. Prefix + query is, token for token, the
+training segment of that question. ``stop_token_id`` is the token
 that ends an answer.
 """
 
@@ -25,8 +27,10 @@ class Prompts:
   """Token ids of one query set, shared by every person.
 
   Attributes:
-    prefix: int32[Tp] ``<s>`` + image header (N image placeholder slots).
-    queries: int32[Q, Tq] one keypoint question per row, right-padded with ``pad_id``.
+    prefix: int32[Tp] ``<s>`` + image header (N image placeholder slots) + the tokens
+      every query starts with.
+    queries: int32[Q, Tq] the rest of each keypoint question (at least its last token),
+      one per row, right-padded with ``pad_id``.
     lengths: int32[Q] real length of each query row.
   """
   prefix: np.ndarray
@@ -66,11 +70,22 @@ def build_prompts(tokenizer: Any, config: Any, names: Sequence[str],
                                       image_token_id=int(config.model.image_token_id))
   queries = [conversation.encode_query(tokenizer, config.data, n, d, subject=subject)
              for n, d in zip(names, descriptions)]
+  shared = _common_start(queries)
+  prefix, queries = list(prefix) + list(queries[0][:shared]), [q[shared:] for q in queries]
   lengths = np.array([len(q) for q in queries], np.int32)
   out = np.full((len(queries), int(lengths.max())), pad_id, np.int32)
   for i, q in enumerate(queries):
     out[i, :len(q)] = q
   return Prompts(np.asarray(prefix, np.int32), out, lengths)
+
+
+def _common_start(queries: Sequence[Sequence[int]]) -> int:
+  """How many leading tokens all queries share, leaving each at least its last token."""
+  limit = min(len(q) for q in queries) - 1
+  n = 0
+  while n < limit and all(q[n] == queries[0][n] for q in queries):
+    n += 1
+  return n
 
 
 def stop_token_id(tokenizer: Any, data_config: Any) -> int:
