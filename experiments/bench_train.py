@@ -9,9 +9,11 @@ Sizes (``--configs``):
   small  the issue's: batch 8, 224 px / 14 px patches (256 image tokens) + 64 text tokens,
          a DINOv2-S/14-like ViT (12 x 384) and an 8-layer 512-wide Llama, LoRA r=8 on q/v
          of both towers, LoRA + projector trained with AdamW.
-  demo   configs/demo.py (4x MLP, scanned LLM layers) against its ``fast`` variant
-         (2x MLP, unrolled LLM layers, fewer steps), kptjax only (the demo's sin-cos ViT positions have no
-         transformers counterpart): the ratio predicts the demo's wall time elsewhere.
+  demo   configs/demo.py recipes (``--demo_variants``, ';' separated config args; default
+         ``v1`` (MLP 4 x 128, scanned LLM layers, 2,100 steps: the reference, 0.92 s a step
+         on the slow 2-core machines) and the default recipe), kptjax only (the
+         demo's sin-cos ViT positions have no transformers counterpart): the ratio to the
+         reference predicts each recipe's training time on those machines.
 
 For tiny and small both sides get the same random Hugging Face checkpoints (DINOv2 +
 Llama written to a temp dir, as experiments/bench_decode.py makes them), the same
@@ -61,8 +63,11 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import aot_memory  # pylint: disable=wrong-import-position
 
-# The configs/demo.py variant timed against the default recipe.
-DEMO_FAST = "fast"
+# configs/demo.py args timed by ``--configs demo`` (';' separated, '' = the default recipe).
+# The first is the reference: the recipe whose step takes 0.92 s on this project's slow
+# 2-core machine (README, "What the demo does"), which the time column scales by.
+DEMO_VARIANTS = "v1;"
+REFERENCE_STEP_S = 0.92
 
 
 # ---------------------------------------------------------------------------- configs
@@ -374,31 +379,35 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
   return _rows(name, secs, losses, tokens, flops["analytic"], peak), dict(config=name, **flops)
 
 
-def bench_demo(steps: int, rounds: int, peak: float) -> tuple[list[dict], dict]:
-  """configs/demo.py (the default recipe) vs its ``DEMO_FAST`` variant, one batch, kptjax."""
+def bench_demo(steps: int, rounds: int, peak: float,
+               variants: str = DEMO_VARIANTS) -> tuple[list[dict], dict]:
+  """configs/demo.py recipes (``variants``: ';'-separated config args, the first the
+  reference), one batch each, kptjax; per row its step time relative to the reference and
+  its run's training time on a machine that runs the reference step in 0.92 s."""
   from configs import demo
   from kptjax.models import factory
   from kptjax.training import trainer as trainer_lib
-  fns, losses, flops = {}, {}, {}
-  tokens = 0.0
-  for impl, arg in (("demo (default)", None), ("demo:" + DEMO_FAST, DEMO_FAST)):
-    config = demo.get_config(arg).unlock()
+  fns, losses, flops, num_steps, tokens = {}, {}, {}, {}, {}
+  for arg in variants.split(";"):
+    impl = "demo:" + arg if arg else "demo (default)"
+    config = demo.get_config(arg or None).unlock()
     it = iter(trainer_lib.make_dataset(config))
     batch = {k: v for k, v in next(it).items() if k in factory.BATCH_KEYS}
-    tokens = float(batch["input_mask"].sum())
+    tokens[impl] = float(batch["input_mask"].sum())
     fns[impl], losses[impl] = _kptjax_runner(config, _one_device_mesh(), batch)
     flops[impl] = analytic_flops(config, config.train.batch_size)
-    flops[impl + " steps"] = config.train.num_steps
+    num_steps[impl] = config.train.num_steps
   secs = _time_rounds(fns, steps, rounds)
   rows = []
   for impl, sec in secs.items():
-    rows += _rows("demo", {impl: sec}, losses, tokens, flops[impl], peak)
+    rows += _rows("demo", {impl: sec}, losses, tokens[impl], flops[impl], peak)
   base = next(iter(secs.values()))
   for row, (impl, sec) in zip(rows, secs.items()):
     row["vs_first"] = sec / base
-    row["steps"] = flops[impl + " steps"]
-    row["run_compute_s_at_0.92s_per_default_step"] = 0.92 * sec / base * row["steps"]
-  return rows, dict(config="demo", analytic=flops["demo:" + DEMO_FAST])
+    row["steps"] = num_steps[impl]
+    row[f"run_compute_s_at_{REFERENCE_STEP_S}s_per_reference_step"] = (
+        REFERENCE_STEP_S * sec / base * row["steps"])
+  return rows, dict(config="demo", analytic=flops[next(iter(secs))])
 
 
 # ------------------------------------------------------------------------------- main
@@ -411,6 +420,9 @@ def main() -> None:
   parser.add_argument("--aot_configs", default=",".join(aot_memory.PAPER_CONFIGS),
                       help="paper configs whose step is AOT-compiled ('none' skips)")
   parser.add_argument("--aot_devices", default="8,16,64")
+  parser.add_argument("--demo_variants", default=DEMO_VARIANTS,
+                      help="configs/demo.py args timed by --configs demo, ';' separated, "
+                           "the first the reference ('' = the default recipe)")
   parser.add_argument("--out", default="experiments/results/bench_train")
   args = parser.parse_args()
 
@@ -424,7 +436,7 @@ def main() -> None:
     print(f"{name}: matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype}) on "
           f"{jax.devices()[0].device_kind}", flush=True)
     if name == "demo":
-      r, f = bench_demo(args.steps, args.rounds, peak)
+      r, f = bench_demo(args.steps, args.rounds, peak, args.demo_variants)
     else:
       r, f = bench_one(name, args.steps, args.rounds, peak, not args.no_torch)
     rows += r
