@@ -15,11 +15,13 @@ The fast path (``Decoder.shared``, and ``Decoder.generate`` with ``prefix_len``)
 batch of P persons and Q queries:
 
   1. each crop is encoded once: ``embed_image`` -> f32[P, N, D];
-  2. the shared prefix (``<s>`` + image header with N image slots) is prefilled once
-     per person into a cache of P rows, without vocabulary logits;
+  2. the shared prefix (``<s>`` + image header with N image slots + the tokens every
+     query starts with) is prefilled once per person into a cache of P rows, without
+     vocabulary logits;
   3. ``llama.with_prefix`` keeps that cache once per person and gives each of the P*Q
-     rows an empty suffix; the Q query suffixes (right-padded) are prefilled in one
-     ``extend_hidden`` and the logits are read only at each row's last token;
+     rows an empty suffix; the Q query suffixes are prefilled in ``extend_hidden`` calls
+     of similar-length groups (``generate.length_groups``: right-padded to the group's
+     longest, not the set's) and the logits are read only at each row's last token;
   4. a ``lax.while_loop`` of one-token steps runs until every row has ended or
      ``max_new_tokens`` were written (static).
 
