@@ -10,6 +10,7 @@ holds the very same weights), the bundled tiny tokenizer, and the LocLLM templat
 COCO keypoint names and descriptions.
 """
 
+import functools
 import importlib.util
 import pathlib
 import re
@@ -22,8 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from kptjax import convert, errors, sharding
-from kptjax.data import conversation
-from kptjax.data import tokenizer as tok_lib
+from kptjax.data import conversation, tokenizer as tok_lib
 from kptjax.inference import decode, generate, parsing
 from kptjax.inference.prompts import build_prompts
 from kptjax.keypoints import get_spec
@@ -108,6 +108,16 @@ def test_cached_greedy_equals_full_forward_argmax(setup, slow_outputs):
   np.testing.assert_array_equal(tokens.reshape(p * q, -1), ref_tokens)
   np.testing.assert_allclose(probs.reshape(p * q, -1), ref_probs, atol=1e-5)
   assert len(np.unique(ref_tokens)) > 3           # not a degenerate constant answer
+
+
+def test_length_groups_change_no_token(setup, decoder):
+  """Queries prefilled in length groups (the default) = all padded to the longest."""
+  one = decode.Decoder(setup["model"], setup["params"], setup["prompts"], eos_id=setup["eos"],
+                       max_new_tokens=MAX_NEW, length_groups=1)
+  grouped, plain = decoder.shared(setup["images"]), one.shared(setup["images"])
+  np.testing.assert_array_equal(grouped[0], plain[0])
+  np.testing.assert_array_equal(grouped[2], plain[2])
+  np.testing.assert_allclose(grouped[1], plain[1], atol=1e-6)
 
 
 def test_shared_prefix_equals_per_keypoint_rows(setup, decoder, slow_outputs):
@@ -206,11 +216,18 @@ def _avals(jaxpr):
 def test_shared_prefix_is_stored_once_and_never_per_row(setup, decoder):
   """The cache holds the prefix once per person ([P, K, Tp, H] per layer) and only the
   suffixes per row ([P*Q, K, Tq + M, H]); no value anywhere in the decoding program
-  (prefill, loop, attention) has both a P*Q rows axis and the prefix or full length."""
+  (prefill, loop, attention) has both a rows axis (P*Q, or a length group's P*Q_g) and
+  the prefix or full length."""
   model, params, pr = setup["model"], setup["params"], setup["prompts"]
-  p, q, tp, tq = 2, len(QUERIES), len(pr.prefix), pr.queries.shape[1]
-  rows = np.tile(pr.queries, (p, 1))
-  mask = np.arange(tq)[None] < np.tile(pr.lengths, p)[:, None]
+  p, q, tp, tq = 3, len(QUERIES), len(pr.prefix), pr.queries.shape[1]
+  images = np.concatenate([setup["images"], setup["images"][:1]])   # 3: no size collides
+  order = np.argsort(pr.lengths, kind="stable")
+  groups = generate.length_groups(pr.lengths[order])
+  assert len(groups) == 2                          # the grouped query prefill is inspected
+  rows_axes = {p * q} | {p * (z - a) for a, z, _ in groups if z - a > 1}  # 1 row a person: P
+  rows = np.tile(pr.queries[order], (p, 1))
+  lengths = np.tile(pr.lengths[order], p)
+  mask = np.arange(tq)[None] < lengths[:, None]
 
   def caches(params, images):
     apply = lambda method, *a, **k: model.apply({"params": params}, *a, method=method, **k)
@@ -220,7 +237,7 @@ def test_shared_prefix_is_stored_once_and_never_per_row(setup, decoder):
     cache = llama.with_prefix(cache, q, tq + MAX_NEW)
     return apply("extend_hidden", rows, mask, cache)[1]
 
-  cache = jax.eval_shape(caches, params, setup["images"])
+  cache = jax.eval_shape(caches, params, images)
   c = setup["config"].model.llm
   heads = (c.num_kv_heads, c.head_dim)
   assert len(cache["k"]) == len(cache["prefix"]["k"]) == c.num_layers
@@ -228,15 +245,15 @@ def test_shared_prefix_is_stored_once_and_never_per_row(setup, decoder):
   assert cache["k"][0].shape == (p * q, heads[0], tq + MAX_NEW, heads[1])
   run = generate.program(model, max_new_tokens=MAX_NEW, eos_id=setup["eos"],
                          suppress_ids=decoder.suppress_ids)      # the decoder's program
-  jaxpr = jax.make_jaxpr(run)(params, setup["images"], rows, np.tile(pr.lengths, p),
-                              pr.prefix, None, None)
+  jaxpr = jax.make_jaxpr(functools.partial(run, groups=groups))(
+      params, images, rows, lengths, pr.prefix, None, None)
   per_row = [s for s in _avals(jaxpr)
-             if p * q in s and ({tp, tp + tq, tp + tq + MAX_NEW} & set(s))]
+             if rows_axes & set(s) and ({tp, tp + tq, tp + tq + MAX_NEW} & set(s))]
   assert not per_row, per_row[:5]
-  assert tp not in (p * q, tq + MAX_NEW)       # the shapes above are unambiguous
+  assert tp not in rows_axes | {tq + MAX_NEW}  # the shapes above are unambiguous
   # The compiled loop writes the cache in place: no copy of a cache buffer in its body.
-  hlo = run.lower(params, setup["images"], rows, np.tile(pr.lengths, p), pr.prefix, None,
-                  None).compile().as_text()
+  hlo = run.lower(params, images, rows, lengths, pr.prefix, None, None,
+                  groups=groups).compile().as_text()
   suffix = r"f32\[%d,%d,%d,%d\]" % (p * q, heads[0], tq + MAX_NEW, heads[1])
   prefix = r"f32\[%d,%d,%d,%d\]" % (p, heads[0], tp, heads[1])
   bodies = [re.search(r"\n%s .*?\n}\n" % re.escape(name), hlo, re.S).group(0)
@@ -281,6 +298,21 @@ def kpt_setup():
   model = kptllm.KptLLM(config.model)
   params = kptllm.init_params(config.model, jax.random.key(0, impl="unsafe_rbg"))
   return config, model, params
+
+
+def test_keypoint_decoder_on_a_mesh_places_the_head_and_prompt_modules(kpt_setup):
+  """Decoder(mesh=) shards the variant's own params (KptLLM's prompt modules and
+  regression head included) by the training rules, leaf for leaf."""
+  config, model, params = kpt_setup
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  sharded = decode.Decoder(model, params, eos_id=2, max_new_tokens=4, mesh=mesh,
+                           rules=sharding.logical_rules(config.mesh))
+  assert set(params) - set(params["llm"]) and set(sharded.params) == set(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded.params),
+                          jax.tree.leaves(params)):
+    assert a.sharding.mesh == mesh, path
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cached_keypoint_equals_teacher_forcing(kpt_setup):

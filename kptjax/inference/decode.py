@@ -15,11 +15,13 @@ The fast path (``Decoder.shared``, and ``Decoder.generate`` with ``prefix_len``)
 batch of P persons and Q queries:
 
   1. each crop is encoded once: ``embed_image`` -> f32[P, N, D];
-  2. the shared prefix (``<s>`` + image header with N image slots) is prefilled once
-     per person into a cache of P rows, without vocabulary logits;
+  2. the shared prefix (``<s>`` + image header with N image slots + the tokens every
+     query starts with) is prefilled once per person into a cache of P rows, without
+     vocabulary logits;
   3. ``llama.with_prefix`` keeps that cache once per person and gives each of the P*Q
-     rows an empty suffix; the Q query suffixes (right-padded) are prefilled in one
-     ``extend_hidden`` and the logits are read only at each row's last token;
+     rows an empty suffix; the Q query suffixes are prefilled in ``extend_hidden`` calls
+     of similar-length groups (``generate.length_groups``: right-padded to the group's
+     longest, not the set's) and the logits are read only at each row's last token;
   4. a ``lax.while_loop`` of one-token steps runs until every row has ended or
      ``max_new_tokens`` were written (static).
 
@@ -59,9 +61,9 @@ import numpy as np
 from kptjax import errors, sharding
 from kptjax.data import conversation
 from kptjax.inference import parsing
-from kptjax.inference.generate import bucket, pad_rows, program, suppress_bias
+from kptjax.inference.generate import bucket, length_groups, pad_rows, program, suppress_bias
 from kptjax.inference.prompts import Prompts, build_prompts, stop_token_id
-from kptjax.models import vlm
+from kptjax.models import factory
 
 Array = jax.Array
 
@@ -88,6 +90,8 @@ class Decoder:
     answer_id: KptLLM's ``<keypoint>`` id: rows end at it and it is forced (module
       docstring); the head's xy at it is returned by ``generate``.
     cache_dtype: KV cache dtype (the model's compute dtype).
+    length_groups: ``shared`` prefills the queries in at most this many groups of
+      similar length (``generate.length_groups``), not all padded to the longest; 1: one.
     mesh, rules: optional device mesh and logical-axis rules (``config.mesh``): the
       params are placed as in training (``sharding.logical_shardings``) and the persons
       split over the mesh's data axes. Params assigned later must be placed alike.
@@ -97,12 +101,14 @@ class Decoder:
                eos_id: int, max_new_tokens: int,
                grammar: Optional[parsing.CoordinateGrammar] = None,
                suppress_ids: Optional[Sequence[int]] = None, answer_id: Optional[int] = None,
-               cache_dtype: Any = jnp.float32, mesh: Any = None, rules: Any = None):
+               cache_dtype: Any = jnp.float32, length_groups: int = 3, mesh: Any = None,
+               rules: Any = None):
     if grammar is not None and max_new_tokens < grammar.max_tokens:
       raise errors.ConfigError(
           f"constrained decoding of '{grammar.shape}' needs decode.max_new_tokens >= "
           f"{grammar.max_tokens}, got {max_new_tokens}")
     self.model, self.prompts, self.mesh = model, prompts, mesh
+    self.length_groups = int(length_groups)
     self.eos_id, self.max_new_tokens = int(eos_id), int(max_new_tokens)
     self.grammar = grammar
     self.answer_id = None if answer_id is None else int(answer_id)
@@ -117,7 +123,7 @@ class Decoder:
                             mesh=mesh)
     self._multiple = 1
     if mesh is not None:
-      shardings = sharding.logical_shardings(vlm.abstract_params(model.config), mesh,
+      shardings = sharding.logical_shardings(factory.abstract_params(model.config), mesh,
                                              rules if rules is not None else ())
       params = jax.device_put(params, shardings)
       self._multiple = sharding.data_parallel_size(mesh)
@@ -145,11 +151,15 @@ class Decoder:
     pr = self._query_set()
     p, q = len(images), pr.num_queries
     size = bucket(p, self._multiple)
+    order = np.argsort(pr.lengths, kind="stable")             # queries by length
+    groups = length_groups(pr.lengths[order], self.length_groups)
     out = self._program(self.params, self._images(pad_rows(images, size)),
-                        jnp.asarray(np.tile(pr.queries, (size, 1))),
-                        jnp.asarray(np.tile(pr.lengths, size)), jnp.asarray(pr.prefix), None,
-                        self._transitions)
-    return self._per_person(out, p, q)
+                        jnp.asarray(np.tile(pr.queries[order], (size, 1))),
+                        jnp.asarray(np.tile(pr.lengths[order], size)), jnp.asarray(pr.prefix),
+                        None, self._transitions, groups=groups)
+    tokens, probs, lengths = self._per_person(out, p, q)
+    back = np.argsort(order)
+    return tokens[:, back], probs[:, back], lengths[:, back]
 
   def rows(self, images: np.ndarray):
     """LocLLM's way: P*Q independent rows, each crop encoded Q times.

@@ -139,12 +139,58 @@ def decoding_model(model: Any, params: Any) -> tuple[Any, Any]:
   return type(model)(config), {**params, "llm": llm}
 
 
+Groups = tuple[tuple[int, int, int], ...]   # (first query, end query, length) of each group
+
+
+def length_groups(lengths: Sequence[int], max_groups: int = 3,
+                  min_saving: float = 0.04) -> Groups:
+  """How to prefill Q query rows in length groups instead of all padded to the longest.
+
+  ``lengths`` must be sorted (ascending). Returns contiguous groups ((a, z, T_g), ...)
+  covering 0..Q, each prefilled at its own length T_g = lengths[z-1]: the split with at
+  most ``max_groups`` groups that pads the fewest tokens, where each extra group must
+  save at least ``min_saving`` of the Q x max(lengths) tokens (it costs a copy of its
+  rows' caches and a separate, smaller prefill).
+  """
+  lengths = [int(x) for x in lengths]
+  if any(a > b for a, b in zip(lengths, lengths[1:])):
+    raise ValueError(f"length_groups needs ascending lengths, got {lengths}")
+  q = len(lengths)
+  cost = lambda a, z: (z - a) * lengths[z - 1]                      # tokens of group a..z
+  best: Groups = ((0, q, lengths[-1]),)
+  for n in range(2, min(max_groups, q) + 1):
+    # Fewest tokens with n groups: dynamic programming over the group ends.
+    table = {(1, z): (cost(0, z), ((0, z),)) for z in range(1, q + 1)}
+    for g in range(2, n + 1):
+      for z in range(g, q + 1):
+        table[(g, z)] = min(((table[(g - 1, a)][0] + cost(a, z), table[(g - 1, a)][1]
+                              + ((a, z),)) for a in range(g - 1, z)), key=lambda x: x[0])
+    tokens, spans = table[(n, q)]
+    have = sum(cost(a, z) for a, z, _ in best)
+    if have - tokens >= min_saving * q * lengths[-1]:
+      best = tuple((a, z, lengths[z - 1]) for a, z in spans)
+  return best
+
+
+def _take_queries(x: Array, p: int, a: int, z: int) -> Array:
+  """Rows a..z of every person of person-major x [P*Q, ...] -> [P*(z-a), ...]."""
+  return x.reshape(p, -1, *x.shape[1:])[:, a:z].reshape(-1, *x.shape[1:])
+
+
+def _join_queries(parts: Sequence[Array], p: int) -> Array:
+  """Inverse of ``_take_queries`` over consecutive groups: [P*Q_g, ...] each -> [P*Q, ...]."""
+  if len(parts) == 1:
+    return parts[0]
+  joined = jnp.concatenate([x.reshape(p, -1, *x.shape[1:]) for x in parts], axis=1)
+  return joined.reshape(-1, *joined.shape[2:])
+
+
 def generate(model: Any, params: Any, images: Array, rows: Array, lengths: Array, *,
              prefix: Optional[Array] = None, prompt_embeds: Optional[Array] = None,
              max_new_tokens: int, eos_id: int, answer_id: Optional[int] = None,
              transitions: Optional[Array] = None, grammar_start: int = 0,
              bias: Optional[Array] = None, cache_dtype: Any = jnp.float32,
-             constrain: Any = None):
+             constrain: Any = None, groups: Optional[Groups] = None):
   """Greedy answers of B rows (traced: call it inside ``jax.jit``).
 
   Args:
@@ -160,6 +206,9 @@ def generate(model: Any, params: Any, images: Array, rows: Array, lengths: Array
     answer_id, transitions, grammar_start, bias: see ``greedy_loop``.
     constrain: optional function applied to every cache (e.g. a sharding constraint
       of the leading, batch dimension).
+    groups: with ``prefix``, optional static ``length_groups`` of the Q = B / P query
+      rows (the same for every person): each group is prefilled at its own length, not
+      padded to T, and the groups' caches are joined before the loop.
   Returns:
     ``greedy_loop``'s (tokens i32[B, M], probs f32[B, M], lengths i32[B], answer aux).
   """
@@ -172,18 +221,31 @@ def generate(model: Any, params: Any, images: Array, rows: Array, lengths: Array
   b, t = rows.shape
   image_embeds = apply("embed_image", images)
   if prefix is None:
-    cache = vlm.init_cache(model.config, b, t + max_new_tokens, cache_dtype)
+    cache = constrain(vlm.init_cache(model.config, b, t + max_new_tokens, cache_dtype))
+    mask = jnp.arange(t)[None] < lengths[:, None]
+    hidden, cache = apply("extend_hidden", rows, mask, cache, image_embeds=image_embeds,
+                          prompt_embeds=prompt_embeds, read=lengths - 1)
   else:
     p, tp = images.shape[0], prefix.shape[0]
-    cache = constrain(vlm.init_cache(model.config, p, tp, cache_dtype))
-    _, cache = apply("extend_hidden", jnp.broadcast_to(prefix, (p, tp)),
-                     jnp.ones((p, tp), bool), cache, image_embeds=image_embeds)
-    cache = llama.with_prefix(cache, b // p, t + max_new_tokens)
-    image_embeds = None
+    prefix_cache = constrain(vlm.init_cache(model.config, p, tp, cache_dtype))
+    _, prefix_cache = apply("extend_hidden", jnp.broadcast_to(prefix, (p, tp)),
+                            jnp.ones((p, tp), bool), prefix_cache, image_embeds=image_embeds)
+    hiddens, caches = [], []
+    for a, z, tg in groups or ((0, b // p, t),):
+      def part(x, a=a, z=z):
+        return None if x is None else _take_queries(x, p, a, z)
+      sub_lengths = part(lengths)
+      cache = constrain(llama.with_prefix(prefix_cache, z - a, t + max_new_tokens))
+      mask = jnp.arange(tg)[None] < sub_lengths[:, None]
+      hidden, cache = apply("extend_hidden", part(rows)[:, :tg], mask, cache,
+                            prompt_embeds=part(prompt_embeds), read=sub_lengths - 1)
+      hiddens.append(hidden)
+      caches.append(cache)
+    hidden = _join_queries(hiddens, p)
+    cache = dict(caches[0], **{k: jax.tree.map(lambda *xs: _join_queries(xs, p),
+                                               *[c[k] for c in caches])
+                               for k in ("k", "v", "end")})
   cache = constrain(cache)
-  mask = jnp.arange(t)[None] < lengths[:, None]
-  hidden, cache = apply("extend_hidden", rows, mask, cache, image_embeds=image_embeds,
-                        prompt_embeds=prompt_embeds, read=lengths - 1)
   logits, aux = apply("read", hidden[:, 0])
 
   def step(token, cache):
@@ -203,7 +265,8 @@ def program(model: Any, *, max_new_tokens: int, eos_id: int, answer_id: Optional
             grammar_start: int = 0, suppress_ids: Sequence[int] = (),
             cache_dtype: Any = jnp.float32, mesh: Any = None):
   """``generate`` jitted for one model and these static options:
-  fn(params, images, rows, lengths, prefix, prompt_embeds, transitions) -> its outputs.
+  fn(params, images, rows, lengths, prefix, prompt_embeds, transitions, groups=None)
+  -> its outputs (``groups`` static: a hashable ``length_groups`` tuple).
 
   Cached by the model's config and the options, so every decoder of the same model
   reuses the compilations (one per input shape; ``bucket`` keeps them few). With a
@@ -220,14 +283,14 @@ def program(model: Any, *, max_new_tokens: int, eos_id: int, answer_id: Optional
       constrain = lambda tree: jax.tree.map(
           lambda x: jax.lax.with_sharding_constraint(x, rows_sharding), tree)
 
-    def run(params, images, rows, lengths, prefix, prompt_embeds, transitions):
+    def run(params, images, rows, lengths, prefix, prompt_embeds, transitions, groups=None):
       return generate(model, params, images, rows, lengths, prefix=prefix,
                       prompt_embeds=prompt_embeds, max_new_tokens=max_new_tokens,
                       eos_id=eos_id, answer_id=answer_id, transitions=transitions,
                       grammar_start=grammar_start, bias=bias, cache_dtype=cache_dtype,
-                      constrain=constrain)
+                      constrain=constrain, groups=groups)
 
-    _PROGRAMS[key] = jax.jit(run)
+    _PROGRAMS[key] = jax.jit(run, static_argnames="groups")
   return _PROGRAMS[key]
 
 
