@@ -35,10 +35,8 @@ FLOPs of a step, three ways (printed per size): ``analytic_flops`` (matmuls and
 attention of forward + backward, weight gradients only for the trained leaves, no remat
 recompute), torch's ``FlopCounterMode`` on the torch step (it does not count the CPU
 ``sdpa`` attention: compare it with ``analytic_without_attention``), and XLA's cost
-analysis of the unrolled step (which also counts elementwise ops). XLA's count used to miss the ViT: it counts a scanned loop body once,
-and the ViT is always scanned (``scan_layers`` only unrolls the LLM), so ``xla_flops``
-adds the ViT blocks' share back (the loop body times num_layers - 1). The FLOP/s columns
-use the analytic count.
+analysis of the step without remat and without loops (``xla_flops``; it also counts
+elementwise ops). The FLOP/s columns use the analytic count.
 
 Then ``aot_memory.run`` on the paper configs for 8, 16 and 64 simulated devices.
 Writes ``bench_train.csv``, ``bench_train_flops.csv``, ``aot_memory.csv`` and
@@ -253,37 +251,19 @@ def matmul_peak(dtype: str) -> float:
   return best
 
 
-def _xla_cost(config: Any, mesh: Any, **vit) -> float:
-  """XLA's cost-analysis FLOPs of the step with the LLM unrolled and no remat."""
+def xla_flops(config: Any, mesh: Any) -> float:
+  """XLA's cost-analysis FLOPs of the step with no remat and no loop: the LLM blocks
+  unstacked, both towers' blocks unrolled (``model.unroll_layers``; XLA counts a loop
+  body once, which used to hide all but one ViT block)."""
   from kptjax.models import factory
   from kptjax.training import preflight, trainer as trainer_lib
   c = preflight.with_model_config(config, config.model)
   with c.unlocked():
-    c.model.scan_layers, c.model.remat_policy = False, "none"
-    c.model.vit.update(vit)
+    c.model.scan_layers, c.model.remat_policy, c.model.unroll_layers = False, "none", True
   trainer = trainer_lib.build(c, mesh)
   out = trainer.step.lower(trainer_lib.abstract_state(trainer),
                            factory.abstract_batch(c, mesh)).cost_analysis()
   return float((out[0] if isinstance(out, (list, tuple)) else out)["flops"])
-
-
-def xla_flops(config: Any, mesh: Any) -> dict[str, float]:
-  """XLA's count, and that count with the ViT blocks it skips added back.
-
-  The ViT is always scanned and XLA counts a loop body once: a 2-layer and a 1-layer
-  ViT cost the same (``vit_body_check`` ~ 0). The correction adds num_layers - 1 ViT
-  blocks of ``analytic_flops``.
-  """
-  import ml_collections
-  raw = _xla_cost(config, mesh)
-  check = (_xla_cost(config, mesh, num_layers=2, feature_layer=-1)
-           - _xla_cost(config, mesh, num_layers=1, feature_layer=-1))
-  fewer = ml_collections.ConfigDict(config.to_dict())
-  fewer.model.vit.num_layers -= 1
-  b = config.train.batch_size
-  block = analytic_flops(config, b) - analytic_flops(fewer, b)
-  return dict(xla_raw=raw, vit_body_check=check,
-              xla_corrected=raw + (config.model.vit.num_layers - 1) * block)
 
 
 def _time_rounds(fns: dict[str, Any], steps: int, rounds: int) -> dict[str, float]:
@@ -360,7 +340,7 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
     flops = dict(analytic=analytic_flops(config, config.train.batch_size),
                  analytic_without_attention=analytic_flops(config, config.train.batch_size,
                                                            attention=False),
-                 **xla_flops(config, mesh))
+                 xla=xla_flops(config, mesh))
     fns, losses = {}, {}
     for impl, remat in ((f"kptjax remat={config.model.remat_policy}",
                          config.model.remat_policy), ("kptjax remat=none", "none")):

@@ -1,9 +1,11 @@
 """The one train step (kptjax.training.step.make_train_step) of every model variant.
 
 * LocLLM's VLM (configs/tiny.py:lora, the trainer's jitted step): gradient accumulation
-  over k micro-batches equals one big batch (<= 1e-5); frozen params are bit-identical
-  after steps; the optimizer state holds only the trainable leaves (LoRA factors +
-  projector); the metrics count what the batch holds.
+  over k micro-batches equals one big batch (<= 1e-5); the unrolled towers
+  (``model.unroll_layers``, with and without remat: no loop left in the program) give
+  the scanned step (<= 1e-6); frozen params are bit-identical after steps; the optimizer
+  state holds only the trainable leaves (LoRA factors + projector); the metrics count
+  what the batch holds.
 * Two loss terms on a toy model (LM + 2 x L1, answer-token and keypoint counts that differ
   between micro-batches): the loss and its parts equal a by-hand numpy computation and
   accumulation gives the one-batch update (1e-6).
@@ -83,6 +85,30 @@ def test_grad_accumulation_equals_one_big_batch(run_k1, one_device):
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
                        _host(state.params), want_state.params)
   assert max(jax.tree.leaves(diffs)) <= 1e-5
+
+
+@pytest.mark.parametrize("remat_policy", ["nothing_saveable", "none"])
+def test_unrolled_layers_equal_the_scanned_step(run_k1, one_device, remat_policy):
+  """``model.unroll_layers`` (both towers' stacked blocks as straight-line code, the
+  same params) gives the scanned step's init, metrics and update."""
+  config = _config(grad_accum_steps=1)
+  with config.unlocked():
+    config.model.unroll_layers = True
+    config.model.remat_policy = remat_policy
+  trainer = trainer_lib.build(config, one_device)
+  state = trainer_lib.init_state(trainer, config)
+  init = jax.tree.map(np.array_equal, _host(state.params), run_k1["params0"])
+  assert all(jax.tree.leaves(init))
+  batch = sharding.shard_batch(run_k1["batches"][0], one_device)
+  assert "stablehlo.while" in run_k1["trainer"].step.lower(state, batch).as_text()
+  assert "stablehlo.while" not in trainer.step.lower(state, batch).as_text()
+  state, metrics = trainer.step(state, batch)
+  want_state, want_metrics = run_k1["out"][0]
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-6, atol=1e-7)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+                       _host(state.params), want_state.params)
+  assert max(jax.tree.leaves(diffs)) <= 1e-6
 
 
 def test_frozen_params_bit_identical_and_no_optimizer_state(run_k1):

@@ -208,12 +208,20 @@ def maybe_remat(block_cls: type[nn.Module], policy_name: str | None, *,
                   static_argnums=static_argnums, prevent_cse=prevent_cse)
 
 
-def scan_blocks(block_cls: type[nn.Module], num_layers: int, in_axes: Any):
+def scan_blocks(block_cls: type[nn.Module], num_layers: int, in_axes: Any,
+                unroll: bool = False):
   """``nn.scan`` over ``num_layers`` copies of block_cls, params stacked on axis 0
-  (logical name 'layers'). The block must return ``(carry, per_layer_output)``."""
+  (logical name 'layers'). The block must return ``(carry, per_layer_output)``.
+
+  ``unroll`` (``config.model.unroll_layers``) traces the blocks as straight-line code
+  (``lax.scan``'s ``unroll = num_layers``) with the same stacked params: no loop, so
+  no [L, ...] buffers of saved activations to zero-fill, write and slice in the
+  backward pass; compile time grows with num_layers.
+  """
   return nn.scan(block_cls,
                  variable_axes={"params": 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=in_axes,
                  length=num_layers,
+                 unroll=num_layers if unroll else 1,
                  metadata_params={nn.PARTITION_NAME: "layers"})

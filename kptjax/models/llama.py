@@ -260,6 +260,8 @@ class Llama(nn.Module):
     dtype: compute dtype; param_dtype: storage dtype.
     scan_layers: stack the blocks under nn.scan; remat_policy: jax.checkpoint_policies name.
     attention: layers.ATTENTION_IMPLS name.
+    unroll_layers: with scan_layers, run the stacked blocks unrolled
+      (``layers.scan_blocks``); the params are the same.
   """
   config: LlamaConfig
   lora: LoraSpec = LoraSpec()
@@ -268,6 +270,7 @@ class Llama(nn.Module):
   scan_layers: bool = True
   remat_policy: str = "none"
   attention: str = "einsum"
+  unroll_layers: bool = False
 
   def setup(self):
     c = self.config
@@ -280,7 +283,8 @@ class Llama(nn.Module):
     if self.scan_layers:
       scanned = layers.scan_blocks(
           block, c.num_layers,
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast))
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          unroll=self.unroll_layers)
       self.layers = scanned(*args)
     else:
       self.layers = [block(*args) for _ in range(c.num_layers)]

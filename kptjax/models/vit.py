@@ -299,6 +299,8 @@ class ViT(nn.Module):
       embedding resize run in float32.
     remat_policy: a ``jax.checkpoint_policies`` name (``config.model.remat_policy``) or 'none'.
     attention: a ``layers.ATTENTION_IMPLS`` name (``config.model.attention``).
+    unroll_layers: run the scanned blocks unrolled (``layers.scan_blocks``;
+      ``config.model.unroll_layers``); the params are the same.
   """
   config: ml_collections.ConfigDict
   lora: Any = None
@@ -306,6 +308,7 @@ class ViT(nn.Module):
   param_dtype: DType = jnp.float32
   remat_policy: str = "none"
   attention: str = "einsum"
+  unroll_layers: bool = False
 
   def _feature_layer(self) -> int:
     c = self.config
@@ -345,7 +348,8 @@ class ViT(nn.Module):
     if c.get("pre_layernorm", False):   # CLIP's pre_layrnorm
       x = _layer_norm(c, self.param_dtype, "pre_norm")(x).astype(self.dtype)
     block = layers.maybe_remat(Block, self.remat_policy, static_argnums=(3,))
-    stack = layers.scan_blocks(block, c.num_layers, in_axes=(0, nn.broadcast))(
+    stack = layers.scan_blocks(block, c.num_layers, in_axes=(0, nn.broadcast),
+                               unroll=self.unroll_layers)(
         config=c, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
         attention=self.attention, keep_layer=-1 if keep == c.num_layers - 1 else keep, name="layers")
     carry = x if keep == c.num_layers - 1 else (x, jnp.zeros_like(x))

@@ -76,14 +76,16 @@ class VLM(nn.Module):
     c = self.config
     dtype, param_dtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
     attention = c.get("attention", "einsum")
+    unroll = bool(c.get("unroll_layers", False))   # optional field; see layers.scan_blocks
     self.vit = ViT(c.vit, lora=c.lora, dtype=dtype, param_dtype=param_dtype,
-                   remat_policy=c.remat_policy, attention=attention)
+                   remat_policy=c.remat_policy, attention=attention, unroll_layers=unroll)
     # Always trained, so stored in float32 whatever the frozen towers use.
     self.projector = Projector(c.projector.kind, c.llm.hidden_size, dtype=dtype,
                                param_dtype=jnp.float32)
     self.llm = Llama(LlamaConfig.from_config(c.llm), LoraSpec.from_config(c.lora, "llm"),
                      dtype=dtype, param_dtype=param_dtype, scan_layers=c.scan_layers,
-                     remat_policy=c.remat_policy, attention=attention)
+                     remat_policy=c.remat_policy, attention=attention,
+                     unroll_layers=unroll)
 
   def embed_image(self, images: Array, deterministic: bool = True) -> Array:
     """images f32[B,H,W,3] (normalized) -> image tokens f32[B,N,D_llm]."""
