@@ -1,6 +1,7 @@
 """Conversations: the LocLLM golden string for a real COCO person, the loss mask on answers
 and end-of-turn only, prefix/query consistency, other templates and coordinate formats."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -8,6 +9,7 @@ from kptjax.data import conversation as conv, coords, transforms
 from kptjax.data.sources import read_coco_keypoints
 from kptjax.data.tokenizer import load_tokenizer
 from kptjax.errors import ConfigError
+from kptjax.inference.prompts import stop_token_id
 from kptjax.keypoints import get_spec
 
 N_IMAGE = 4          # image placeholder slots (a 224 crop with 14 px patches has 256)
@@ -149,6 +151,9 @@ def test_chat_template(tok, spec, person_crop):
   prefix = conv.encode_prefix(tok, cfg, N_IMAGE)
   query = conv.encode_query(tok, cfg, "right wrist", spec.description_of("right wrist"))
   assert list(out["tokens"][:len(prefix) + len(query)]) == prefix + query
+  end = conv.ConversationEncoder(tok, cfg, N_IMAGE).end_of_turn()   # the answers' '</s>'
+  assert end == [tok.eos_token_id]
+  assert stop_token_id(tok, ml_collections.ConfigDict(cfg)) == end[-1]
 
 
 def test_coordinate_formats(tok, spec, person_crop):

@@ -22,8 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from kptjax import convert, errors, sharding
-from kptjax.data import conversation
-from kptjax.data import tokenizer as tok_lib
+from kptjax.data import conversation, tokenizer as tok_lib
 from kptjax.inference import decode, generate, parsing
 from kptjax.inference.prompts import build_prompts
 from kptjax.keypoints import get_spec
@@ -281,6 +280,21 @@ def kpt_setup():
   model = kptllm.KptLLM(config.model)
   params = kptllm.init_params(config.model, jax.random.key(0, impl="unsafe_rbg"))
   return config, model, params
+
+
+def test_keypoint_decoder_on_a_mesh_places_the_head_and_prompt_modules(kpt_setup):
+  """Decoder(mesh=) shards the variant's own params (KptLLM's prompt modules and
+  regression head included) by the training rules, leaf for leaf."""
+  config, model, params = kpt_setup
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  sharded = decode.Decoder(model, params, eos_id=2, max_new_tokens=4, mesh=mesh,
+                           rules=sharding.logical_rules(config.mesh))
+  assert set(params) - set(params["llm"]) and set(sharded.params) == set(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded.params),
+                          jax.tree.leaves(params)):
+    assert a.sharding.mesh == mesh, path
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cached_keypoint_equals_teacher_forcing(kpt_setup):

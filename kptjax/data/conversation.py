@@ -267,6 +267,13 @@ class ConversationEncoder:
 
   # -- chat templates -------------------------------------------------------------------
 
+  def end_of_turn(self) -> list[int]:
+    """The tokens that close an assistant answer: the chat template's end of turn
+    (e.g. Llama-3's ``<|eot_id|>``; [] when it has none), else ``</s>``."""
+    if self.template == "chat":
+      return list(self._chat([("q", "a")])[1][0][2])
+    return [self.eos_id]
+
   def _chat(self, rounds: list[tuple[str, Optional[str]]]):
     """Renders the tokenizer's chat template around sentinels and tokenizes segments.
 

@@ -66,13 +66,6 @@ def checkpoint_step(checkpoint: str) -> Optional[int]:
     return None
 
 
-def _abstract_params(config: Any, model: nn.Module) -> Any:
-  """ShapeDtypeStructs of the model's params (unboxed), no allocation."""
-  init = lambda: model.init(jax.random.key(0), *vlm.dummy_inputs(config.model),
-                            **factory.init_kwargs(config))
-  return nn.meta.unbox(jax.eval_shape(init)["params"])
-
-
 def _random_params(config: Any, model: nn.Module) -> Any:
   """Randomly initialized params of ``config.model`` (seed ``config.seed``)."""
   init = jax.jit(lambda key: model.init(key, *vlm.dummy_inputs(config.model),
@@ -101,7 +94,7 @@ def load_model(config: Any, checkpoint: str = "", step: Optional[int] = None
       raise errors.CheckpointError(f"{checkpoint}: no such checkpoint directory")
     config = resolve_config(config, checkpoint)
     model = factory.make_model(config)
-    abstract = _abstract_params(config, model)
+    abstract = factory.abstract_params(config.model, boxed=False)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params, missing = ckpt_lib.load_params(checkpoint, abstract,
                                            jax.tree.map(lambda _: device, abstract), step=step)
@@ -114,7 +107,7 @@ def load_model(config: Any, checkpoint: str = "", step: Optional[int] = None
     model_config, params = convert.load_vlm(config)
     config = with_model(config, model_config.to_dict())
     model = factory.make_model(config)
-    if set(_abstract_params(config, model)) - set(params):      # modules the dirs lack
+    if set(factory.abstract_params(config.model, boxed=False)) - set(params):      # modules the dirs lack
       params = {**_random_params(config, model), **params}
     return config, model, params
   logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")

@@ -61,7 +61,7 @@ from kptjax.data import conversation
 from kptjax.inference import parsing
 from kptjax.inference.generate import bucket, pad_rows, program, suppress_bias
 from kptjax.inference.prompts import Prompts, build_prompts, stop_token_id
-from kptjax.models import vlm
+from kptjax.models import factory
 
 Array = jax.Array
 
@@ -117,7 +117,7 @@ class Decoder:
                             mesh=mesh)
     self._multiple = 1
     if mesh is not None:
-      shardings = sharding.logical_shardings(vlm.abstract_params(model.config), mesh,
+      shardings = sharding.logical_shardings(factory.abstract_params(model.config), mesh,
                                              rules if rules is not None else ())
       params = jax.device_put(params, shardings)
       self._multiple = sharding.data_parallel_size(mesh)

@@ -92,11 +92,9 @@ def stop_token_id(tokenizer: Any, data_config: Any) -> int:
   """The token that ends an answer in training: ``</s>``, or for the 'chat' template the
   special token closing the assistant turn (e.g. Llama-3's ``<|eot_id|>``)."""
   if data_config.template == "chat":
-    enc = conversation.ConversationEncoder(tokenizer, data_config, 0)
-    # TODO(data side): a public end-of-turn accessor on ConversationEncoder.
-    _, segments, _ = enc._chat([("q", "a")])  # pylint: disable=protected-access
-    if segments and segments[0][2]:
-      return int(segments[0][2][-1])
+    end = conversation.ConversationEncoder(tokenizer, data_config, 0).end_of_turn()
+    if end:
+      return int(end[-1])
   if tokenizer.eos_token_id is None:
     raise errors.ConfigError("the tokenizer has no end-of-sequence token")
   return int(tokenizer.eos_token_id)

@@ -80,8 +80,21 @@ class Variant:
 
 def variant(config: ml_collections.ConfigDict) -> str:
   """``'kptllm'`` when ``config.model.kpt.enabled``, else ``'vlm'``."""
-  kpt = config.model.get("kpt", None)
+  return _model_variant(config.model)
+
+
+def _model_variant(model_config: ml_collections.ConfigDict) -> str:
+  kpt = model_config.get("kpt", None)
   return "kptllm" if kpt is not None and kpt.get("enabled", False) else "vlm"
+
+
+def abstract_params(model_config: ml_collections.ConfigDict, *, boxed: bool = True) -> Any:
+  """ShapeDtypeStructs of the variant's params (KptLLM's prompt modules and head
+  included), no allocation; ``boxed``: with their logical axes (for
+  ``sharding.logical_shardings``), else plain."""
+  module = kptllm if _model_variant(model_config) == "kptllm" else vlm
+  params = module.abstract_params(model_config)
+  return params if boxed else nn.meta.unbox(params)
 
 
 def variant_of(config: ml_collections.ConfigDict) -> Variant:
