@@ -1,4 +1,5 @@
-"""Shared fixtures. 8 simulated CPU devices for the sharding tests (set before jax loads)."""
+"""Shared fixtures. 8 simulated CPU devices for the sharding tests (set before jax loads);
+one persistent compilation cache for the whole session (``jax_compilation_cache``)."""
 
 import os
 import pathlib
@@ -13,6 +14,33 @@ import pytest  # noqa: E402
 from kptjax import sharding  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# The settings of the session's persistent compilation cache; each is also the upper-cased
+# environment variable that a process started by a test reads when it imports jax.
+CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0,   # every program,
+                  "jax_persistent_cache_min_entry_size_bytes": -1}   # however small
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+  """A fresh persistent compilation cache directory for this session, used by this process
+  and by every process a test starts (through the environment): a program is compiled once
+  per session, and the same program (same HLO, options and devices) is loaded from disk
+  after that, in a later test or another process. Fresh per session: nothing compiled by an
+  earlier run, or another checkout, is ever loaded."""
+  path = tmp_path_factory.mktemp("jax_cache")
+  settings = dict(CACHE_SETTINGS, jax_compilation_cache_dir=str(path))
+  saved = {name.upper(): os.environ.get(name.upper()) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
+  yield path
+  for name, value in saved.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
 
 
 def shared_data_dir() -> pathlib.Path:

@@ -123,10 +123,11 @@ def test_init_from_another_model_is_refused(stage1):
                            trainer.state_shardings.params)
 
 
-def _train_cli(workdir, cache, init_from, *extra):
-  """Starts ``python -m kptjax.train`` on one CPU device in a new process."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def _train_cli(workdir, init_from, *extra):
+  """Starts ``python -m kptjax.train`` on one CPU device in a new process (with the
+  session's compilation cache, conftest: the resuming process loads what the first two
+  compiled)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   cmd = [sys.executable, "-m", "kptjax.train", "--config", "configs/tiny.py:lora",
          "--workdir", workdir, f"--config.train.num_steps={N}",
          f"--config.train.checkpoint_every={N // 2}", "--config.train.log_every=1",
@@ -147,17 +148,16 @@ def _losses(workdir):
 
 
 def test_kill_and_resume_in_a_new_process_is_exact(stage1, tmp_path):
-  cache = str(tmp_path / "jax_cache")
   full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
   # The uninterrupted run and the run that stops at N/2 are independent: run them together.
-  _wait(_train_cli(full, cache, stage1["workdir"]),
-        _train_cli(resumed, cache, stage1["workdir"], f"--preempt_at_step={N // 2}"))
+  _wait(_train_cli(full, stage1["workdir"]),
+        _train_cli(resumed, stage1["workdir"], f"--preempt_at_step={N // 2}"))
   assert sorted(_losses(resumed)) == list(range(1, N // 2 + 1))
   assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), every=1,
                                 keep=1).all_steps() == [N // 2]
   # Resume with init_from pointing nowhere: the state must come from the resumed
   # workdir only.
-  _wait(_train_cli(resumed, cache, str(tmp_path / "no_such_stage1")))
+  _wait(_train_cli(resumed, str(tmp_path / "no_such_stage1")))
 
   want, got = _losses(full), _losses(resumed)
   assert sorted(want) == sorted(got) == list(range(1, N + 1))

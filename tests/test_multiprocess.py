@@ -39,8 +39,9 @@ KILLED = 128 + signal.SIGKILL   # the launcher's status when a process died of S
 
 def _launch(tmp, name, *args):
   """Starts ``launch/local.py -n 2 --devices_per_process 4`` of the worker (own session)."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # The session's compilation cache (conftest, in os.environ): the resumed launch loads
+  # the programs the killed one compiled.
+  env = dict(os.environ, PYTHONPATH=str(REPO))
   cmd = [sys.executable, str(REPO / "launch" / "local.py"), "-n", "2",
          "--devices_per_process", "4", "--timeout", "500", "--log_dir", str(tmp / name),
          "--", sys.executable, str(REPO / "tests" / "mp_train_worker.py"),
