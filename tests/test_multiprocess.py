@@ -218,7 +218,8 @@ def _stub(path, body):
 def test_slurm_script_passes_the_first_node_and_each_task_its_id(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _stub(bin_dir / "scontrol", 'echo node001; echo node002\n')
+  # A long node list: reading only its first line must not break the pipe (pipefail).
+  _stub(bin_dir / "scontrol", 'seq -f "node%03g" 1 200000\n')
   # srun: run the task command once per task, as SLURM would on each node.
   _stub(bin_dir / "srun", 'shift\nfor i in 0 1; do SLURM_PROCID=$i "$@"; done\n')
   python = _stub(tmp_path / "python", f'printf "%s\\n" "$@" > {tmp_path}/task_$SLURM_PROCID\n')
