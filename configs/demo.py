@@ -21,7 +21,7 @@ measured on 2 CPU cores (README, "What the demo does and what it reaches"):
   images (``data.curriculum='64:500'``, augmented).
 
 Variants (``--config configs/demo.py:ARG``, comma separated):
-  fast     a cheaper step (~0.54x the default's, experiments/bench_train.py --configs
+  fast     a cheaper step (~0.65x the default's, experiments/bench_train.py --configs
            demo): MLP width 2 x 128 in both towers and unrolled LLM blocks, 1,700 steps.
            Its accuracy is not measured yet (README, "What the demo does").
   long     3x the data and 3.4x the steps (6,000): 53 minutes on 2 cores, PCK@0.1 0.91.
