@@ -107,7 +107,7 @@ def load_model(config: Any, checkpoint: str = "", step: Optional[int] = None
     model_config, params = convert.load_vlm(config)
     config = with_model(config, model_config.to_dict())
     model = factory.make_model(config)
-    if set(factory.abstract_params(config.model, boxed=False)) - set(params):      # modules the dirs lack
+    if set(factory.abstract_params(config.model, boxed=False)) - set(params):  # dirs lack some
       params = {**_random_params(config, model), **params}
     return config, model, params
   logging.warning("No --checkpoint and no config.checkpoints dirs: random weights.")

@@ -151,8 +151,7 @@ class Decoder:
     pr = self._query_set()
     p, q = len(images), pr.num_queries
     size = bucket(p, self._multiple)
-    order = np.argsort(pr.lengths, kind="stable")             # queries by length
-    groups = length_groups(pr.lengths[order], self.length_groups)
+    order, groups = self._query_groups
     out = self._program(self.params, self._images(pad_rows(images, size)),
                         jnp.asarray(np.tile(pr.queries[order], (size, 1))),
                         jnp.asarray(np.tile(pr.lengths[order], size)), jnp.asarray(pr.prefix),
@@ -160,6 +159,13 @@ class Decoder:
     tokens, probs, lengths = self._per_person(out, p, q)
     back = np.argsort(order)
     return tokens[:, back], probs[:, back], lengths[:, back]
+
+  @functools.cached_property
+  def _query_groups(self):
+    """(order i64[Q]: the queries by length, ``length_groups`` of that order)."""
+    lengths = self._query_set().lengths
+    order = np.argsort(lengths, kind="stable")
+    return order, length_groups(lengths[order], self.length_groups)
 
   def rows(self, images: np.ndarray):
     """LocLLM's way: P*Q independent rows, each crop encoded Q times.

@@ -157,19 +157,17 @@ def length_groups(lengths: Sequence[int], max_groups: int = 3,
     raise ValueError(f"length_groups needs ascending lengths, got {lengths}")
   q = len(lengths)
   cost = lambda a, z: (z - a) * lengths[z - 1]                      # tokens of group a..z
-  best: Groups = ((0, q, lengths[-1]),)
-  for n in range(2, min(max_groups, q) + 1):
-    # Fewest tokens with n groups: dynamic programming over the group ends.
-    table = {(1, z): (cost(0, z), ((0, z),)) for z in range(1, q + 1)}
-    for g in range(2, n + 1):
-      for z in range(g, q + 1):
-        table[(g, z)] = min(((table[(g - 1, a)][0] + cost(a, z), table[(g - 1, a)][1]
-                              + ((a, z),)) for a in range(g - 1, z)), key=lambda x: x[0])
-    tokens, spans = table[(n, q)]
-    have = sum(cost(a, z) for a, z, _ in best)
-    if have - tokens >= min_saving * q * lengths[-1]:
-      best = tuple((a, z, lengths[z - 1]) for a, z in spans)
-  return best
+  # table[g][z]: (fewest tokens, spans) of the first z queries in g groups.
+  table = [None, {z: (cost(0, z), ((0, z),)) for z in range(1, q + 1)}]
+  for g in range(2, min(max_groups, q) + 1):
+    table.append({z: min(((table[g - 1][a][0] + cost(a, z), table[g - 1][a][1] + ((a, z),))
+                          for a in range(g - 1, z)), key=lambda x: x[0])
+                  for z in range(g, q + 1)})
+  best = table[1][q]
+  for tokens, spans in (t[q] for t in table[2:]):
+    if best[0] - tokens >= min_saving * q * lengths[-1]:
+      best = (tokens, spans)
+  return tuple((a, z, lengths[z - 1]) for a, z in best[1])
 
 
 def _take_queries(x: Array, p: int, a: int, z: int) -> Array:
