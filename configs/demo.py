@@ -32,6 +32,7 @@ Variants (``--config configs/demo.py:ARG``, comma separated):
   width=D,layers=L,ffn=M,image=S,patch=P,rounds=R,batch=B,steps=S,lr=X,theta=T  the model
            width, depth and MLP width (M x D) of both towers, crop and patch side, rounds
            per crop, run length, learning rate, RoPE theta.
+  decay=F  the share of the steps in the schedule's final decay to 0 (``optim.decay_ratio``).
   knobs=a=1;b=2  synthetic knobs of both sets (``kptjax.data.synthetic.Knobs``).
 """
 
@@ -105,6 +106,8 @@ def get_config(arg=None):
   c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.num_steps)
   if "lr" in args:
     c.optim.lr = float(args["lr"])
+  if "decay" in args:
+    c.optim.decay_ratio = float(args["decay"])
   if args.get("smoke"):
     c.data.train.num_images, c.data.eval.num_images = 32, 8
     c.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=4)

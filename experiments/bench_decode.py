@@ -42,6 +42,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kptjax import xla_cpu  # noqa: E402  pylint: disable=wrong-import-position
+
 
 # ---------------------------------------------------------------------------
 # The torch reference.
@@ -356,7 +358,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", default="experiments/results/bench_decode")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. model.llm.hidden_size=256 (repeat)")
+  parser.add_argument("--xla_default", action="store_true",
+                      help="run XLA's own CPU defaults, not kptjax.xla_cpu's (which the "
+                           "mains set): the comparison of the two")
   args = parser.parse_args(argv)
+  if not args.xla_default:
+    xla_cpu.configure()   # before jax starts, as the mains do
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   from kptjax.evaluation.metrics import markdown_table
   rates = matmul_rates()
   print(f"measured matmul rate (f32 2048^3): jax {rates['jax']:.1f} GFLOP/s, "

@@ -61,6 +61,8 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import aot_memory  # pylint: disable=wrong-import-position
 
+from kptjax import xla_cpu  # pylint: disable=wrong-import-position
+
 # configs/demo.py args timed by ``--configs demo`` (';' separated, '' = the default recipe).
 # The first is the reference: the recipe whose step takes 0.92 s on this project's slow
 # 2-core machine (README, "What the demo does"), which the time column scales by.
@@ -404,7 +406,13 @@ def main() -> None:
                       help="configs/demo.py args timed by --configs demo, ';' separated, "
                            "the first the reference ('' = the default recipe)")
   parser.add_argument("--out", default="experiments/results/bench_train")
+  parser.add_argument("--xla_default", action="store_true",
+                      help="run XLA's own CPU defaults, not kptjax.xla_cpu's (which the "
+                           "mains set): the comparison of the two")
   args = parser.parse_args()
+  if not args.xla_default:
+    xla_cpu.configure()   # before jax starts, as the mains do
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   import jax
 

@@ -28,12 +28,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from kptjax import storage, viz
+from kptjax import storage, viz, xla_cpu
 from kptjax.data import pipeline, synthetic, transforms
 from kptjax.evaluation import protocols, results, runner
 from kptjax.keypoints import get_spec
 from kptjax.training import trainer
 
+# The demo's CPU devices: data parallel over the 2 cores of this project's CPU machines
+# (kptjax.xla_cpu; on an accelerator host the job runs on the accelerator as usual).
+DEMO_CPU_DEVICES = 2
 SUMMARY_KEYS = ("PCK@0.05", "PCK@0.1", "PCK@0.2", "AP", "parse_failure_rate")
 
 
@@ -235,6 +238,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  xla_cpu.configure(devices=DEMO_CPU_DEVICES)
   if not FLAGS.verbose:   # progress bars and the summary; warnings and errors still log
     logging.set_verbosity(logging.WARNING)
   run(FLAGS.config, FLAGS.workdir)

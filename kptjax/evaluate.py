@@ -32,7 +32,7 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from kptjax import distributed, errors
+from kptjax import distributed, errors, xla_cpu
 from kptjax.evaluation.loading import load_tokenizer
 from kptjax.evaluation.persons import make_train_evaluator
 from kptjax.evaluation.protocols import PERSON_TASK, PROMPTED_TASKS
@@ -67,6 +67,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  xla_cpu.configure()
   f = flags.FLAGS
   out = f.out or f.workdir
   if not out:

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kptjax import errors, storage, viz
+from kptjax import errors, storage, viz, xla_cpu
 from kptjax.data import transforms
 from kptjax.data.sources import PersonRecord
 from kptjax.evaluation import loading
@@ -164,6 +164,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  xla_cpu.configure()
   f = flags.FLAGS
   try:
     result = predict(f.config, f.image, box=parse_box(f.box) if f.box else None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from kptjax import distributed
+from kptjax import distributed, xla_cpu
 from kptjax.training import trainer
 
 FLAGS = flags.FLAGS
@@ -35,6 +35,7 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
+  xla_cpu.configure()
   distributed.initialize(distributed.setup_from_flags(FLAGS))
   config = FLAGS.config
   if FLAGS.strict:

@@ -1,12 +1,16 @@
-"""Shared fixtures. 8 simulated CPU devices for the sharding tests (set before jax loads);
+"""Shared fixtures. 8 simulated CPU devices for the sharding tests and kptjax's XLA CPU flags
+(``kptjax.xla_cpu``, set before jax starts);
 one persistent compilation cache for the whole session (``jax_compilation_cache``)."""
 
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from kptjax import xla_cpu  # noqa: E402
+
+xla_cpu.configure(devices=8)   # the CPU flags the mains set, on 8 simulated devices
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
