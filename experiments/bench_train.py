@@ -10,10 +10,14 @@ Sizes (``--configs``):
          a DINOv2-S/14-like ViT (12 x 384) and an 8-layer 512-wide Llama, LoRA r=8 on q/v
          of both towers, LoRA + projector trained with AdamW.
   demo   configs/demo.py recipes (``--demo_variants``, ';' separated config args; default
-         the default recipe (the reference, 0.92 s a step on the slow 2-core machines) and
-         ``fast``), kptjax only (the
-         demo's sin-cos ViT positions have no transformers counterpart): the ratio to the
-         reference predicts each recipe's training time on those machines.
+         the earlier default recipe ``ffn=4,scan=1,steps=2100,decay=0.2`` (the reference,
+         0.92 s a step on the slow 2-core machines) and today's default), kptjax only (the
+         demo's sin-cos ViT positions have no transformers counterpart), each on the demo's
+         2 CPU devices: the ratio to the reference predicts each recipe's training time
+         on those machines.
+
+Every row runs with the XLA CPU flags the mains set (``kptjax.xla_cpu``; printed first);
+``--xla_default`` runs XLA's own defaults instead, for the comparison of the two.
 
 For tiny and small both sides get the same random Hugging Face checkpoints (DINOv2 +
 Llama written to a temp dir, as experiments/bench_decode.py makes them), the same
@@ -64,9 +68,10 @@ import aot_memory  # pylint: disable=wrong-import-position
 from kptjax import xla_cpu  # pylint: disable=wrong-import-position
 
 # configs/demo.py args timed by ``--configs demo`` (';' separated, '' = the default recipe).
-# The first is the reference: the recipe whose step takes 0.92 s on this project's slow
-# 2-core machine (README, "What the demo does"), which the time column scales by.
-DEMO_VARIANTS = ";fast"
+# The first is the reference: the earlier default recipe, whose step took 0.92 s on this
+# project's slow 2-core machine (README, "What the demo does"), which the time column
+# scales by. Every recipe runs as the demo does: on its 2 CPU devices, kptjax's XLA flags.
+DEMO_VARIANTS = "ffn=4,scan=1,steps=2100,decay=0.2;"
 REFERENCE_STEP_S = 0.92
 
 
@@ -369,6 +374,11 @@ def bench_demo(steps: int, rounds: int, peak: float,
   from configs import demo
   from kptjax.models import factory
   from kptjax.training import trainer as trainer_lib
+  import jax
+
+  from kptjax import sharding
+  from kptjax.demo import DEMO_CPU_DEVICES
+  demo_mesh = sharding.make_mesh(demo.get_config().mesh, jax.devices()[:DEMO_CPU_DEVICES])
   fns, losses, flops, num_steps, tokens = {}, {}, {}, {}, {}
   for arg in variants.split(";"):
     impl = "demo:" + arg if arg else "demo (default)"
@@ -376,7 +386,7 @@ def bench_demo(steps: int, rounds: int, peak: float,
     it = iter(trainer_lib.make_dataset(config))
     batch = {k: v for k, v in next(it).items() if k in factory.BATCH_KEYS}
     tokens[impl] = float(batch["input_mask"].sum())
-    fns[impl], losses[impl] = _kptjax_runner(config, _one_device_mesh(), batch)
+    fns[impl], losses[impl] = _kptjax_runner(config, demo_mesh, batch)
     flops[impl] = analytic_flops(config, config.train.batch_size)
     num_steps[impl] = config.train.num_steps
   secs = _time_rounds(fns, steps, rounds)
@@ -410,8 +420,9 @@ def main() -> None:
                       help="run XLA's own CPU defaults, not kptjax.xla_cpu's (which the "
                            "mains set): the comparison of the two")
   args = parser.parse_args()
-  if not args.xla_default:
-    xla_cpu.configure()   # before jax starts, as the mains do
+  if not args.xla_default:   # before jax starts, as the mains do (the demo's 2 devices)
+    from kptjax.demo import DEMO_CPU_DEVICES
+    xla_cpu.configure(devices=DEMO_CPU_DEVICES if "demo" in args.configs else None)
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   import jax

@@ -91,6 +91,31 @@ def test_dot_product_attention_equals_einsum_attention():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_recompute_attention_is_exact_and_stores_no_scores():
+  """'recompute': the einsum attention's values and gradients, with no [B,N,T,S] tensor
+  among the residuals that backward keeps (the einsums keep the probabilities)."""
+  from jax._src.ad_checkpoint import saved_residuals
+  r = np.random.RandomState(1)
+  q = jnp.asarray(r.randn(3, 9, 4, 8), jnp.float32)
+  k, v = (jnp.asarray(r.randn(3, 9, 2, 8), jnp.float32) for _ in range(2))
+  mask = causal_mask(jnp.asarray([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7], bool))
+  w = jnp.asarray(r.randn(3, 9, 4, 8), jnp.float32)
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(layers.attention(q, k, v, mask, impl=impl)[0] * w)
+  want = jax.value_and_grad(loss("einsum"), argnums=(0, 1, 2))(q, k, v)
+  got = jax.value_and_grad(loss("recompute"), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, g_want in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, g_want, rtol=0, atol=1e-6)
+
+  def score_sized(impl):
+    return [aval.shape for aval, _ in saved_residuals(loss(impl), q, k, v)
+            if aval.size >= 3 * 4 * 9 * 9]
+  assert score_sized("einsum"), "the einsums should keep their [B,N,T,S] probabilities"
+  assert score_sized("recompute") == []
+
+
 def test_vlm_logits_equal_under_both_attention_implementations(setup):
   config, params, batches = setup
   b = batches[0]

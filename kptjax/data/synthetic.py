@@ -17,6 +17,7 @@ Layout written by ``generate(out_dir, split=S)``::
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -30,7 +31,8 @@ from absl import logging
 from PIL import Image
 
 from kptjax import storage
-from kptjax.data.synthetic_figures import VERSION, Knobs, get_knobs, render_image
+from kptjax.data.synthetic_figures import (VERSION, Knobs, get_knobs,
+                                           render_image)
 from kptjax.keypoints import get_spec
 
 
@@ -79,17 +81,26 @@ def generate(out_dir: Union[str, os.PathLike], *, preset: str = "easy", num_imag
   ann_dir.mkdir(parents=True, exist_ok=True)
   img_dir.mkdir(parents=True, exist_ok=True)
   images, annotations = [], []
-  indices = range(num_images)
-  if progress:
-    indices = tqdm.tqdm(indices, desc=f"synthetic {preset}/{split}", unit="img")
-  for i in indices:
+
+  def draw(i: int) -> list[dict]:
     image, people = render_image(seed, split, i, knobs)
-    image_id = i + 1
-    file_name = f"{image_id:012d}.jpg"
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=knobs.jpeg_quality,
                                 subsampling=0)
-    storage.write_atomic(img_dir / file_name, buffer.getvalue())
+    storage.write_atomic(img_dir / f"{i + 1:012d}.jpg", buffer.getvalue())
+    return people
+
+  # Each image depends on its index alone, so threads draw them in any order (numpy and
+  # PIL release the GIL) and the results are collected in index order.
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+    drawn = pool.map(draw, range(num_images))
+    if progress:
+      drawn = tqdm.tqdm(drawn, total=num_images, desc=f"synthetic {preset}/{split}",
+                        unit="img")
+    drawn = list(drawn)
+  for i, people in enumerate(drawn):
+    image_id = i + 1
+    file_name = f"{image_id:012d}.jpg"
     images.append(dict(id=image_id, file_name=file_name, width=knobs.image_size,
                        height=knobs.image_size))
     for p in people:

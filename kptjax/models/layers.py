@@ -142,8 +142,11 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array | np.ndarray) -> Arra
 #             backward);
 #   'xla'     jax.nn.dot_product_attention's XLA implementation (the CPU path);
 #   'cudnn'   jax.nn.dot_product_attention's cuDNN flash kernel (GPU; scores are never
-#             stored for backward).
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+#             stored for backward);
+#   'recompute'  the einsums under jax.checkpoint: exact, and the backward pass recomputes
+#             the probabilities from q and k instead of storing f32[B,N,T,S] (one more
+#             q.k matmul; the CPU path that stores no scores).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "recompute")
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
@@ -166,7 +169,10 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
   kv = k.shape[2]
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))
-  if impl != "einsum" and not return_probs:
+  if impl == "recompute" and not return_probs:
+    core = jax.checkpoint(lambda q, k, v, mask: attention(q, k, v, mask)[0])
+    return core(q, k, v, mask), None
+  if impl not in ("einsum", "recompute") and not return_probs:
     out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                        implementation=impl)
     return out.astype(v.dtype), None
