@@ -8,8 +8,9 @@ they change nothing the job runs.
 
 * ``--xla_cpu_experimental_ynn_fusion_type=`` (:data:`CPU_FLAGS`): XLA's default in
   jax 0.10 hands dots to YNNPACK fusions; the Eigen dots it falls back to without them ran
-  the issue's small-size LoRA train step 17 % faster and the demo step 6-12 % faster on
-  this project's 2-core machines (``experiments/bench_train.py --xla_cpu_flags``).
+  the issue's small-size LoRA train step ~15 % faster and the demo step ~6 % faster on
+  this project's 2-core machines (``experiments/bench_train.py``, and ``--xla_default``
+  for XLA's own flags; README, "Training memory and speed").
 * ``devices=N`` adds ``--xla_force_host_platform_device_count=N``: N CPU devices, so the
   data-parallel mesh runs N shards of the batch side by side. The demo uses 2, one per
   core of a 2-core machine: its small ops are too short to keep both cores busy inside

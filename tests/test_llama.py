@@ -7,7 +7,6 @@ makes every logit ~0 and any comparison trivially pass). Bound: 1e-4 in float32.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
