@@ -81,6 +81,7 @@ def get_config(arg=None):
   c.data.max_len = -(-(1 + num_image_tokens + 17 * c.data.rounds) // 16) * 16
   c.data.num_workers = 0
   c.data.read_threads = 2
+  c.data.image_cache_mb = 256   # the 4,000 decoded 128 px images are ~200 MB
 
   c.optim.update(lr=2e-3, warmup_ratio=0.03, schedule="wsd",
                  decay_ratio=0.2 if measured_wide else 0.4, weight_decay=0.01, trainable="all")

@@ -217,3 +217,62 @@ def test_held_out_keypoints_never_appear_in_a_training_conversation():
       asked |= {n for n in names if f"Where is the {n} of" in text}
   assert asked.isdisjoint(held)
   assert asked == set(names) - set(held)
+
+
+class _SlowOnly:
+  """A tokenizer whose wrapper ``encode`` differs from its Rust backend's (the first id
+  doubled): the encoder must notice and keep the wrapper."""
+
+  def __init__(self, tok):
+    self._tok = tok
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+  def encode(self, text, add_special_tokens=True):
+    ids = self._tok.encode(text, add_special_tokens=add_special_tokens)
+    return ids[:1] * 2 + ids[1:]
+
+
+def _llama_like_tokenizer():
+  """A SentencePiece-BPE fast tokenizer (Llama's kind: metaspace, byte fallback off)
+  trained here on the template texts, wrapped as transformers loads a Llama directory."""
+  import tokenizers
+  from transformers import PreTrainedTokenizerFast
+  sp = tokenizers.SentencePieceBPETokenizer()
+  corpus = [t for texts in conv.TEMPLATE_TEXT.values() for t in texts.values()]
+  corpus += list(get_spec("coco17").names) + ["[0.412,0.733]", "0123456789,.[]-"]
+  sp.train_from_iterator(corpus * 20, vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+  return PreTrainedTokenizerFast(tokenizer_object=sp._tokenizer, unk_token="<unk>",
+                                 bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+
+
+@pytest.mark.parametrize("which", ["bundled", "bundled_loc", "llama_like"])
+def test_rust_backend_tokenizes_as_the_wrapper(which, tok, spec, person_crop):
+  """Every training example is the same whether segments go through the tokenizer's Rust
+  backend (the fast path) or the transformers wrapper."""
+  t = dict(bundled=lambda: tok, bundled_loc=lambda: load_tokenizer("", loc_bins=100),
+           llama_like=_llama_like_tokenizer)[which]()
+  fmt = "loc_tokens" if which == "bundled_loc" else "decimal2d"
+  rng = np.random.default_rng(3)
+  for template in ("locllm", "compact", "capellm"):
+    fast = conv.ConversationEncoder(t, _cfg(template=template, coord_format=fmt), N_IMAGE)
+    slow = conv.ConversationEncoder(t, _cfg(template=template, coord_format=fmt), N_IMAGE)
+    slow._backend = None
+    assert fast._backend is not None
+    for _ in range(30):
+      kp = person_crop.copy()
+      kp[:, :2] = rng.uniform(0, 224, size=(17, 2))
+      seed = int(rng.integers(1 << 30))
+      a = fast.encode(kp, 224, spec, np.random.default_rng(seed))
+      b = slow.encode(kp, 224, spec, np.random.default_rng(seed))
+      assert a.keys() == b.keys()
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{which} {template} {k}")
+
+
+def test_rust_backend_is_not_used_when_it_disagrees(tok, spec, person_crop):
+  odd = _SlowOnly(tok)
+  enc = conv.ConversationEncoder(odd, _cfg(template="compact"), N_IMAGE)
+  assert enc._backend is None
+  assert enc.tokenize("left knee?") == odd.encode("left knee?", add_special_tokens=False)

@@ -176,3 +176,39 @@ def test_corrupt_and_missing_images_raise_data_error(tmp_path, shared_data):
                                image_bytes=garbage.read_bytes())
   with pytest.raises(DataError, match="image_bytes"):
     T.load_record_image(record)
+
+
+def test_decoded_images_keep_the_newest_within_budget(coco, tmp_path):
+  import pickle
+  records, _ = coco
+  paths = sorted({r.image_path for r in records})[:3]
+  recs = [dataclasses.replace(records[0], image_path=p) for p in paths]
+  sizes = [T.load_image(p).nbytes for p in paths]
+  cache = T.DecodedImages((sizes[0] + sizes[1] + sizes[2] - 1) / 2**20)  # not all three
+  for rec in recs:
+    image = cache(rec)
+    np.testing.assert_array_equal(image, T.load_record_image(rec))
+    assert not image.flags.writeable
+  assert cache(recs[2]) is cache(recs[2])          # kept: no second decode
+  assert len(cache) == 2 and cache.nbytes == sizes[1] + sizes[2]   # the oldest went
+  assert pickle.loads(pickle.dumps(cache)).nbytes == 0            # a worker starts empty
+  tiny = T.DecodedImages(1e-6)                                     # no image fits: none kept
+  np.testing.assert_array_equal(tiny(recs[0]), T.load_record_image(recs[0]))
+  assert len(tiny) == 0
+  missing = dataclasses.replace(records[0], image_path=str(tmp_path / "absent.jpg"))
+  for _ in range(2):                                               # errors are not cached
+    with pytest.raises(DataError, match="absent.jpg"):
+      cache(missing)
+
+
+def test_crop_recipe_with_decoded_images_gives_the_same_crops(coco):
+  records, _ = coco
+  plain = T.CropRecipe(side=64, padding=1.25, normalization="clip")
+  cached = dataclasses.replace(plain, images=T.DecodedImages(64))
+  for _ in range(2):
+    for rec in records[:4]:
+      a = plain(rec, "coco17", np.random.default_rng(rec.ann_id))
+      b = cached(rec, "coco17", np.random.default_rng(rec.ann_id))
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["keypoints"], b["keypoints"])
+  assert len(cached.images) == len({r.image_path for r in records[:4]})

@@ -225,14 +225,31 @@ class ConversationEncoder:
         raise ConfigError(f"coord_format 'loc_tokens' needs tokens <loc_0>..<loc_{bins - 1}>: "
                           f"load the tokenizer with load_tokenizer(path, loc_bins={bins})")
     self._cache: dict[str, list[int]] = {}
+    self._backend = self._same_backend()
 
   # -- segments -------------------------------------------------------------------------
+
+  def _same_backend(self) -> Any:
+    """The Rust tokenizer under a fast tokenizer (its ``encode`` costs ~1/4 of the
+    transformers wrapper's), if it gives the wrapper's ids on this template's texts and
+    on answers; else None."""
+    backend = getattr(self.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+      return None
+    probes = [t for t in self.text.values() if t]
+    probes += ["[0.412,0.733]", "[0.412,0.733,-0.051]", " left wrist?", "Answer: [1.000,0.0"]
+    same = all(backend.encode(t, add_special_tokens=False).ids
+               == list(self.tokenizer.encode(t, add_special_tokens=False)) for t in probes)
+    return backend if same else None
 
   def tokenize(self, text: str) -> list[int]:
     """Token ids of one text segment (no special tokens added), cached."""
     ids = self._cache.get(text)
     if ids is None:
-      ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+      if self._backend is not None:
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+      else:
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
       if len(self._cache) < 100_000:
         self._cache[text] = ids
     return ids

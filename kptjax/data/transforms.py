@@ -26,9 +26,11 @@ EXIF orientation is ignored (as LocLLM's cv2.IMREAD_IGNORE_ORIENTATION).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import os
+import threading
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -108,6 +110,53 @@ def load_record_image(record: Any) -> np.ndarray:
       raise ImageError(record.image_path or "<image_bytes>", str(e), field="image_bytes",
                       record=record.ann_id) from e
   return load_image(record.image_path)
+
+
+class DecodedImages:
+  """Decoded file images kept in memory up to ``budget_mb`` (least recently used out).
+
+  ``load_record_image`` with a memory: a training run that reads the same few thousand
+  images every epoch decodes each once. The read threads of a process share one cache
+  (a lock guards it); a grain worker process starts with an empty one. Arrays come back
+  read-only. Records with ``image_bytes`` and images that fail to load are not kept.
+  """
+
+  def __init__(self, budget_mb: float):
+    self.budget = int(float(budget_mb) * 2**20)
+    self._lock = threading.Lock()
+    self._images: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    self.nbytes = 0
+
+  def __call__(self, record: Any) -> np.ndarray:
+    """``load_record_image(record)``, from memory after the first time."""
+    path = None if getattr(record, "image_bytes", None) else os.fspath(record.image_path)
+    if path is None:
+      return load_record_image(record)
+    with self._lock:
+      image = self._images.get(path)
+      if image is not None:
+        self._images.move_to_end(path)
+        return image
+    image = load_record_image(record)
+    image.flags.writeable = False
+    if image.nbytes <= self.budget:
+      with self._lock:
+        if path not in self._images:
+          self._images[path] = image
+          self.nbytes += image.nbytes
+        while self.nbytes > self.budget:
+          _, old = self._images.popitem(last=False)
+          self.nbytes -= old.nbytes
+    return image
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getstate__(self) -> dict[str, Any]:    # a worker process gets an empty cache
+    return {"budget_mb": self.budget / 2**20}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["budget_mb"])
 
 
 def normalize_image(image: np.ndarray, kind: str = "clip") -> np.ndarray:
@@ -348,18 +397,23 @@ class CropRecipe:
     padding: box padding factor (``config.data.padding``).
     normalization: ``NORMALIZATION`` key (``config.data.normalization``).
     augment: what a call with an ``rng`` draws from (``config.data.augment``).
+    images: where decoded images are kept between calls (``config.data.image_cache_mb``
+      > 0), or None: every call decodes its file.
   """
   side: int
   padding: float
   normalization: str
   augment: AugmentConfig = AugmentConfig()
+  images: Optional[DecodedImages] = None
 
   @classmethod
   def from_config(cls, config: Any) -> "CropRecipe":
     """The recipe of a full config (model.vit.image_size, data.padding / normalization /
     augment)."""
+    cache_mb = float(config.data.get("image_cache_mb", 0))
     return cls(side=int(config.model.vit.image_size), padding=float(config.data.padding),
-               normalization=config.data.normalization, augment=augment_config(config))
+               normalization=config.data.normalization, augment=augment_config(config),
+               images=DecodedImages(cache_mb) if cache_mb > 0 else None)
 
   def __call__(self, record: Any, spec: Union[str, KeypointSpec, None] = None,
                rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
@@ -369,7 +423,8 @@ class CropRecipe:
     Raises:
       ImageError: the record's image is missing or cannot be decoded.
     """
-    crop = crop_person(record, load_record_image(record), (self.side, self.side),
+    image = self.images(record) if self.images is not None else load_record_image(record)
+    crop = crop_person(record, image, (self.side, self.side),
                        padding=self.padding, rng=rng, augment_cfg=self.augment, spec=spec)
     crop["image"] = normalize_image(crop["image"], self.normalization).astype(np.float32)
     return crop
