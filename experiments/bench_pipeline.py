@@ -3,12 +3,19 @@ r"""Input pipeline throughput on the synthetic data: examples/s with 0 and 2 wor
     python experiments/bench_pipeline.py --config configs/tiny.py --image_size 224 \
         --patch_size 14 --max_len 1024 --batch_size 32 --workers 0,2 \
         --out experiments/results/bench_pipeline
+    # the demo's own pipeline, with and without its decoded-image cache:
+    python experiments/bench_pipeline.py --config configs/demo.py --image_size 0 \
+        --max_len 0 --num_images 4000 --workers 0 --image_cache_mb 0,256 --warmup 150 \
+        --batches 100 --rounds 3 --out experiments/results/bench_pipeline_demo
 
-For each worker count, builds ``kptjax.data.pipeline.make_train_dataset`` (synthetic
-'easy' images, generated once and cached, LocLLM conversations, the bundled tokenizer),
-pulls ``--warmup`` batches (worker start-up, first reads) and then times ``--batches``
-batches. Prints a Markdown table and writes ``bench_pipeline.csv`` and
-``bench_pipeline.md`` to ``--out``.
+For each setting (worker count x ``data.image_cache_mb``), builds
+``kptjax.data.pipeline.make_train_dataset`` (synthetic 'easy' images, generated once and
+cached, the config's conversations, the bundled tokenizer), pulls ``--warmup`` batches
+(worker start-up, first reads, cache filling) and then times ``--batches`` batches; the
+settings are timed interleaved, ``--rounds`` times, median. ``cpu_ms_per_batch`` is this
+process's CPU time (its read threads; not worker processes'): what the pipeline takes
+from a training step that shares the cores. Prints a Markdown table and writes
+``bench_pipeline.csv`` and ``bench_pipeline.md`` to ``--out``.
 
 Runs under ``absl.app.run`` because grain's worker processes need absl flags parsed.
 """
@@ -24,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
@@ -38,11 +46,14 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed batches first (worker start
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker process counts to compare.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Synthetic training images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Synthetic data root ('' = default cache).")
+_CACHE = flags.DEFINE_list("image_cache_mb", ["0"], "data.image_cache_mb values to compare.")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Interleaved rounds of every setting (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_pipeline", "Output folder.")
 
 
-def _config(workers: int):
+def _config(workers: int, cache_mb: int = 0):
   c = _CONFIG.value.copy_and_resolve_references()
+  c.data.image_cache_mb = cache_mb
   if _IMAGE_SIZE.value:
     c.model.vit.image_size = _IMAGE_SIZE.value
     c.model.vit.patch_size = _PATCH.value
@@ -64,25 +75,32 @@ def main(argv):
   t0 = time.perf_counter()
   records = pipeline.load_records(_config(0), "train")
   print(f"{len(records)} synthetic people ready in {time.perf_counter() - t0:.1f} s")
+  settings = [(int(w), int(m)) for w in _WORKERS.value for m in _CACHE.value]
+  runs = {k: [] for k in settings}
+  for _ in range(_ROUNDS.value):
+    for workers, cache_mb in settings:
+      config = _config(workers, cache_mb)
+      ds = pipeline.make_train_dataset(config, tokenizer, records=records)
+      start = time.perf_counter()
+      it = iter(ds)
+      for _ in range(_WARMUP.value):
+        batch = next(it)
+      first = time.perf_counter() - start
+      start, cpu = time.perf_counter(), time.process_time()
+      for _ in range(_BATCHES.value):
+        batch = next(it)
+      elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+      runs[(workers, cache_mb)].append((first, elapsed, cpu, batch["tokens"].shape[1]))
+      it.close()   # stops worker processes
   rows = []
-  for workers in (int(w) for w in _WORKERS.value):
-    config = _config(workers)
-    ds = pipeline.make_train_dataset(config, tokenizer, records=records)
-    start = time.perf_counter()
-    it = iter(ds)
-    for _ in range(_WARMUP.value):
-      batch = next(it)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(_BATCHES.value):
-      batch = next(it)
-    elapsed = time.perf_counter() - start
+  for (workers, cache_mb), times in runs.items():
+    first, elapsed, cpu = (float(np.median([t[i] for t in times])) for i in range(3))
     rows.append(dict(
-        workers=workers, image_size=config.model.vit.image_size,
-        seq_len=batch["tokens"].shape[1], batch_size=config.train.batch_size,
-        batches=_BATCHES.value, warmup_s=round(first, 2),
-        examples_per_s=round(_BATCHES.value * config.train.batch_size / elapsed, 1)))
-    it.close()   # stops worker processes
+        workers=workers, image_cache_mb=cache_mb, image_size=config.model.vit.image_size,
+        seq_len=times[0][3], batch_size=config.train.batch_size, batches=_BATCHES.value,
+        rounds=len(times), warmup_s=round(first, 2),
+        examples_per_s=round(_BATCHES.value * config.train.batch_size / elapsed, 1),
+        cpu_ms_per_batch=round(1e3 * cpu / _BATCHES.value, 1)))
   header = "| " + " | ".join(rows[0]) + " |"
   lines = [header, "|" + "---|" * len(rows[0])]
   lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
