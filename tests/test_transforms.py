@@ -212,3 +212,15 @@ def test_crop_recipe_with_decoded_images_gives_the_same_crops(coco):
       np.testing.assert_array_equal(a["image"], b["image"])
       np.testing.assert_array_equal(a["keypoints"], b["keypoints"])
   assert len(cached.images) == len({r.image_path for r in records[:4]})
+
+
+def test_negative_image_cache_is_refused():
+  import ml_collections
+  from kptjax.errors import ConfigError
+  config = ml_collections.ConfigDict(dict(
+      model=dict(vit=dict(image_size=48)),
+      data=dict(padding=1.0, normalization="clip", image_cache_mb=-1,
+                augment=dict(scale_sigma=0.0, scale_min=1.0, scale_max=1.0, rotation=0.0,
+                             rotation_prob=0.0, flip_prob=0.0))))
+  with pytest.raises(ConfigError, match="data.image_cache_mb"):
+    T.CropRecipe.from_config(config)

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 from PIL import Image
 
-from kptjax.errors import DataError, ImageError
+from kptjax.errors import ConfigError, DataError, ImageError
 from kptjax.keypoints import KeypointSpec, get_spec
 
 # CLIP (LocLLM's default) and ImageNet (DINOv2, `dino_norm`) RGB mean / std.
@@ -411,6 +411,8 @@ class CropRecipe:
     """The recipe of a full config (model.vit.image_size, data.padding / normalization /
     augment)."""
     cache_mb = float(config.data.get("image_cache_mb", 0))
+    if not cache_mb >= 0:
+      raise ConfigError(f"data.image_cache_mb={cache_mb} must be >= 0 (MB; 0: no cache)")
     return cls(side=int(config.model.vit.image_size), padding=float(config.data.padding),
                normalization=config.data.normalization, augment=augment_config(config),
                images=DecodedImages(cache_mb) if cache_mb > 0 else None)
