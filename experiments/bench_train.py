@@ -24,8 +24,9 @@ Llama written to a temp dir, as experiments/bench_decode.py makes them), the sam
 projector and LoRA factors, and one batch of the real pipeline; they train LoRA +
 projector with AdamW, clipping and the masked token loss:
 
-  kptjax   ``kptjax.training.trainer.build`` step (jit, donated state), as configured and with
-           ``remat_policy='none'`` (what torch does: keep activations)
+  kptjax   ``kptjax.training.trainer.build`` step (jit, donated state), as configured, then
+           each of ``--kptjax_variants`` (';'-separated config.model overrides; default
+           ``remat_policy=none``, what torch does: keep activations)
   torch    transformers ``Dinov2Model`` -> ``nn.Linear`` projector -> ``LlamaForCausalLM``
            with peft ``LoraConfig(target_modules=q/v)`` on both towers
 
@@ -73,6 +74,11 @@ from kptjax import xla_cpu  # pylint: disable=wrong-import-position
 # scales by. Every recipe runs as the demo does: on its 2 CPU devices, kptjax's XLA flags.
 DEMO_VARIANTS = "ffn=4,scan=1,steps=2100,decay=0.2;"
 REFERENCE_STEP_S = 0.92
+# The kptjax rows of tiny and small after the one as configured: config.model overrides,
+# ';' separated. remat none keeps activations, as torch does. README, "Training memory
+# and speed", also times remat_policy=none,unroll_layers=True,attention=recompute (no
+# stacked scan buffers, no stored f32[B, N, T, S] probabilities).
+KPTJAX_VARIANTS = "remat_policy=none"
 
 
 # ---------------------------------------------------------------------------- configs
@@ -321,9 +327,26 @@ def _rows(name, secs, losses, tokens, flops, peak):
           for impl, sec in secs.items()]
 
 
-def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
-              ) -> tuple[list[dict], dict]:
-  """kptjax (as configured, remat none) vs torch + peft on size ``name``."""
+def parse_model_overrides(text: str) -> dict[str, Any]:
+  """'remat_policy=none,unroll_layers=True' -> config.model field values (Python literals
+  where they parse, else strings)."""
+  import ast
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"model override {item!r}: expected key=value")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool,
+              variants: str = KPTJAX_VARIANTS) -> tuple[list[dict], dict]:
+  """kptjax (as configured, then each of ``variants``: ';'-separated config.model
+  overrides) vs torch + peft on size ``name``."""
   import jax
   from bench_decode import make_hf_checkpoints
 
@@ -349,11 +372,16 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool
                                                            attention=False),
                  xla=xla_flops(config, mesh))
     fns, losses = {}, {}
-    for impl, remat in ((f"kptjax remat={config.model.remat_policy}",
-                         config.model.remat_policy), ("kptjax remat=none", "none")):
+    for overrides in [f"remat_policy={config.model.remat_policy}"] + variants.split(";"):
+      impl = "kptjax " + overrides
       variant = preflight.with_model_config(config, config.model)
+      fields = parse_model_overrides(overrides)
+      unknown = sorted(set(fields) - set(variant.model.keys()) - {"unroll_layers"})
+      # (unroll_layers: an optional field, read with a default by kptjax.models.vlm)
+      if unknown:
+        raise ValueError(f"--kptjax_variants {overrides!r}: config.model has no {unknown}")
       with variant.unlocked():
-        variant.model.remat_policy = remat
+        variant.model.update(fields)
       fns[impl], losses[impl] = _kptjax_runner(variant, mesh, batch, host_params)
     if run_torch:
       import torch
@@ -415,6 +443,9 @@ def main() -> None:
   parser.add_argument("--demo_variants", default=DEMO_VARIANTS,
                       help="configs/demo.py args timed by --configs demo, ';' separated, "
                            "the first the reference ('' = the default recipe)")
+  parser.add_argument("--kptjax_variants", default=KPTJAX_VARIANTS,
+                      help="kptjax rows of tiny and small after the one as configured: "
+                           "';'-separated config.model overrides (key=value,...)")
   parser.add_argument("--out", default="experiments/results/bench_train")
   parser.add_argument("--xla_default", action="store_true",
                       help="run XLA's own CPU defaults, not kptjax.xla_cpu's (which the "
@@ -437,7 +468,8 @@ def main() -> None:
     if name == "demo":
       r, f = bench_demo(args.steps, args.rounds, peak, args.demo_variants)
     else:
-      r, f = bench_one(name, args.steps, args.rounds, peak, not args.no_torch)
+      r, f = bench_one(name, args.steps, args.rounds, peak, not args.no_torch,
+                       args.kptjax_variants)
     rows += r
     flop_rows.append(f)
     print(markdown_table(r, digits=4), flush=True)
