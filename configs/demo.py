@@ -37,24 +37,56 @@ Variants (``--config configs/demo.py:ARG``, comma separated):
            rate, RoPE theta. ``ffn=4,scan=1,steps=2100,decay=0.2`` is the earlier default.
   decay=F  the share of the steps in the schedule's final decay to 0 (``optim.decay_ratio``).
   knobs=a=1;b=2  synthetic knobs of both sets (``kptjax.data.synthetic.Knobs``).
+An arg not named here, a number that does not parse or a value-taking arg without one is a
+ConfigError that names it (``parse_demo_arg``).
 """
 
 import ml_collections
 
 from configs import common, tiny
+from kptjax.errors import ConfigError
+
+
+# The args get_config reads, by kind (the module docstring): a name it does not know, or a
+# value that does not parse, is a ConfigError naming it, never silently the default.
+FLAG_ARGS = ("long", "smoke")
+NUMBER_ARGS = {"width": int, "layers": int, "ffn": int, "scan": int, "image": int, "patch": int,
+               "rounds": int, "batch": int, "steps": int, "overfit": int, "lr": float,
+               "theta": float, "decay": float}
+TEXT_ARGS = ("cur", "knobs")
+
+
+def parse_demo_arg(arg):
+  """'steps=100,smoke' -> {'steps': 100, 'smoke': True} (numbers parsed by NUMBER_ARGS)."""
+  args = common.parse_arg(arg)
+  known = (*FLAG_ARGS, *NUMBER_ARGS, *TEXT_ARGS)
+  for key, value in args.items():
+    if key not in known:
+      raise ConfigError(f"configs/demo.py:{arg}: unknown arg {key!r} (known: "
+                        f"{', '.join(known)})")
+    if key not in FLAG_ARGS and value is True:
+      raise ConfigError(f"configs/demo.py:{arg}: {key} needs a value ({key}=...)")
+    if key in NUMBER_ARGS:
+      kind = NUMBER_ARGS[key]
+      try:
+        args[key] = kind(value)
+      except (TypeError, ValueError):
+        raise ConfigError(f"configs/demo.py:{arg}: {key}={value!r} is not "
+                          f"{'an integer' if kind is int else 'a number'}") from None
+  return args
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
+  args = parse_demo_arg(arg)
   c = tiny.get_config().unlock()
 
-  d = int(args.get("width", 128))
-  layers = int(args.get("layers", 4))
+  d = args.get("width", 128)
+  layers = args.get("layers", 4)
   # long and overfit=N keep the model they were measured with (README)
   measured_wide = bool(args.get("long") or args.get("overfit"))
-  ffn = int(args.get("ffn", 4 if measured_wide else 2)) * d
-  c.model.vit = common.vit_config(image_size=int(args.get("image", 48)),
-                                  patch_size=int(args.get("patch", 8)), hidden_size=d, num_layers=layers,
+  ffn = args.get("ffn", 4 if measured_wide else 2) * d
+  c.model.vit = common.vit_config(image_size=args.get("image", 48),
+                                  patch_size=args.get("patch", 8), hidden_size=d, num_layers=layers,
                                   num_heads=4, intermediate_size=ffn)
   c.model.vit.pos_embed = "sincos2d"
   c.model.llm = common.llm_config(vocab_size=512, hidden_size=d, intermediate_size=ffn,
@@ -64,7 +96,7 @@ def get_config(arg=None):
   c.model.projector.kind = "linear"
   c.model.init = "fan_in"    # from scratch at width 128: unit-scale init (vlm.rescale_init)
   c.model.remat_policy = "none"
-  c.model.scan_layers = bool(int(args.get("scan", measured_wide)))
+  c.model.scan_layers = bool(args.get("scan", measured_wide))
 
   knobs = args.get("knobs", "people=1:1,marker_size=0.07,occluder_prob=0.0").replace(";", ",")
   c.data.train.update(num_images=4000, knobs=knobs, seed=0)
@@ -74,7 +106,7 @@ def get_config(arg=None):
                         scale_min=0.85, scale_max=1.15)
   c.data.template = "compact"
   c.data.use_descriptions = False
-  c.data.rounds = int(args.get("rounds", 4))
+  c.data.rounds = args.get("rounds", 4)
   num_image_tokens = (c.model.vit.image_size // c.model.vit.patch_size) ** 2
   # <s> + image + rounds of 'right shoulder?[0.412,0.733]</s>' (16 tokens each with the
   # bundled tokenizer, plus one spare; a round that does not fit is dropped whole)
@@ -97,20 +129,20 @@ def get_config(arg=None):
     c.train.num_steps = 6000
     c.train.checkpoint_every = 1000
   if args.get("overfit"):
-    c.data.train.num_images = int(args["overfit"])
+    c.data.train.num_images = args["overfit"]
     c.data.eval = ml_collections.ConfigDict(c.data.train.to_dict())
     c.data.augment.update(rotation=0.0, rotation_prob=0.0, scale_sigma=0.0, scale_min=1.0,
                           scale_max=1.0)
     c.train.update(num_steps=800, checkpoint_every=800)
     c.data.curriculum = ""
-  for key, field, kind in (("batch", "batch_size", int), ("steps", "num_steps", int)):
+  for key, field in (("batch", "batch_size"), ("steps", "num_steps")):
     if key in args:
-      c.train[field] = kind(args[key])
+      c.train[field] = args[key]
   c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.num_steps)
   if "lr" in args:
-    c.optim.lr = float(args["lr"])
+    c.optim.lr = args["lr"]
   if "decay" in args:
-    c.optim.decay_ratio = float(args["decay"])
+    c.optim.decay_ratio = args["decay"]
   if args.get("smoke"):
     c.data.train.num_images, c.data.eval.num_images = 32, 8
     c.train.update(batch_size=8, num_steps=4, log_every=2, checkpoint_every=4)

@@ -10,6 +10,7 @@ import pytest
 from configs import demo as demo_config
 from kptjax import demo
 from kptjax.data.sources import PersonRecord
+from kptjax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,25 @@ def test_demo_max_len_fits_every_round_of_every_keypoint():
                                               keypoint_ids=ids)
     assert int(ex["num_rounds"]) == config.data.rounds
     assert ex["tokens"].shape == (config.data.max_len,)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("setps=100", "unknown arg 'setps'"),      # a typo is not silently the default run
+    ("decay=0.4x", "decay='0.4x' is not a number"),
+    ("scan=yes", "scan='yes' is not an integer"),
+    ("steps", r"steps needs a value"),
+    ("cur", r"cur needs a value"),
+])
+def test_demo_config_refuses_bad_args_by_name(arg, message):
+  with pytest.raises(ConfigError, match=message):
+    demo_config.get_config(arg)
+
+
+def test_demo_config_parses_its_number_args():
+  c = demo_config.get_config("steps=1350,decay=0.5,lr=1e-3,scan=1,cur=64:300")
+  assert (c.train.num_steps, c.optim.decay_ratio, c.optim.lr) == (1350, 0.5, 1e-3)
+  assert c.model.scan_layers is True and c.data.curriculum == "64:300"
+  assert isinstance(c.train.num_steps, int) and isinstance(c.optim.decay_ratio, float)
 
 
 def test_summary_table_sets_model_beside_baseline():
