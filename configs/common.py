@@ -259,6 +259,7 @@ def paper_config(args, *, vit, llm, lora, projector, image_token_id, kpt, checkp
       max_len=1024,              # 256 image tokens + 5 rounds of description, question, answer
       num_workers=8,
       read_threads=4,
+      read_thread_priority="normal",   # 'idle': read threads only use idle cores (CPU hosts)
       image_cache_mb=0,          # decoded images kept in memory per process (0: none)
       loc_bins=100,
       group_size=0,

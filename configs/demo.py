@@ -113,6 +113,7 @@ def get_config(arg=None):
   c.data.max_len = -(-(1 + num_image_tokens + 17 * c.data.rounds) // 16) * 16
   c.data.num_workers = 0
   c.data.read_threads = 2
+  c.data.read_thread_priority = "idle"   # the step uses both cores (thread_priority)
   c.data.image_cache_mb = 256   # the 4,000 decoded 128 px images are ~200 MB
 
   c.optim.update(lr=2e-3, warmup_ratio=0.03, schedule="wsd",

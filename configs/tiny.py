@@ -66,6 +66,7 @@ def get_config(arg=None):
       max_len=512,
       num_workers=0,                     # grain worker processes (0 = in-process)
       read_threads=2,                    # grain threads per process
+      read_thread_priority="normal",     # 'idle': Linux SCHED_IDLE (kptjax.data.thread_priority)
       image_cache_mb=0,                  # >0: decoded images kept in memory (LRU) per process
       loc_bins=100,                      # coord_format 'loc_tokens': <loc_0>..<loc_99>
       group_size=0,                      # >0: CapeLLM's fixed keypoint groups per item

@@ -9,6 +9,8 @@ or support image skips the element, counted, or, strict, raises)."""
 
 import dataclasses
 import json
+import os
+import threading
 
 import grain
 import numpy as np
@@ -90,6 +92,23 @@ def test_restore_gives_the_same_next_batch(config, tok, train_records):
   (restored,), _ = _take(pipeline.make_train_dataset(config, tok, records=train_records), 1,
                          state=saved)
   assert _equal(restored, expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_idle_read_threads_give_the_same_batches(config, tok, train_records):
+  a, _ = _take(pipeline.make_train_dataset(config, tok, records=train_records), 3)
+  idle = config.copy_and_resolve_references()
+  idle.data.read_thread_priority = "idle"
+  b, it = _take(pipeline.make_train_dataset(idle, tok, records=train_records), 3)
+  assert all(_equal(x, y) for x, y in zip(a, b))
+  policies = {os.sched_getscheduler(t.native_id) for t in threading.enumerate()
+              if t is not threading.main_thread() and t.native_id}
+  assert os.SCHED_IDLE in policies                      # grain's read threads, alive with it
+  assert os.sched_getscheduler(0) != os.SCHED_IDLE       # the main thread is never lowered
+  del it
+  idle.data.read_thread_priority = "low"
+  with pytest.raises(ConfigError, match="data.read_thread_priority='low'"):
+    pipeline.make_train_dataset(idle, tok, records=train_records)
 
 
 def _no_augment(config):

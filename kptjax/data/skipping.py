@@ -19,6 +19,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from kptjax.data import thread_priority
 from kptjax.errors import ImageError
 
 SKIPPED_IMAGES = "skipped_images"   # the batch field counting skipped elements
@@ -97,11 +98,16 @@ def skip_unreadable(ds: grain.MapDataset, transform: Callable[..., Any], config:
                     limit: int, read_options: Optional[grain.ReadOptions] = None
                     ) -> grain.IterDataset:
   """``ds`` mapped by ``transform`` (a grain ``random_map`` seeded by ``config.seed``),
-  with unreadable images skipped and counted (module docstring), as an IterDataset.
+  with unreadable images skipped and counted (module docstring), as an IterDataset; the
+  threads that run ``transform`` at ``data.read_thread_priority``
+  (``kptjax.data.thread_priority``).
 
   Args:
     limit: this many skipped in a row is an ImageError (nothing readable is left).
   """
+  priority = thread_priority.from_config(config)
+  if priority != "normal":
+    transform = thread_priority.AtPriority(transform, priority)
   guarded = SkipUnreadable(transform, bool(config.data.get("strict_images", False)))
   ds = ds.random_map(guarded, seed=int(config.seed))
   return CountSkipped(ds.to_iter_dataset(read_options), limit)

@@ -42,7 +42,8 @@ PARTIAL = "predictions.partial.jsonl"
 FINAL_FILES = (PREDICTIONS, PREDICTIONS_PROVENANCE, METRICS)
 # config.data fields that do not change an evaluation's answers (training only).
 TRAIN_ONLY_DATA = ("train", "eval", "augment", "curriculum", "curriculum_augment",
-                   "num_workers", "read_threads", "image_cache_mb", "rounds")
+                   "num_workers", "read_threads", "read_thread_priority", "image_cache_mb",
+                   "rounds")
 
 
 def is_done(out_dir: str) -> bool:
