@@ -18,7 +18,9 @@ measured on 2 CPU cores (README, "What the demo does and what it reaches"):
   answers, which single-question decoding never sees);
 * a cheap step: MLP width 2 x 128 in both towers and unrolled LLM blocks (at width 128
   on a CPU the scan's per-layer slicing and stacking of residuals costs ~1/6 of the
-  step), run data-parallel on 2 CPU devices (``kptjax.demo.DEMO_CPU_DEVICES``);
+  step), run data-parallel on 2 CPU devices (``kptjax.demo.DEMO_CPU_DEVICES``), the input
+  pipeline's read threads at idle CPU priority (``data.read_thread_priority``: they crop
+  while the step's threads wait at the all-reduce instead of taking a core from them);
 * AdamW 2e-3, warmup-stable-decay (the last 40% of steps decay to 0), 1,450 steps of
   batch 32 (no flip: the markers are chiral); the first 500 steps read only the first 64
   images (``data.curriculum='64:500'``, augmented).

@@ -329,18 +329,35 @@ def _rows(name, secs, losses, tokens, flops, peak):
 
 def parse_model_overrides(text: str) -> dict[str, Any]:
   """'remat_policy=none,unroll_layers=True' -> config.model field values (Python literals
-  where they parse, else strings)."""
+  where they parse, else strings; ``configs.common.parse_arg`` splits them)."""
   import ast
+
+  from configs import common
   out = {}
-  for item in filter(None, text.split(",")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"model override {item!r}: expected key=value")
+  for key, value in common.parse_arg(text).items():
+    if value is True:
+      raise ValueError(f"model override {key!r}: expected key=value")
     try:
-      out[key.strip()] = ast.literal_eval(value.strip())
+      out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      out[key.strip()] = value.strip()
+      out[key] = value
   return out
+
+
+def model_variant(config: Any, overrides: str) -> Any:
+  """A copy of ``config`` whose model section has ``overrides`` (parse_model_overrides);
+  a field config.model does not have (nor ``vlm.OPTIONAL_FIELDS``) is a ValueError, so a
+  typo is not a silent duplicate row."""
+  from kptjax.models import vlm
+  from kptjax.training import preflight
+  variant = preflight.with_model_config(config, config.model)
+  fields = parse_model_overrides(overrides)
+  unknown = sorted(set(fields) - set(variant.model.keys()) - set(vlm.OPTIONAL_FIELDS))
+  if unknown:
+    raise ValueError(f"--kptjax_variants {overrides!r}: config.model has no {unknown}")
+  with variant.unlocked():
+    variant.model.update(fields)
+  return variant
 
 
 def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool,
@@ -374,14 +391,7 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool,
     fns, losses = {}, {}
     for overrides in [f"remat_policy={config.model.remat_policy}"] + variants.split(";"):
       impl = "kptjax " + overrides
-      variant = preflight.with_model_config(config, config.model)
-      fields = parse_model_overrides(overrides)
-      unknown = sorted(set(fields) - set(variant.model.keys()) - {"unroll_layers"})
-      # (unroll_layers: an optional field, read with a default by kptjax.models.vlm)
-      if unknown:
-        raise ValueError(f"--kptjax_variants {overrides!r}: config.model has no {unknown}")
-      with variant.unlocked():
-        variant.model.update(fields)
+      variant = model_variant(config, overrides)
       fns[impl], losses[impl] = _kptjax_runner(variant, mesh, batch, host_params)
     if run_torch:
       import torch

@@ -111,6 +111,26 @@ def test_unrolled_layers_equal_the_scanned_step(run_k1, one_device, remat_policy
   assert max(jax.tree.leaves(diffs)) <= 1e-6
 
 
+def test_bench_model_variants_refuse_a_field_the_model_does_not_have():
+  """experiments/bench_train.py --kptjax_variants: each variant is config.model with the
+  overrides (optional fields included), and a typo is refused, not a duplicate row."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_train.py"
+  spec = importlib.util.spec_from_file_location("bench_train", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  config = _config()
+  variant = bench.model_variant(config, "remat_policy=none, unroll_layers=True,attention=recompute")
+  assert (variant.model.remat_policy, variant.model.unroll_layers,
+          variant.model.attention) == ("none", True, "recompute")
+  assert config.model.remat_policy == "nothing_saveable" and "unroll_layers" not in config.model
+  with pytest.raises(ValueError, match=r"config.model has no \['remat_polcy'\]"):
+    bench.model_variant(config, "remat_polcy=none")
+  with pytest.raises(ValueError, match="expected key=value"):
+    bench.model_variant(config, "unroll_layers")
+
+
 def test_frozen_params_bit_identical_and_no_optimizer_state(run_k1):
   mask = traverse_util.flatten_dict(run_k1["trainer"].mask)
   before = traverse_util.flatten_dict(run_k1["params0"])

@@ -42,6 +42,9 @@ from kptjax.models.vit import ViT
 
 Array = jax.Array
 CACHE_AXES = llama_lib.CACHE_AXES
+# config.model fields read with a default: model configs saved before they existed (a
+# workdir's model_config.json, a converted checkpoint's metadata) build as they did then.
+OPTIONAL_FIELDS = {"attention": "einsum", "unroll_layers": False}
 
 
 def num_image_tokens(model_config: ml_collections.ConfigDict) -> int:
@@ -75,8 +78,8 @@ class VLM(nn.Module):
   def setup(self):
     c = self.config
     dtype, param_dtype = to_dtype(c.dtype), to_dtype(c.param_dtype)
-    attention = c.get("attention", "einsum")
-    unroll = bool(c.get("unroll_layers", False))   # optional field; see layers.scan_blocks
+    attention = c.get("attention", OPTIONAL_FIELDS["attention"])
+    unroll = bool(c.get("unroll_layers", OPTIONAL_FIELDS["unroll_layers"]))  # scan_blocks
     self.vit = ViT(c.vit, lora=c.lora, dtype=dtype, param_dtype=param_dtype,
                    remat_policy=c.remat_policy, attention=attention, unroll_layers=unroll)
     # Always trained, so stored in float32 whatever the frozen towers use.
