@@ -51,9 +51,9 @@ def set_this_thread(priority: str) -> bool:
   """
   if priority == "normal":
     return True
-  done = getattr(_thread_state, "done", None)   # (priority, whether it took)
-  if done is not None and done[0] == priority:
-    return done[1]
+  took = getattr(_thread_state, "took", None)   # tried before: whether it took
+  if took is not None:
+    return took
   if threading.current_thread() is threading.main_thread():
     return False
   try:
@@ -65,7 +65,7 @@ def set_this_thread(priority: str) -> bool:
       _warned.set()
       logging.warning("%s=%r: the read threads keep their priority (%s)", FIELD, priority,
                       e)
-  _thread_state.done = (priority, ok)   # tried once per thread, whatever the outcome
+  _thread_state.took = ok   # tried once per thread, whatever the outcome
   return ok
 
 
