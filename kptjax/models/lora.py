@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kptjax.errors import ConfigError
-from kptjax.models.layers import DType, default_kernel_init, logical_init
+from kptjax.models.layers import (DType, default_kernel_init, logical_init,
+                                  matmul)
 
 Array = jax.Array
 
@@ -97,7 +98,7 @@ class LoraDense(nn.Module):
     kernel = self.param("kernel", logical_init(self.kernel_init, (in_axis, out_axis)),
                         (x.shape[-1], self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+    y = matmul(x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros, (out_axis,)),
                         (self.features,), self.param_dtype)
@@ -108,8 +109,8 @@ class LoraDense(nn.Module):
       b = self.param("lora_b", logical_init(nn.initializers.zeros, ("lora_rank", out_axis)),
                      (self.rank, self.features), self.lora_param_dtype)
       h = nn.Dropout(rate=self.dropout)(x, deterministic=deterministic)
-      h = jnp.einsum("...i,ir->...r", h, a.astype(self.dtype))
-      y = y + jnp.einsum("...r,ro->...o", h, b.astype(self.dtype)) * (self.alpha / self.rank)
+      h = matmul(h, a.astype(self.dtype))
+      y = y + matmul(h, b.astype(self.dtype)) * (self.alpha / self.rank)
     return y
 
 
