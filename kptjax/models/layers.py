@@ -87,7 +87,7 @@ def matmul(x: Array, kernel: Array) -> Array:
   XLA's CPU dots (row-major operands only) materialize ``dy`` transposed, with the
   elementwise backward before it (SiLU's, in the MLP) fused into that transpose and run
   unvectorized. Here the smaller of ``x`` and ``dy`` is the transposed operand, and the
-  other one is read in place (README, "Where the demo step's time goes").
+  other one is read in place (README, "What the demo does").
   """
   return jnp.einsum("...i,io->...o", x, kernel)
 
