@@ -282,7 +282,8 @@ def paper_config(args, *, vit, llm, lora, projector, image_token_id, kpt, checkp
       batch_size=batch, num_steps=steps_for(epochs, num_examples, batch),
       log_every=50, checkpoint_every=2000, keep_checkpoints=3, eval_every=0, stage=2,
       # the output layer + loss 256 positions at a time: f32[B/N,256,V] per device
-      # instead of the whole sequence's logits (kptjax.training.losses.lm_stats)
+      # instead of the whole sequence's logits, and only over the chunks that hold
+      # answer tokens (kptjax.training.losses.lm_stats)
       loss_chunk=256,
       evaluator="",              # e.g. 'kptjax.evaluate:make_train_evaluator' with eval_every > 0
       # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.

@@ -93,7 +93,7 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=4, num_steps=10, log_every=5, checkpoint_every=10, keep_checkpoints=2,
       eval_every=0, stage=2,
-      loss_chunk=0,      # output layer + loss this many positions at a time (0 = all)
+      loss_chunk=0,      # output layer + loss on answers, this many at a time (0 = all positions)
       evaluator="",   # 'package.module:factory' -> eval_fn(state, step) every eval_every steps
       # Model fields a resumed run may change (comma-separated, fnmatch patterns, e.g.
       # 'model.remat_policy,model.lora.dropout'); any other difference from the workdir's

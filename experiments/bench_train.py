@@ -41,7 +41,12 @@ attention of forward + backward, weight gradients only for the trained leaves, n
 recompute), torch's ``FlopCounterMode`` on the torch step (it does not count the CPU
 ``sdpa`` attention: compare it with ``analytic_without_attention``), and XLA's cost
 analysis of the step without remat and without loops (``xla_flops``; it also counts
-elementwise ops). The FLOP/s columns use the analytic count.
+elementwise ops). These three count the output layer at every position, as
+transformers computes it. The kptjax step with ``train.loss_chunk`` (small: 64) runs it
+only on the chunks that hold answer tokens (``losses.lm_stats``): ``logit_positions``
+per row, ``analytic_kptjax`` the analytic count with those. The FLOP/s columns use the
+analytic count of what each side computes (torch: ``analytic``; kptjax:
+``analytic_kptjax``).
 
 Then ``aot_memory.run`` on the paper configs for 8, 16 and 64 simulated devices.
 Writes ``bench_train.csv``, ``bench_train_flops.csv``, ``aot_memory.csv`` and
@@ -99,6 +104,9 @@ def bench_config(name: str):
       config.model.lora.alpha = 16.0
       config.train.batch_size = 8
       config.data.max_len = 256 + 64
+      # the paper configs' chunked loss (256 of 1,024 positions there): only the chunks
+      # that hold answer tokens run the output layer (losses.lm_stats)
+      config.train.loss_chunk = 64
       # 64 text tokens: 3 rounds of the compact template ('left wrist?[0.412,0.733]</s>')
       config.data.update(template="compact", use_descriptions=False, rounds=3)
     elif name != "tiny":
@@ -106,7 +114,18 @@ def bench_config(name: str):
   return config
 
 
-def analytic_flops(config: Any, batch: int, attention: bool = True) -> float:
+def logit_positions(config: Any, loss_mask: np.ndarray) -> int:
+  """Positions per row at which the kptjax step runs the output layer
+  (``losses.lm_stats``): all of them without ``train.loss_chunk``, else the chunks that
+  hold the answers of the row with the most (loss_mask f32[B,T])."""
+  t, chunk = loss_mask.shape[1], int(config.train.get("loss_chunk", 0))
+  if chunk <= 0 or chunk >= t:
+    return t
+  return chunk * -(-int((loss_mask != 0).sum(axis=1).max()) // chunk)
+
+
+def analytic_flops(config: Any, batch: int, attention: bool = True,
+                   logit_positions: int | None = None) -> float:
   """Matmul + attention FLOPs of one train step (forward + backward), no remat recompute.
 
   Forward: 2 x tokens x (kernel sizes) per linear layer, 4 x B x T^2 x (heads x head_dim)
@@ -116,7 +135,8 @@ def analytic_flops(config: Any, batch: int, attention: bool = True) -> float:
   is the image) and the weight gradient (2 x tokens x kernel size) of the trained
   kernels only (``optim.trainable``: 'all', or LoRA factors + projector).
   ``attention=False`` leaves attention out (what torch's FlopCounterMode counts of
-  transformers' CPU ``sdpa`` path: nothing).
+  transformers' CPU ``sdpa`` path: nothing). ``logit_positions`` per row run the output
+  layer (default: every position, as transformers does).
   """
   v, l, lora = config.model.vit, config.model.llm, config.model.lora
   side = v.image_size // v.patch_size
@@ -148,7 +168,7 @@ def analytic_flops(config: Any, batch: int, attention: bool = True) -> float:
   patch = 2 * batch * side * side * v.patch_size ** 2 * 3 * dv
   proj_k = dv * d if config.model.projector.kind == "linear" else dv * d + d * d
   proj = 2 * batch * side * side * proj_k
-  head = 2 * batch * t * d * l.vocab_size
+  head = 2 * batch * (t if logit_positions is None else logit_positions) * d * l.vocab_size
   fwd_bwd_input = patch + vit + 2 * proj + llm + 2 * head
   weights = vit_w + llm_w + proj + (patch + head if all_trained else 0)
   return float(fwd_bwd_input + weights)
@@ -267,12 +287,13 @@ def matmul_peak(dtype: str) -> float:
 def xla_flops(config: Any, mesh: Any) -> float:
   """XLA's cost-analysis FLOPs of the step with no remat and no loop: the LLM blocks
   unstacked, both towers' blocks unrolled (``model.unroll_layers``; XLA counts a loop
-  body once, which used to hide all but one ViT block)."""
+  body once, which used to hide all but one ViT block), the loss unchunked."""
   from kptjax.models import factory
   from kptjax.training import preflight, trainer as trainer_lib
   c = preflight.with_model_config(config, config.model)
   with c.unlocked():
     c.model.scan_layers, c.model.remat_policy, c.model.unroll_layers = False, "none", True
+    c.train.loss_chunk = 0    # the output layer at every position, as ``analytic``
   trainer = trainer_lib.build(c, mesh)
   out = trainer.step.lower(trainer_lib.abstract_state(trainer),
                            factory.abstract_batch(c, mesh)).cost_analysis()
@@ -320,10 +341,12 @@ def _one_device_mesh():
 
 
 def _rows(name, secs, losses, tokens, flops, peak):
+  """One table row per timed impl; ``flops``: impl -> the analytic FLOPs it computes."""
   first = next(iter(secs.values()))
   return [dict(config=name, impl=impl, step_ms=1e3 * sec, tokens_per_s=tokens / sec,
-               model_gflops_per_s=flops / sec / 1e9, frac_of_peak=flops / sec / peak,
-               peak_gflops_per_s=peak / 1e9, loss_step1=losses[impl], vs_first=sec / first)
+               model_gflops_per_s=flops[impl] / sec / 1e9,
+               frac_of_peak=flops[impl] / sec / peak, peak_gflops_per_s=peak / 1e9,
+               loss_step1=losses[impl], vs_first=sec / first)
           for impl, sec in secs.items()]
 
 
@@ -384,9 +407,12 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool,
     it = iter(pipeline.make_train_dataset(config, tokenizer.load_tokenizer("")))
     batch = {k: v for k, v in next(it).items() if k in factory.BATCH_KEYS}
     tokens = float(batch["input_mask"].sum())
-    flops = dict(analytic=analytic_flops(config, config.train.batch_size),
-                 analytic_without_attention=analytic_flops(config, config.train.batch_size,
-                                                           attention=False),
+    b = config.train.batch_size
+    positions = logit_positions(config, batch["loss_mask"])
+    flops = dict(analytic=analytic_flops(config, b),
+                 analytic_without_attention=analytic_flops(config, b, attention=False),
+                 logit_positions=positions,
+                 analytic_kptjax=analytic_flops(config, b, logit_positions=positions),
                  xla=xla_flops(config, mesh))
     fns, losses = {}, {}
     for overrides in [f"remat_policy={config.model.remat_policy}"] + variants.split(";"):
@@ -401,7 +427,9 @@ def bench_one(name: str, steps: int, rounds: int, peak: float, run_torch: bool,
       flops["torch_flop_counter"] = ref.count_flops(batch)
       fns["torch+peft"] = lambda n: [ref.step(batch) for _ in range(n)]
     secs = _time_rounds(fns, steps, rounds)
-  return _rows(name, secs, losses, tokens, flops["analytic"], peak), dict(config=name, **flops)
+  row_flops = {impl: flops["analytic" if impl == "torch+peft" else "analytic_kptjax"]
+               for impl in secs}
+  return _rows(name, secs, losses, tokens, row_flops, peak), dict(config=name, **flops)
 
 
 def bench_demo(steps: int, rounds: int, peak: float,
@@ -430,7 +458,7 @@ def bench_demo(steps: int, rounds: int, peak: float,
   secs = _time_rounds(fns, steps, rounds)
   rows = []
   for impl, sec in secs.items():
-    rows += _rows("demo", {impl: sec}, losses, tokens[impl], flops[impl], peak)
+    rows += _rows("demo", {impl: sec}, losses, tokens[impl], flops, peak)
   base = next(iter(secs.values()))
   for row, (impl, sec) in zip(rows, secs.items()):
     row["vs_first"] = sec / base

@@ -1,7 +1,8 @@
 """The train step's memory layout on the tiny config (8 simulated CPU devices, conftest).
 
 * the chunked loss (``losses.lm_stats``) has the plain loss's value and gradient
-  (f32, 1e-6): the logits of the whole batch are never needed;
+  (f32, 1e-6): the logits of the whole batch are never needed, and chunks without an
+  answer token are not computed;
 * attention by ``jax.nn.dot_product_attention`` ('xla') equals the explicit einsums,
   grouped-query heads and causal + padding masks included, and so does the whole VLM;
 * on a (data=1, fsdp=8) mesh the residual stream is constrained to the batch axes in
@@ -77,6 +78,48 @@ def test_chunked_loss_equals_plain_loss_value_and_gradient(setup):
     for key, g in traverse_util.flatten_dict(grad).items():
       np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(flat_want[key]) / scale,
                                  rtol=0, atol=1e-6, err_msg="/".join(key))
+
+
+def test_chunked_loss_computes_only_the_chunks_that_hold_answers():
+  """Answers are moved to the front of their row, so only ceil(max answers per row /
+  chunk) chunks run the output layer (counted by a callback in the logits function);
+  the stats and the gradient equal the plain loss's, also for a row without answers
+  and a batch without any."""
+  r = np.random.RandomState(3)
+  b, t, d, v, chunk = 3, 21, 8, 11, 4
+  hidden = jnp.asarray(r.randn(b, t, d), jnp.float32)
+  w = jnp.asarray(r.randn(d, v), jnp.float32)
+  targets = jnp.asarray(r.randint(0, v, (b, t)), jnp.int32)
+  mask = np.zeros((b, t), np.float32)
+  mask[0, [2, 9, 10, 17, 20]] = 1        # 5 answers, scattered: 2 chunks of 4
+  mask[1, [0, 13]] = 1
+  calls = []
+
+  def logits_fn(h):
+    jax.debug.callback(lambda: calls.append(1))
+    return h @ w
+
+  def plain(h, m):
+    s = losses.token_stats(h @ w, targets, m)
+    return s["loss_sum"], s
+
+  def chunked(h, m):
+    s = losses.lm_stats(logits_fn, h, targets, m, chunk)
+    return s["loss_sum"], s
+
+  for m, want_calls in ((mask, 2), (np.zeros_like(mask), 0)):
+    m = jnp.asarray(m)
+    calls.clear()
+    stats = jax.jit(lambda h, m: chunked(h, m)[1])(hidden, m)
+    jax.effects_barrier()
+    assert len(calls) == want_calls, (len(calls), want_calls)
+    (want, want_stats), want_grad = jax.value_and_grad(plain, has_aux=True)(hidden, m)
+    (got, _), grad = jax.jit(jax.value_and_grad(chunked, has_aux=True))(hidden, m)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for k in losses.STAT_KEYS:
+      np.testing.assert_allclose(stats[k], want_stats[k], rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(grad, want_grad, rtol=0, atol=1e-6)
+  assert float(jnp.abs(want_grad).sum()) == 0.0    # the empty batch: no gradient at all
 
 
 def test_dot_product_attention_equals_einsum_attention():

@@ -58,18 +58,22 @@ STAT_KEYS = ("loss_sum", "correct", "count")
 def lm_stats(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
              targets: jax.Array, loss_mask: jax.Array, chunk: int = 0
              ) -> dict[str, jax.Array]:
-  """``token_stats(logits_fn(hidden), ...)`` computed ``chunk`` positions at a time.
+  """``token_stats(logits_fn(hidden), ...)`` computed ``chunk`` positions at a time, over
+  the answer positions only.
 
-  Each chunk's logits f32[B,chunk,V] live only inside a rematerialized scan step, so
-  neither the forward nor the backward pass holds f32[B,T,V]; the sums (and their
-  gradients) equal the plain ones up to float summation order.
+  Each row's answer positions are moved to its front (a stable sort of the mask), so
+  the chunks past the longest row's answers hold no answer token; those chunks are
+  skipped (``lax.cond``): no vocabulary logits for image, prompt or padding tokens, in
+  the forward or the backward pass. Each computed chunk's logits f32[B,chunk,V] live
+  only inside a rematerialized scan step, so neither pass holds f32[B,T,V]. The sums
+  (and their gradients) equal the plain ones up to float summation order.
 
   Args:
     logits_fn: hidden [B,C,D] -> logits [B,C,V] (the model's final norm + output layer).
     hidden: [B,T,D], the last block's output.
-    targets: i32[B,T]; loss_mask: f32[B,T].
-    chunk: positions per chunk; 0 or >= T = one chunk (the plain loss). T is padded to a
-      multiple with masked positions.
+    targets: i32[B,T]; loss_mask: f32[B,T] (0 where no loss is taken).
+    chunk: positions per chunk; 0 or >= T = one chunk (the plain loss over every
+      position). T is padded to a multiple with masked positions.
 
   Returns:
     As ``token_stats``.
@@ -77,9 +81,13 @@ def lm_stats(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
   b, t, d = hidden.shape
   if chunk <= 0 or chunk >= t:
     return token_stats(logits_fn(hidden), targets, loss_mask)
+  loss_mask = loss_mask.astype(jnp.float32)
+  order = jnp.argsort(loss_mask == 0, axis=1, stable=True)      # answers first
+  hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+  targets = jnp.take_along_axis(targets, order, axis=1)
+  loss_mask = jnp.take_along_axis(loss_mask, order, axis=1)
   n = -(-t // chunk)
   pad = n * chunk - t
-  loss_mask = loss_mask.astype(jnp.float32)
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
@@ -88,6 +96,8 @@ def lm_stats(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
   def chunks(x):   # [B, n*C, ...] -> [n, B, C, ...]
     return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
+  zeros = {k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}
+
   @jax.checkpoint
   def one(h, y, m):
     logits = layers.constrain(logits_fn(layers.constrain(h, layers.ACT_EMBED)),
@@ -95,9 +105,9 @@ def lm_stats(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
     return token_stats(logits, y, m)
 
   def body(carry, xs):
-    return jax.tree.map(jnp.add, carry, one(*xs)), None
+    stats = jax.lax.cond(jnp.any(xs[2] != 0), one, lambda *_: zeros, *xs)
+    return jax.tree.map(jnp.add, carry, stats), None
 
-  zeros = {k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}
   stats, _ = jax.lax.scan(body, zeros, (chunks(hidden), chunks(targets), chunks(loss_mask)))
   return stats
 

@@ -10,8 +10,9 @@ the one-big-batch update.
 
 The loss never holds the logits of the whole batch: the model returns its last hidden
 states and ``losses.lm_stats`` runs the output layer and the cross-entropy ``loss_chunk``
-positions at a time, recomputing each chunk's logits in the backward pass (the same value
-and gradient as the plain loss; a 7B step at 1,024 tokens would otherwise hold
+positions at a time over the answer positions only (chunks without an answer token are
+skipped), recomputing each chunk's logits in the backward pass (the same value and
+gradient as the plain loss; a 7B step at 1,024 tokens would otherwise hold
 f32[B,T,32000]). Activations are laid out by the logical-axis rules on the step's mesh
 (``kptjax.models.layers.constrain``).
 """
