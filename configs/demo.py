@@ -21,7 +21,7 @@ measured on 2 CPU cores (README, "What the demo does and what it reaches"):
   step), run data-parallel on 2 CPU devices (``kptjax.demo.DEMO_CPU_DEVICES``), the input
   pipeline's read threads at idle CPU priority (``data.read_thread_priority``: they crop
   while the step's threads wait at the all-reduce instead of taking a core from them);
-* AdamW 2e-3, warmup-stable-decay (the last 40% of steps decay to 0), 1,450 steps of
+* AdamW 2e-3, warmup-stable-decay (the last 40% of steps decay to 0), 1,600 steps of
   batch 32 (no flip: the markers are chiral); the first 500 steps read only the first 64
   images (``data.curriculum='64:500'``, augmented).
 
@@ -121,7 +121,7 @@ def get_config(arg=None):
   c.optim.update(lr=2e-3, warmup_ratio=0.03, schedule="wsd",
                  decay_ratio=0.2 if measured_wide else 0.4, weight_decay=0.01, trainable="all")
 
-  c.train.update(batch_size=32, num_steps=1450, log_every=25, checkpoint_every=400,
+  c.train.update(batch_size=32, num_steps=1600, log_every=25, checkpoint_every=400,
                  keep_checkpoints=1)
   c.decode.update(max_new_tokens=14, batch_persons=50)
 
