@@ -7,7 +7,8 @@ the answer tokens), at toy width (128, 4 + 4 layers, 1.5 M params), with the lev
 measured on 2 CPU cores (README, "What the demo does and what it reaches"):
 
 * the synthetic ``easy`` preset with one person per image and large per-joint colour
-  markers, so every keypoint name maps to something visible; rotation +-60 deg keeps the
+  markers (radius 0.09 of the figure's height), so every keypoint name maps to something
+  visible; rotation +-60 deg keeps the
   no-image baseline low (PCK@0.1 ~0.18);
 * 48 px crops in 8 px patches (36 image tokens) with fixed 2-D sin-cos patch positions
   (location from step 0); ``model.init='fan_in'`` (unit-scale init: with the Hugging Face
@@ -21,7 +22,7 @@ measured on 2 CPU cores (README, "What the demo does and what it reaches"):
   step), run data-parallel on 2 CPU devices (``kptjax.demo.DEMO_CPU_DEVICES``), the input
   pipeline's read threads at idle CPU priority (``data.read_thread_priority``: they crop
   while the step's threads wait at the all-reduce instead of taking a core from them);
-* AdamW 2e-3, warmup-stable-decay (the last 40% of steps decay to 0), 1,600 steps of
+* AdamW 2e-3, warmup-stable-decay (the last 40% of steps decay to 0), 1,450 steps of
   batch 32 (no flip: the markers are chiral); the first 500 steps read only the first 64
   images (``data.curriculum='64:500'``, augmented).
 
@@ -100,7 +101,7 @@ def get_config(arg=None):
   c.model.remat_policy = "none"
   c.model.scan_layers = bool(args.get("scan", measured_wide))
 
-  knobs = args.get("knobs", "people=1:1,marker_size=0.07,occluder_prob=0.0").replace(";", ",")
+  knobs = args.get("knobs", "people=1:1,marker_size=0.09,occluder_prob=0.0").replace(";", ",")
   c.data.train.update(num_images=4000, knobs=knobs, seed=0)
   c.data.eval.update(num_images=200, knobs=knobs, seed=1)
   c.data.padding = 1.25
@@ -121,7 +122,7 @@ def get_config(arg=None):
   c.optim.update(lr=2e-3, warmup_ratio=0.03, schedule="wsd",
                  decay_ratio=0.2 if measured_wide else 0.4, weight_decay=0.01, trainable="all")
 
-  c.train.update(batch_size=32, num_steps=1600, log_every=25, checkpoint_every=400,
+  c.train.update(batch_size=32, num_steps=1450, log_every=25, checkpoint_every=400,
                  keep_checkpoints=1)
   c.decode.update(max_new_tokens=14, batch_persons=50)
 
