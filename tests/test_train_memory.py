@@ -3,8 +3,9 @@
 * the chunked loss (``losses.lm_stats``) has the plain loss's value and gradient
   (f32, 1e-6): the logits of the whole batch are never needed, and chunks without an
   answer token are not computed;
-* attention by ``jax.nn.dot_product_attention`` ('xla') equals the explicit einsums,
-  grouped-query heads and causal + padding masks included, and so does the whole VLM;
+* attention by ``jax.nn.dot_product_attention`` ('xla') and by ``folded_attention``
+  equals the explicit einsums, grouped-query heads and causal + padding masks included,
+  and so does the whole VLM;
 * on a (data=1, fsdp=8) mesh the residual stream is constrained to the batch axes in
   the lowered step, the step (chunked loss) equals the one-device step (plain loss), and
   the compiled step's temporaries per device fall with the number of devices.
@@ -134,6 +135,33 @@ def test_dot_product_attention_equals_einsum_attention():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_folded_attention_equals_einsum_attention_values_and_gradients():
+  """'folded' (batch and kv heads in one batch dimension, normalized after the value
+  matmul): the einsums' values and gradients, grouped-query heads, causal + padding
+  masks (a row with no key to attend to included) and bf16."""
+  r = np.random.RandomState(2)
+  q = jnp.asarray(r.randn(3, 9, 4, 8), jnp.float32)
+  k, v = (jnp.asarray(r.randn(3, 7, 2, 8), jnp.float32) for _ in range(2))
+  w = jnp.asarray(r.randn(3, 9, 4, 8), jnp.float32)
+  mask = jnp.asarray(r.rand(3, 9, 7) > 0.3).at[1, 4].set(False)
+  keys = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2, [1] * 2 + [0] * 5], bool)   # padding
+  lower_triangle = jnp.tril(jnp.ones((3, 9, 7), bool)) & keys[:, None]
+  for m in (None, mask, lower_triangle):
+    def loss(impl):
+      return lambda q, k, v: jnp.sum(layers.attention(q, k, v, m, impl=impl)[0] * w)
+    want = jax.value_and_grad(loss("einsum"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.value_and_grad(loss("folded"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-5)
+    for g, g_want in zip(got[1], want[1]):
+      np.testing.assert_allclose(g, g_want, rtol=0, atol=1e-5)
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out, _ = layers.attention(*bf, mask, impl="folded")
+  ref, _ = layers.attention(*bf, mask, impl="einsum")
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=0, atol=2e-2)
+
+
 def test_recompute_attention_is_exact_and_stores_no_scores():
   """'recompute': the einsum attention's values and gradients, with no [B,N,T,S] tensor
   among the residuals that backward keeps (the einsums keep the probabilities)."""
@@ -163,11 +191,12 @@ def test_vlm_logits_equal_under_both_attention_implementations(setup):
   config, params, batches = setup
   b = batches[0]
   out = {}
-  for impl in ("einsum", "xla"):
+  for impl in ("einsum", "xla", "folded"):
     c = config.model.unlock()
     c.attention = impl
     out[impl] = vlm.VLM(c).apply({"params": params}, b["image"], b["tokens"], b["input_mask"])
   np.testing.assert_allclose(out["xla"], out["einsum"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(out["folded"], out["einsum"], rtol=0, atol=1e-5)
 
 
 def _fsdp_config(n, loss_chunk=0, batch=8):

@@ -182,8 +182,39 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array | np.ndarray) -> Arra
 #             stored for backward);
 #   'recompute'  the einsums under jax.checkpoint: exact, and the backward pass recomputes
 #             the probabilities from q and k instead of storing f32[B,N,T,S] (one more
-#             q.k matmul; the CPU path that stores no scores).
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "recompute")
+#             q.k matmul; the CPU path that stores no scores);
+#   'folded'  ``folded_attention``: (batch, kv head) folded into one batch dimension, the
+#             softmax normalized after the value matmul (a CPU layout; same values).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "recompute", "folded")
+
+
+def folded_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+  """``attention``'s value with batch and kv heads folded into one batch dimension.
+
+  The queries of a kv head's group are stacked along the length, so both matmuls are
+  plain batched dots over ``B*K`` of ``[G*T, H] x [H, S]`` and ``[G*T, S] x [S, H]``;
+  the exponentials are divided by their sum after the value matmul (over ``[.., H]``,
+  not ``[.., S]``). The max is subtracted under ``stop_gradient`` (softmax does not
+  depend on it). A CPU layout: ``experiments/bench_train.py`` times the step with it
+  against the 'xla' path (README, "Training memory and speed").
+
+  Args: as ``attention`` (q [B,T,N,H]; k, v [B,S,K,H]; mask [B,T,S] bool or None).
+  Returns: [B,T,N,H] in v's dtype.
+  """
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  qf = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, h)
+  kf, vf = (x.transpose(0, 2, 1, 3).reshape(b * kv, s, h) for x in (k, v))
+  batch_dot = lambda x, y, cx, cy: jax.lax.dot_general(
+      x, y, (((cx,), (cy,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  logits = batch_dot(qf, kf, 2, 2) * (h ** -0.5)                    # [B*K, G*T, S]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, t, s)).reshape(b * kv, g * t, s)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  out = batch_dot(e.astype(v.dtype), vf, 2, 1) / jnp.sum(e, axis=-1, keepdims=True)
+  return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(v.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
@@ -209,7 +240,9 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
   if impl == "recompute" and not return_probs:
     core = jax.checkpoint(lambda q, k, v, mask: attention(q, k, v, mask)[0])
     return core(q, k, v, mask), None
-  if impl not in ("einsum", "recompute") and not return_probs:
+  if impl == "folded" and not return_probs:
+    return folded_attention(q, k, v, mask), None
+  if impl in ("xla", "cudnn") and not return_probs:
     out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                        implementation=impl)
     return out.astype(v.dtype), None
