@@ -8,8 +8,7 @@ measured on 2 CPU cores (README, "What the demo does and what it reaches"):
 
 * the synthetic ``easy`` preset with one person per image and large per-joint colour
   markers (radius 0.09 of the figure's height), so every keypoint name maps to something
-  visible; rotation +-60 deg keeps the
-  no-image baseline low (PCK@0.1 ~0.18);
+  visible; rotation +-60 deg keeps the no-image baseline low (PCK@0.1 ~0.18);
 * 48 px crops in 8 px patches (36 image tokens) with fixed 2-D sin-cos patch positions
   (location from step 0); ``model.init='fan_in'`` (unit-scale init: with the Hugging Face
   0.02 init at width 128 attention starts flat) and RoPE theta 1e6 (more slowly rotating
