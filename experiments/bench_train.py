@@ -26,7 +26,8 @@ projector with AdamW, clipping and the masked token loss:
 
   kptjax   ``kptjax.training.trainer.build`` step (jit, donated state), as configured, then
            each of ``--kptjax_variants`` (';'-separated config.model overrides; default
-           ``remat_policy=none``, what torch does: keep activations)
+           ``KPTJAX_VARIANTS``: ``remat_policy=none``, what torch does: keep
+           activations, and that with the folded attention and unrolled blocks)
   torch    transformers ``Dinov2Model`` -> ``nn.Linear`` projector -> ``LlamaForCausalLM``
            with peft ``LoraConfig(target_modules=q/v)`` on both towers
 
