@@ -319,6 +319,10 @@ def _kptjax_runner(config: Any, mesh: Any, batch: dict, host_params: Any = None)
   from kptjax import sharding
   from kptjax.training import trainer as trainer_lib
   trainer = trainer_lib.build(config, mesh)
+  if host_params is not None and not config.model.scan_layers and "layers" in host_params["llm"]:
+    from kptjax.convert import llama as llama_convert
+    host_params = {**host_params, "llm": llama_convert.unstack_layers(
+        host_params["llm"], config.model.llm.num_layers)}
   state = trainer_lib.init_state(trainer, config, params=host_params)
   device_batch = sharding.shard_batch(batch, mesh)
   compiled = trainer.step.lower(state, device_batch).compile()

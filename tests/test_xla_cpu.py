@@ -40,3 +40,53 @@ def test_configure_before_start_takes_effect():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
   assert out.split() == ["2", f"{YNN}=", "--xla_force_host_platform_device_count=2"]
+
+
+def test_host_device_count_reads_the_last_count_flag():
+  assert xla_cpu.host_device_count("") == 1
+  assert xla_cpu.host_device_count(f"{YNN}= --xla_force_host_platform_device_count=4") == 4
+  assert xla_cpu.host_device_count("--xla_force_host_platform_device_count=2 "
+                                   "--xla_force_host_platform_device_count=8") == 8
+
+
+def test_cpu_only_host_follows_jax_platforms():
+  assert xla_cpu.cpu_only_host({"JAX_PLATFORMS": "cpu"})
+  assert not xla_cpu.cpu_only_host({"JAX_PLATFORMS": "cuda"})
+  assert not xla_cpu.cpu_only_host({"JAX_PLATFORMS": "tpu,cpu"})
+
+
+# In a fresh process: configure(), then a 256 MiB malloc block is written, freed and
+# written again; prints the async-dispatch setting and the page faults of the second write.
+_REUSE = """
+import ctypes, resource, sys
+from kptjax import xla_cpu
+xla_cpu.configure(devices=int(sys.argv[1]), reuse_memory=sys.argv[2] == "1")
+import jax
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 1 << 28
+block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc(size); ctypes.memset(block, 1, size)
+print(jax.config.read("jax_cpu_enable_async_dispatch"),
+      resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _reuse_run(devices: int, reuse: bool) -> tuple[str, int]:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-c", _REUSE, str(devices), str(int(reuse))],
+                       env=env, capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+  return out[0], int(out[1])
+
+
+def test_configure_keeps_freed_memory_and_dispatches_one_device_in_line():
+  dispatch, faults = _reuse_run(devices=1, reuse=True)
+  assert dispatch == "False"
+  assert faults < 1000                      # 256 MiB is 65,536 pages of 4 KiB
+  dispatch, faults = _reuse_run(devices=2, reuse=False)
+  assert dispatch == "True"                 # several devices: XLA's worker threads
+  assert faults > 30000                     # malloc's default maps the block afresh
