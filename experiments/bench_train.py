@@ -27,7 +27,8 @@ projector with AdamW, clipping and the masked token loss:
   kptjax   ``kptjax.training.trainer.build`` step (jit, donated state), as configured, then
            each of ``--kptjax_variants`` (';'-separated config.model overrides; default
            ``KPTJAX_VARIANTS``: ``remat_policy=none``, what torch does: keep
-           activations, and that with the folded attention and unrolled blocks)
+           activations, and that with the folded attention and unrolled blocks; a
+           ``scan_layers=False`` row gets the converted LLM params unstacked)
   torch    transformers ``Dinov2Model`` -> ``nn.Linear`` projector -> ``LlamaForCausalLM``
            with peft ``LoraConfig(target_modules=q/v)`` on both towers
 
