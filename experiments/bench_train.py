@@ -16,8 +16,9 @@ Sizes (``--configs``):
          2 CPU devices: the ratio to the reference predicts each recipe's training time
          on those machines.
 
-Every row runs with the XLA CPU flags the mains set (``kptjax.xla_cpu``; printed first);
-``--xla_default`` runs XLA's own defaults instead, for the comparison of the two.
+Every row runs with the XLA CPU flags and process settings the mains set
+(``kptjax.xla_cpu``; the flags printed first); ``--xla_default`` runs XLA's own defaults
+instead, for the comparison of the two.
 
 For tiny and small both sides get the same random Hugging Face checkpoints (DINOv2 +
 Llama written to a temp dir, as experiments/bench_decode.py makes them), the same
@@ -492,8 +493,8 @@ def main() -> None:
                            "';'-separated config.model overrides (key=value,...)")
   parser.add_argument("--out", default="experiments/results/bench_train")
   parser.add_argument("--xla_default", action="store_true",
-                      help="run XLA's own CPU defaults, not kptjax.xla_cpu's (which the "
-                           "mains set): the comparison of the two")
+                      help="run XLA's own CPU defaults, not kptjax.xla_cpu's flags and "
+                           "process settings (which the mains set): the comparison")
   args = parser.parse_args()
   if not args.xla_default:   # before jax starts, as the mains do (the demo's 2 devices)
     from kptjax.demo import DEMO_CPU_DEVICES
