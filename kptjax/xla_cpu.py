@@ -41,6 +41,8 @@ from collections.abc import MutableMapping
 
 from absl import logging
 
+from kptjax.errors import ConfigError
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # glibc's mallopt parameters (malloc.h).
@@ -61,7 +63,11 @@ def host_device_count(xla_flags: str) -> int:
   """The CPU devices ``xla_flags`` asks for (``DEVICE_COUNT_FLAG``; 1 when unnamed)."""
   counts = [flag.split("=", 1)[1] for flag in xla_flags.split()
             if flag.startswith(DEVICE_COUNT_FLAG + "=")]
-  return int(counts[-1]) if counts else 1
+  if not counts:
+    return 1
+  if not counts[-1].isdigit():
+    raise ConfigError(f"XLA_FLAGS: {DEVICE_COUNT_FLAG}={counts[-1]!r} is not a device count")
+  return int(counts[-1])
 
 
 def cpu_only_host(env: MutableMapping[str, str] = os.environ) -> bool:
@@ -82,7 +88,9 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  return bool(mallopt(M_MMAP_MAX, 0)) & bool(mallopt(M_TRIM_THRESHOLD, -1))
+  no_maps = mallopt(M_MMAP_MAX, 0)
+  no_trim = mallopt(M_TRIM_THRESHOLD, -1)
+  return bool(no_maps and no_trim)
 
 
 def configure(devices: int | None = None,
@@ -97,17 +105,18 @@ def configure(devices: int | None = None,
     reuse_memory: ``keep_freed_memory`` (CPU-only hosts).
     sync_dispatch: with one device, run programs on the calling thread (CPU-only hosts).
   """
-  import jax  # pylint: disable=import-outside-toplevel
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  flags = flags_with_defaults(env.get("XLA_FLAGS", ""), devices)
   if xla_bridge.backends_are_initialized():
-    if flags_with_defaults(env.get("XLA_FLAGS", ""), devices) != env.get("XLA_FLAGS", ""):
+    if flags != env.get("XLA_FLAGS", ""):
       logging.warning("xla_cpu.configure: JAX's backends already started; XLA_FLAGS %r "
-                      "not applied", flags_with_defaults(env.get("XLA_FLAGS", ""), devices))
+                      "not applied", flags)
     return
-  env["XLA_FLAGS"] = flags_with_defaults(env.get("XLA_FLAGS", ""), devices)
+  env["XLA_FLAGS"] = flags
   if not cpu_only_host(env):
     return
   if reuse_memory:
     keep_freed_memory()
-  if sync_dispatch and host_device_count(env["XLA_FLAGS"]) == 1:
+  if sync_dispatch and host_device_count(flags) == 1:
+    import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_cpu_enable_async_dispatch", False)

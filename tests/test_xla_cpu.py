@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from kptjax import xla_cpu
+from kptjax.errors import ConfigError
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -34,12 +36,18 @@ def test_configure_after_start_changes_nothing():
 
 
 def test_configure_before_start_takes_effect():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   code = ("import os; from kptjax import xla_cpu; xla_cpu.configure(devices=2); import jax; "
           "print(jax.device_count(), os.environ['XLA_FLAGS'])")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
-  assert out.split() == ["2", f"{YNN}=", "--xla_force_host_platform_device_count=2"]
+  assert _fresh_process(code) == ["2", f"{YNN}=", "--xla_force_host_platform_device_count=2"]
+
+
+def _fresh_process(code: str, *args: str, **env_extra: str) -> list[str]:
+  """The words ``python -c code args`` prints, run from the repository root without the
+  caller's XLA_FLAGS."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env_extra
+  return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                        text=True, check=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
 
 
 def test_host_device_count_reads_the_last_count_flag():
@@ -47,6 +55,8 @@ def test_host_device_count_reads_the_last_count_flag():
   assert xla_cpu.host_device_count(f"{YNN}= --xla_force_host_platform_device_count=4") == 4
   assert xla_cpu.host_device_count("--xla_force_host_platform_device_count=2 "
                                    "--xla_force_host_platform_device_count=8") == 8
+  with pytest.raises(ConfigError, match="xla_force_host_platform_device_count='two'"):
+    xla_cpu.host_device_count("--xla_force_host_platform_device_count=two")
 
 
 def test_cpu_only_host_follows_jax_platforms():
@@ -75,11 +85,7 @@ print(jax.config.read("jax_cpu_enable_async_dispatch"),
 
 
 def _reuse_run(devices: int, reuse: bool) -> tuple[str, int]:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "-c", _REUSE, str(devices), str(int(reuse))],
-                       env=env, capture_output=True, text=True, check=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+  out = _fresh_process(_REUSE, str(devices), str(int(reuse)), JAX_PLATFORMS="cpu")
   return out[0], int(out[1])
 
 
